@@ -1,0 +1,28 @@
+# The two commands of the README. Each creates .venv from this project's own
+# files on a machine that has only Python 3.11+.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+WORKDIR ?= runs/demo
+
+.PHONY: demo test lint setup
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[torch,dev]"
+	touch $@
+
+setup: $(BIN)/.installed
+
+# The main job on its embedded default variant.
+demo: setup
+	$(BIN)/python experiments/train_ddpm.py \
+	  --config=experiments/configs/train_ddpm.py --workdir=$(WORKDIR)
+
+# The whole test suite (2 processes, forced 4 CPU devices per process).
+test: setup
+	$(BIN)/python -m pytest -n 2 tests
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
