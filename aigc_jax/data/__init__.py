@@ -1,0 +1,34 @@
+"""Datasets, value-range conversions, deterministic batching, image grids."""
+
+from aigc_jax.data.batching import batch_indices, steps_per_epoch
+from aigc_jax.data.images import (
+  check_model_images,
+  check_uint8_images,
+  image_grid,
+  save_image_grid,
+  to_model_range,
+  to_uint8,
+)
+from aigc_jax.data.sources import (
+  EMBEDDED,
+  TFDS_NAMES,
+  Dataset,
+  load_dataset,
+  parse_source,
+)
+
+__all__ = [
+  "EMBEDDED",
+  "TFDS_NAMES",
+  "Dataset",
+  "batch_indices",
+  "check_model_images",
+  "check_uint8_images",
+  "image_grid",
+  "load_dataset",
+  "parse_source",
+  "save_image_grid",
+  "steps_per_epoch",
+  "to_model_range",
+  "to_uint8",
+]

@@ -1,0 +1,102 @@
+"""Image classifiers: the CIFAR ResNet-18 and a small CNN.
+
+Both map NHWC images in [-1, 1] to logits; `return_features=True` also returns
+the penultimate activations (used for Fréchet distances in feature space).
+"""
+
+from collections.abc import Callable
+from functools import partial
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+class BasicBlock(nn.Module):
+  """Two 3x3 convs with BatchNorm and an identity or 1x1 projection shortcut."""
+
+  channels: int
+  stride: int
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    bn = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
+    h = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
+    h = nn.relu(bn()(h))
+    h = nn.Conv(self.channels, (3, 3), use_bias=False)(h)
+    h = bn()(h)
+    if self.stride != 1 or x.shape[-1] != self.channels:
+      x = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
+      x = bn()(x)
+    return nn.relu(h + x)
+
+
+class ResNet18(nn.Module):
+  """The CIFAR ResNet-18 of the unlearnable-examples literature.
+
+  3x3 stem with no max-pool, [2, 2, 2, 2] BasicBlocks of 64-512 channels,
+  global average pooling, linear head (kuangliu/pytorch-cifar). Torchvision's
+  ImageNet ResNet-18 behaves differently on unlearnable data
+  (HanxunH/Unlearnable-Examples#1), hence this variant.
+  """
+
+  num_classes: int = 10
+  width: int = 64
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    h = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+    h = nn.relu(
+      nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
+    )
+    for i, mult in enumerate((1, 2, 4, 8)):
+      for j in range(2):
+        stride = 2 if i > 0 and j == 0 else 1
+        h = BasicBlock(self.width * mult, stride, name=f"layer{i + 1}_{j}")(
+          h, train
+        )
+    features = h.mean(axis=(1, 2))
+    logits = nn.Dense(self.num_classes, name="head")(features)
+    return (logits, features) if return_features else logits
+
+
+class SmallCNN(nn.Module):
+  """Two conv blocks and an MLP head: fast enough for digits on a CPU."""
+
+  num_classes: int = 10
+  width: int = 32
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    h = x
+    for i, mult in enumerate((1, 2)):
+      h = nn.relu(nn.Conv(self.width * mult, (3, 3), name=f"conv{i}a")(h))
+      h = nn.relu(nn.Conv(self.width * mult, (3, 3), name=f"conv{i}b")(h))
+      if min(h.shape[1:3]) >= 2:
+        h = nn.avg_pool(h, (2, 2), (2, 2))
+    h = h.reshape(h.shape[0], -1)
+    features = nn.relu(nn.Dense(4 * self.width, name="fc")(h))
+    h = nn.Dropout(self.dropout, deterministic=not train)(features)
+    logits = nn.Dense(self.num_classes, name="head")(h)
+    return (logits, features) if return_features else logits
+
+
+CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+  "resnet18": ResNet18,
+  "small_cnn": SmallCNN,
+}
+
+
+def make_classifier(name: str, num_classes: int, **kwargs) -> nn.Module:
+  """Builds a classifier by name: one of `CLASSIFIERS`."""
+  if name not in CLASSIFIERS:
+    raise ValueError(
+      f"Unknown classifier {name!r}; choose one of {sorted(CLASSIFIERS)}."
+    )
+  return CLASSIFIERS[name](num_classes=num_classes, **kwargs)
+
+
+def count_params(params) -> int:
+  """The number of scalars in a parameter pytree."""
+  return sum(int(jnp.size(p)) for p in jax.tree.leaves(params))

@@ -1,0 +1,118 @@
+"""Meshes, shardings and global batches: data parallelism through `jit`.
+
+Parameters are replicated (`P()`), batches are split over the "data" axis
+(`P('data')`), and XLA inserts the gradient all-reduce. On a multi-host pod
+each process holds the same (small) dataset index, takes its own rows of every
+global batch, and `jax.make_array_from_process_local_data` assembles them.
+"""
+
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
+  """Calls `jax.distributed.initialize()` for multi-host jobs.
+
+  Enabled explicitly, or by the environment variable AIGC_JAX_DISTRIBUTED=1
+  (set by pod launch scripts); left off on a single host, where initialize()
+  fails without a cluster. Must run before anything touches the devices.
+
+  Returns:
+    Whether the distributed runtime was initialised.
+  """
+  if enabled is None:
+    enabled = os.environ.get("AIGC_JAX_DISTRIBUTED", "0") == "1"
+  if enabled:
+    jax.distributed.initialize()
+  return enabled
+
+
+def make_mesh(num_devices: int | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over the first `num_devices` devices (all)."""
+  devices = jax.devices()
+  n = len(devices) if num_devices is None else num_devices
+  if not 1 <= n <= len(devices):
+    raise ValueError(
+      f"Asked for {n} devices but {len(devices)} are available."
+    )
+  return Mesh(np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+
+
+def data_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis split over the mesh."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device (parameters, optimiser state)."""
+  return NamedSharding(mesh, P())
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  """Raises unless the global batch splits evenly over devices and hosts."""
+  if batch_size % mesh.size:
+    raise ValueError(
+      f"Batch size {batch_size} does not divide over the {mesh.size} devices "
+      f"of the mesh; use a multiple of {mesh.size}."
+    )
+  if batch_size % jax.process_count():
+    raise ValueError(
+      f"Batch size {batch_size} does not divide over "
+      f"{jax.process_count()} processes."
+    )
+
+
+def shard_batch(mesh: Mesh, tree):
+  """Turns a global host batch (same on every process) into sharded arrays.
+
+  Each process contributes only its own contiguous rows, so on a pod no host
+  transfers data it does not own.
+  """
+  sharding = data_sharding(mesh)
+  count, index = jax.process_count(), jax.process_index()
+
+  def put(x):
+    x = np.asarray(x)
+    check_batch_size(x.shape[0], mesh)
+    rows = x.shape[0] // count
+    local = x[index * rows : (index + 1) * rows]
+    return jax.make_array_from_process_local_data(sharding, local, x.shape)
+
+  return jax.tree.map(put, tree)
+
+
+def replicate(mesh: Mesh, tree):
+  """Places a pytree on every device of the mesh."""
+  return jax.device_put(tree, replicated(mesh))
+
+
+def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
+  """Applies `fn` (a jitted function of a batch pytree) to host arrays in
+  chunks of `batch_size`, each split over the mesh; returns host arrays.
+
+  The last chunk is padded by repeating its final row, and the padding is
+  dropped from the result, so any number of inputs works.
+  """
+  n = len(jax.tree.leaves(inputs)[0])
+  batch_size = min(batch_size, -(-n // mesh.size) * mesh.size)
+  batch_size = -(-batch_size // mesh.size) * mesh.size
+  outputs = []
+  for start in range(0, n, batch_size):
+    stop = min(start + batch_size, n)
+
+    def chunk(x, start=start, stop=stop):
+      x = np.asarray(x[start:stop])
+      pad = batch_size - (stop - start)
+      return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
+
+    out = fn(shard_batch(mesh, jax.tree.map(chunk, inputs)))
+    outputs.append(
+      jax.tree.map(lambda y, k=stop - start: np.asarray(y)[:k], out)
+    )
+  return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)

@@ -1,0 +1,101 @@
+"""What every run leaves in its workdir: the resolved config, JSON-lines
+metrics and a markdown report. Writes happen on process 0 only."""
+
+import json
+import os
+import time
+
+import jax
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+REPORT_FILE = "report.md"
+
+
+def prepare_workdir(workdir: str, config_json: str) -> str:
+  """Creates `workdir` and records the config, refusing a different one.
+
+  Re-running the same command in the same workdir resumes it; running a
+  different config there would mix two runs' checkpoints and metrics.
+
+  Args:
+    workdir: the run's directory.
+    config_json: the resolved config as JSON (`config.to_json()`).
+
+  Returns:
+    The absolute workdir path.
+  """
+  workdir = os.path.abspath(workdir)
+  path = os.path.join(workdir, CONFIG_FILE)
+  wanted = json.loads(config_json)
+  if os.path.exists(path):
+    with open(path) as f:
+      found = json.load(f)
+    if found != wanted:
+      diff = sorted(_differing_keys(found, wanted))
+      raise ValueError(
+        f"Workdir {workdir} holds a run with a different config (differs in "
+        f"{', '.join(diff[:8])}). Use a new --workdir, or delete this one to "
+        "start over."
+      )
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(wanted, f, indent=2, sort_keys=True)
+  return workdir
+
+
+def _differing_keys(a, b, prefix=""):
+  if isinstance(a, dict) and isinstance(b, dict):
+    for k in set(a) | set(b):
+      yield from _differing_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+  elif a != b:
+    yield prefix.rstrip(".") or "<root>"
+
+
+def load_config_json(workdir: str) -> dict:
+  """The config a finished run in `workdir` was started with."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+      f"No {CONFIG_FILE} in {workdir}: is it the workdir of a finished run?"
+    )
+  with open(path) as f:
+    return json.load(f)
+
+
+class MetricWriter:
+  """Appends one JSON object per record to workdir/metrics.jsonl."""
+
+  def __init__(self, workdir: str, prefix: str = ""):
+    self.path = os.path.join(workdir, METRICS_FILE)
+    self.prefix = prefix
+
+  def write(self, step: int, values: dict) -> None:
+    if jax.process_index() != 0:
+      return
+    record = {"step": int(step), "time": round(time.time(), 3)}
+    record.update({self.prefix + k: v for k, v in values.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+
+
+def last_metric(workdir: str, key: str):
+  """The last value recorded for `key` in workdir/metrics.jsonl."""
+  path = os.path.join(workdir, METRICS_FILE)
+  value = None
+  with open(path) as f:
+    for line in f:
+      value = json.loads(line).get(key, value)
+  if value is None:
+    raise KeyError(f"No metric {key!r} in {path}: did that run finish?")
+  return value
+
+
+def write_report(workdir: str, text: str) -> str:
+  """Writes workdir/report.md and returns its path."""
+  path = os.path.join(workdir, REPORT_FILE)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      f.write(text)
+  return path

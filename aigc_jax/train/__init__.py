@@ -1,0 +1,35 @@
+"""Training: pure step functions for DDPMs and classifiers, and the one
+resumable data-parallel loop that drives them."""
+
+from aigc_jax.train.classifier import (
+  ClassifierState,
+  classifier_logits,
+  classifier_optimizer,
+  classifier_train_step,
+  init_classifier_state,
+  random_crop_flip,
+)
+from aigc_jax.train.ddpm import (
+  DDPMState,
+  ddpm_eps_fn,
+  ddpm_optimizer,
+  ddpm_train_step,
+  init_ddpm_state,
+)
+from aigc_jax.train.loop import init_or_restore, train_loop
+
+__all__ = [
+  "ClassifierState",
+  "DDPMState",
+  "classifier_logits",
+  "classifier_optimizer",
+  "classifier_train_step",
+  "ddpm_eps_fn",
+  "ddpm_optimizer",
+  "ddpm_train_step",
+  "init_classifier_state",
+  "init_ddpm_state",
+  "init_or_restore",
+  "random_crop_flip",
+  "train_loop",
+]

@@ -1,0 +1,102 @@
+"""The resumable, data-parallel training loop shared by every trainer.
+
+This is an explicit I/O helper (it jits, places data on the mesh, writes
+checkpoints and draws a progress bar); the step functions it drives stay pure.
+Resumption is exact: the state is restored from the newest checkpoint, step
+keys are `fold_in(key, step)` and batches are a function of the step
+(`aigc_jax.data.batch_indices`), so an interrupted and resumed run ends in
+the same parameters as an uninterrupted one.
+"""
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from aigc_jax import checkpoint as ckpt
+from aigc_jax import parallel
+
+StepFn = Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
+
+
+def init_or_restore(
+  init_fn: Callable[[], Any],
+  mesh: Mesh,
+  checkpointer: ckpt.Checkpointer | None,
+) -> Any:
+  """The newest checkpoint if there is one, else `init_fn()`, replicated."""
+  sharding = parallel.replicated(mesh)
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    target = ckpt.abstract_state(jax.eval_shape(init_fn), sharding)
+    return checkpointer.restore(target)
+  return jax.jit(init_fn, out_shardings=sharding)()
+
+
+def train_loop(
+  state: Any,
+  step_fn: StepFn,
+  batch_fn: Callable[[int], Any],
+  *,
+  num_steps: int,
+  mesh: Mesh,
+  checkpointer: ckpt.Checkpointer | None = None,
+  checkpoint_every: int = 1000,
+  log_every: int = 100,
+  log_fn: Callable[[int, dict[str, float]], None] | None = None,
+  desc: str = "train",
+) -> Any:
+  """Runs `step_fn` from `state.step` to `num_steps`.
+
+  Args:
+    state: a NamedTuple with a scalar `step` field (fresh or restored).
+    step_fn: pure `(state, batch) -> (state, metrics)`; jitted here with the
+      state replicated and the batch split over the mesh.
+    batch_fn: host function `step -> global batch` (a pytree of arrays).
+    num_steps: the total number of steps of the run.
+    mesh: the device mesh.
+    checkpointer: where to save every `checkpoint_every` steps and at the
+      end; None disables checkpointing.
+    checkpoint_every: steps between checkpoints.
+    log_every: steps between metric reports.
+    log_fn: receives (step, metrics as floats) every `log_every` steps.
+    desc: the progress bar's label.
+
+  Returns:
+    The final state.
+  """
+  rep = parallel.replicated(mesh)
+  jstep = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+  start = int(state.step)
+  bar = tqdm(
+    total=num_steps,
+    initial=start,
+    desc=desc,
+    disable=jax.process_index() != 0,
+    dynamic_ncols=True,
+  )
+  for step in range(start, num_steps):
+    batch = parallel.shard_batch(mesh, batch_fn(step))
+    state, metrics = jstep(state, batch)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not all(np.isfinite(v) for v in values.values()):
+        raise FloatingPointError(
+          f"Non-finite metrics at step {done}: {values}. Lower the learning "
+          "rate or check the input range."
+        )
+      bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+      if log_fn is not None:
+        log_fn(done, values)
+    if checkpointer is not None and (
+      done % checkpoint_every == 0 or done == num_steps
+    ):
+      checkpointer.save(done, state)
+    bar.update(1)
+  bar.close()
+  if checkpointer is not None:
+    checkpointer.wait()
+  return state

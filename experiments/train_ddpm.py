@@ -1,0 +1,214 @@
+"""Trains a DDPM, samples from it, and checks that the samples are
+recognisable to a classifier of real data.
+
+  python experiments/train_ddpm.py \
+    --config=experiments/configs/train_ddpm.py[:variant] --workdir=DIR
+
+Re-running the same command in the same workdir resumes from the last
+checkpoint. The workdir receives config.json, metrics.jsonl, report.md,
+samples.png (the first 100 samples), samples.npz (all, uint8) and real.png.
+"""
+
+import functools
+import os
+import time
+
+if __package__ in (None, ""):
+  import launch
+  import train_classifier
+else:
+  from experiments import launch, train_classifier
+
+import jax
+import ml_collections
+import numpy as np
+
+from aigc_jax import checkpoint, data, diffusion, parallel, record, train
+from aigc_jax.metrics import class_histogram, confident_share
+from aigc_jax.models import DDPMUNet, count_params
+
+
+def build_ddpm(config):
+  """The model, schedule and optimiser a config describes."""
+  model = DDPMUNet(**config.model)
+  schedule = diffusion.make_schedule(
+    config.diffusion.schedule, config.diffusion.num_timesteps
+  )
+  optimizer = train.ddpm_optimizer(
+    config.train.learning_rate, config.train.warmup_steps, config.train.grad_clip
+  )
+  return model, schedule, optimizer
+
+
+def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
+  """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
+  x = data.to_model_range(images)
+  model, schedule, optimizer = build_ddpm(config)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  init_fn = functools.partial(
+    train.init_ddpm_state, model, optimizer, init_key, x.shape[1:]
+  )
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  state = train.init_or_restore(init_fn, mesh, checkpointer)
+  step_fn = lambda s, batch: train.ddpm_train_step(
+    s,
+    batch,
+    train_key,
+    model=model,
+    optimizer=optimizer,
+    schedule=schedule,
+    ema_decay=config.train.ema_decay,
+  )
+  batch_fn = lambda step: x[
+    data.batch_indices(config.seed, step, len(x), config.train.batch_size)
+  ]
+  state = train.train_loop(
+    state,
+    step_fn,
+    batch_fn,
+    num_steps=config.train.num_steps,
+    mesh=mesh,
+    checkpointer=checkpointer,
+    checkpoint_every=config.train.checkpoint_every,
+    log_every=config.train.log_every,
+    log_fn=record.MetricWriter(workdir, prefix="train/").write,
+    desc=desc,
+  )
+  checkpointer.close()
+  return state
+
+
+def sample_ddpm(config, params, image_shape, mesh, key) -> np.ndarray:
+  """config.sample.num_samples samples from the EMA parameters, as uint8.
+
+  Sample i starts from noise drawn with fold_in(key, i), so with the
+  deterministic DDIM sampler (eta = 0) each sample is independent of the
+  batch it is drawn in.
+  """
+  model, schedule, _ = build_ddpm(config)
+  eps_fn = train.ddpm_eps_fn(model, params)
+  s = config.sample
+
+  def sample(indices):
+    noise = jax.vmap(
+      lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape)
+    )(indices)
+    chunk_key = jax.random.fold_in(key, indices[0] + s.num_samples)
+    if s.sampler == "ddim":
+      out = diffusion.ddim_sample(
+        eps_fn, noise, chunk_key, schedule, num_steps=s.num_steps, eta=s.eta
+      )
+    elif s.sampler == "ddpm":
+      out = diffusion.ddpm_sample(eps_fn, noise, chunk_key, schedule)
+    else:
+      raise ValueError(f"Unknown sampler {s.sampler!r}; use 'ddim' or 'ddpm'.")
+    return out.clip(-1.0, 1.0)
+
+  out = parallel.batched_apply(
+    jax.jit(sample),
+    np.arange(s.num_samples, dtype=np.int32),
+    batch_size=s.batch_size,
+    mesh=mesh,
+  )
+  return data.to_uint8(out)
+
+
+def evaluation_classifier(config, workdir: str):
+  """The classifier named by config.eval, trained into workdir if needed."""
+  clf_dir = config.eval.classifier_workdir
+  if not clf_dir:
+    clf_dir = os.path.join(workdir, "classifier")
+    clf_config = config.eval.classifier
+    record.prepare_workdir(clf_dir, clf_config.to_json())
+    train_classifier.train_and_evaluate(clf_config, clf_dir)
+  accuracy = record.last_metric(clf_dir, "eval/test_accuracy")
+  return (*train_classifier.load_classifier(clf_dir), accuracy, clf_dir)
+
+
+def recognisability(config, samples, classifier, mesh) -> dict:
+  """How a classifier of real data sees the samples."""
+  model, params, batch_stats = classifier
+  logits = train_classifier.predict_logits(
+    model, params, batch_stats, data.to_model_range(samples), 1000, mesh
+  )
+  num_classes = logits.shape[-1]
+  threshold = config.eval.confidence
+  hist = class_histogram(logits, num_classes, threshold)
+  return {
+    "confident_share": float(confident_share(logits, threshold)),
+    "classes_covered": int((np.asarray(hist) > 0).sum()),
+    "num_classes": num_classes,
+    "confident_per_class": [int(v) for v in hist],
+  }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  name, split = data.parse_source(config.data.train)
+  train_set = data.load_dataset(name, split, data_dir=config.data.data_dir or None)
+  data.save_image_grid(
+    os.path.join(workdir, "real.png"), train_set.images[:100], ncol=10
+  )
+
+  start = time.time()
+  state = train_ddpm(config, workdir, train_set.images, mesh)
+  train_seconds = time.time() - start
+
+  start = time.time()
+  samples = sample_ddpm(
+    config,
+    state.ema_params,
+    train_set.images.shape[1:],
+    mesh,
+    jax.random.key(config.seed + 1),
+  )
+  sample_seconds = time.time() - start
+  if jax.process_index() == 0:
+    np.savez_compressed(os.path.join(workdir, "samples.npz"), images=samples)
+  data.save_image_grid(os.path.join(workdir, "samples.png"), samples[:100], ncol=10)
+
+  *classifier, clf_accuracy, clf_dir = evaluation_classifier(config, workdir)
+  scores = recognisability(config, samples, classifier, mesh)
+  model, _, _ = build_ddpm(config)
+  result = {
+    "train_seconds": round(train_seconds, 1),
+    "sample_seconds": round(sample_seconds, 1),
+    "unet_params": count_params(state.params),
+    "classifier_test_accuracy": clf_accuracy,
+    **scores,
+  }
+  record.MetricWriter(workdir, prefix="eval/").write(config.train.num_steps, result)
+  record.write_report(workdir, ddpm_report(config, workdir, result, clf_dir))
+  return result
+
+
+def ddpm_report(config, workdir, r, clf_dir) -> str:
+  c = config
+  return f"""# DDPM on {c.data.train} (variant `{c.variant}`)
+
+Command:
+
+    python experiments/train_ddpm.py \\
+      --config=experiments/configs/train_ddpm.py:{c.variant} --workdir={workdir}
+
+| quantity | value |
+|---|---|
+| UNet parameters | {r["unet_params"]:,} |
+| training steps (batch {c.train.batch_size}) | {c.train.num_steps} |
+| training time (s) | {r["train_seconds"]} |
+| samples ({c.sample.sampler}, {c.sample.num_steps} steps) | {c.sample.num_samples} |
+| sampling time (s) | {r["sample_seconds"]} |
+| classifier test accuracy on real data | {r["classifier_test_accuracy"]:.4f} |
+| samples classified with p > {c.eval.confidence} | {r["confident_share"]:.3f} |
+| classes among confident samples | {r["classes_covered"]} / {r["num_classes"]} |
+
+Confident samples per class: {r["confident_per_class"]}
+
+The classifier is the run in `{clf_dir}`. Samples: `samples.png` (first 100),
+`samples.npz` (all); real training images: `real.png`.
+"""
+
+
+if __name__ == "__main__":
+  launch.main(train_and_evaluate, __file__)
