@@ -227,6 +227,7 @@ def _load_tfds(name: str, split: str | None, data_dir: str | None) -> Dataset:
     AssertionError,
     FileNotFoundError,
     KeyError,  # an empty `splits`: the dataset was never generated
+    NotImplementedError,  # prepared as TFRecord, which has no random access
     tfds.core.registered.DatasetNotFoundError,
   ) as e:
     raise FileNotFoundError(

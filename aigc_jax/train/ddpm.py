@@ -43,7 +43,10 @@ def init_ddpm_state(
   """Fresh parameters for images of shape (H, W, C); EMA starts equal."""
   x = jnp.zeros((1, *image_shape), jnp.float32)
   params = model.init(key, x, jnp.zeros((1,), jnp.int32))["params"]
-  return DDPMState(jnp.zeros((), jnp.int32), params, params, optimizer.init(params))
+  # A copy, not an alias: a state whose two fields share buffers cannot be
+  # donated to a jitted step.
+  ema = jax.tree.map(jnp.copy, params)
+  return DDPMState(jnp.zeros((), jnp.int32), params, ema, optimizer.init(params))
 
 
 def ddpm_eps_fn(model: nn.Module, params, *, train: bool = False, key=None) -> EpsFn:

@@ -77,26 +77,29 @@ def train_loop(
     disable=jax.process_index() != 0,
     dynamic_ncols=True,
   )
-  for step in range(start, num_steps):
-    batch = parallel.shard_batch(mesh, batch_fn(step))
-    state, metrics = jstep(state, batch)
-    done = step + 1
-    if done % log_every == 0 or done == num_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-      if not all(np.isfinite(v) for v in values.values()):
-        raise FloatingPointError(
-          f"Non-finite metrics at step {done}: {values}. Lower the learning "
-          "rate or check the input range."
-        )
-      bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
-      if log_fn is not None:
-        log_fn(done, values)
-    if checkpointer is not None and (
-      done % checkpoint_every == 0 or done == num_steps
-    ):
-      checkpointer.save(done, state)
-    bar.update(1)
-  bar.close()
-  if checkpointer is not None:
-    checkpointer.wait()
+  try:
+    for step in range(start, num_steps):
+      batch = parallel.shard_batch(mesh, batch_fn(step))
+      state, metrics = jstep(state, batch)
+      done = step + 1
+      if done % log_every == 0 or done == num_steps:
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not all(np.isfinite(v) for v in values.values()):
+          raise FloatingPointError(
+            f"Non-finite metrics at step {done}: {values}. Lower the learning "
+            "rate or check the input range."
+          )
+        bar.set_postfix({k: f"{v:.4g}" for k, v in values.items()})
+        if log_fn is not None:
+          log_fn(done, values)
+      if checkpointer is not None and (
+        done % checkpoint_every == 0 or done == num_steps
+      ):
+        checkpointer.save(done, state)
+      bar.update(1)
+  finally:
+    # An exception (Ctrl-C, a NaN) must not lose a save already under way.
+    bar.close()
+    if checkpointer is not None:
+      checkpointer.wait()
   return state

@@ -47,7 +47,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(
     {
       "batch_size": 128,
-      "num_steps": 3000,
+      "num_steps": 1500,
       "learning_rate": 1e-3,
       "warmup_steps": 200,
       "grad_clip": 1.0,

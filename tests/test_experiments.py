@@ -1,0 +1,123 @@
+"""Each experiment's smallest variant, end to end, and launcher errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from aigc_jax import record
+from experiments import train_classifier, train_ddpm
+from experiments.configs import train_classifier as clf_configs
+from experiments.configs import train_ddpm as ddpm_configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(module, config, workdir):
+  workdir = record.prepare_workdir(str(workdir), config.to_json())
+  return module.train_and_evaluate(config, workdir), workdir
+
+
+def test_train_classifier_smoke(tmp_path):
+  result, workdir = _run(
+    train_classifier, clf_configs.get_config("smoke"), tmp_path / "clf"
+  )
+  assert 0.0 <= result["test_accuracy"] <= 1.0
+  for name in ("config.json", "metrics.jsonl", "report.md"):
+    assert os.path.exists(os.path.join(workdir, name))
+  model, params, _ = train_classifier.load_classifier(workdir)
+  assert model.num_classes == 10 and params
+
+
+def test_train_ddpm_smoke_and_resume(tmp_path):
+  config = ddpm_configs.get_config("smoke")
+  result, workdir = _run(train_ddpm, config, tmp_path / "ddpm")
+  assert result["num_classes"] == 10
+  assert 0.0 <= result["confident_share"] <= 1.0
+  for name in ("samples.png", "samples.npz", "real.png", "report.md"):
+    assert os.path.exists(os.path.join(workdir, name))
+  report = open(os.path.join(workdir, "report.md")).read()
+  assert "samples classified with p > 0.5" in report
+  # Same command again: resumes from the final checkpoint, trains no more.
+  lines = sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl")))
+  again, _ = _run(train_ddpm, config, tmp_path / "ddpm")
+  records = [
+    json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))
+  ][lines:]
+  assert not any(k.startswith("train/") for r in records for k in r)
+  assert again["confident_share"] == result["confident_share"]
+
+
+def test_workdir_with_another_config_is_refused(tmp_path):
+  record.prepare_workdir(str(tmp_path), clf_configs.get_config("smoke").to_json())
+  other = clf_configs.get_config("smoke")
+  other.train.batch_size = 64
+  with pytest.raises(ValueError, match="train.batch_size"):
+    record.prepare_workdir(str(tmp_path), other.to_json())
+
+
+def test_unknown_variant_lists_choices():
+  with pytest.raises(ValueError, match="digits"):
+    ddpm_configs.get_config("imagenet")
+
+
+def _launch(*args):
+  return subprocess.run(
+    [sys.executable, os.path.join(ROOT, "experiments", "train_classifier.py"), *args],
+    capture_output=True, text=True, timeout=300, cwd=ROOT,
+  )
+
+
+def test_launcher_rejects_unknown_keys_and_indivisible_batches(tmp_path):
+  config = os.path.join(ROOT, "experiments", "configs", "train_classifier.py")
+  out = _launch(
+    f"--config={config}:smoke", f"--workdir={tmp_path}/a", "--config.train.nope=1"
+  )
+  assert out.returncode != 0 and "nope" in out.stderr
+  out = _launch(
+    f"--config={config}:smoke",
+    f"--workdir={tmp_path}/b",
+    "--config.train.batch_size=33",
+  )
+  assert out.returncode != 0 and "does not divide" in out.stderr
+
+
+def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):
+  import signal
+  import time
+
+  import numpy as np
+
+  config = os.path.join(ROOT, "experiments", "configs", "train_classifier.py")
+  args = [
+    f"--config={config}:smoke",
+    "--config.train.num_epochs=8",
+    "--config.train.checkpoint_every=20",
+  ]
+  killed_dir = tmp_path / "killed"
+  cmd = [
+    sys.executable,
+    os.path.join(ROOT, "experiments", "train_classifier.py"),
+    *args,
+    f"--workdir={killed_dir}",
+  ]
+  proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.DEVNULL)
+  ckpt_dir = killed_dir / "ckpt"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if ckpt_dir.exists() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
+  assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+  assert _launch(*args, f"--workdir={tmp_path / 'straight'}").returncode == 0
+  _, a, sa = train_classifier.load_classifier(str(killed_dir))
+  _, b, sb = train_classifier.load_classifier(str(tmp_path / "straight"))
+  import jax
+
+  for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True):
+    np.testing.assert_array_equal(x, y)

@@ -1,0 +1,85 @@
+"""Networks: the paper configurations' sizes, shapes, gradients."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from aigc_jax.models import (
+  DDPM_CIFAR10,
+  DDPMUNet,
+  ResNet18,
+  SmallCNN,
+  count_params,
+  make_classifier,
+  timestep_embedding,
+)
+
+TINY_UNET = dict(
+  ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4
+)
+
+
+def _init_shapes(model, x, *args):
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), x, *args))
+
+
+def test_ddpm_unet_cifar10_has_ho_et_al_parameter_count():
+  shapes = _init_shapes(
+    DDPMUNet(**DDPM_CIFAR10), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+  )
+  assert count_params(shapes["params"]) == 35_746_307  # 35.7M, Ho et al.
+
+
+def test_tiny_unet_shapes_dropout_and_input_gradient():
+  model = DDPMUNet(**TINY_UNET, dropout=0.5)
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  t = jnp.array([0, 999])
+  params = model.init(jax.random.key(1), x, t)["params"]
+  out = model.apply({"params": params}, x, t)
+  assert out.shape == x.shape
+  # Different timesteps give different outputs; dropout only when training.
+  assert not jnp.allclose(out[0], model.apply({"params": params}, x, t[::-1])[0])
+  train = lambda k: model.apply(
+    {"params": params}, x, t, train=True, rngs={"dropout": k}
+  )
+  assert not jnp.allclose(train(jax.random.key(2)), train(jax.random.key(3)))
+  g = jax.grad(lambda y: model.apply({"params": params}, y, t).sum())(x)
+  assert g.shape == x.shape and bool(jnp.any(g != 0))
+  per_example = jax.vmap(
+    lambda y, s: model.apply({"params": params}, y[None], s[None])[0]
+  )(x, t)
+  assert jnp.allclose(per_example, out, atol=1e-5)
+
+
+def test_unet_rejects_bad_shapes():
+  model = DDPMUNet(**TINY_UNET)
+  with pytest.raises(ValueError, match="divisible"):
+    model.init(jax.random.key(0), jnp.zeros((1, 7, 7, 1)), jnp.zeros((1,), int))
+  with pytest.raises(ValueError, match="NHWC"):
+    model.init(jax.random.key(0), jnp.zeros((7, 7, 1)), jnp.zeros((1,), int))
+
+
+def test_timestep_embedding():
+  emb = timestep_embedding(jnp.array([0, 10]), 6)
+  assert emb.shape == (2, 6)
+  assert jnp.allclose(emb[0], jnp.array([0, 0, 0, 1, 1, 1.0]))
+
+
+def test_resnet18_size_and_batchnorm_state():
+  model = ResNet18(num_classes=10)
+  shapes = _init_shapes(model, jnp.zeros((1, 32, 32, 3)))
+  assert count_params(shapes["params"]) == 11_173_962
+  assert "batch_stats" in shapes
+
+
+def test_small_cnn_features_and_grad():
+  model = make_classifier("small_cnn", 10, width=8)
+  assert isinstance(model, SmallCNN)
+  x = jnp.zeros((3, 8, 8, 1))
+  params = model.init(jax.random.key(0), x)["params"]
+  logits, feats = model.apply({"params": params}, x, return_features=True)
+  assert logits.shape == (3, 10) and feats.shape == (3, 32)
+  g = jax.grad(lambda y: model.apply({"params": params}, y)[:, 0].sum())(x)
+  assert g.shape == x.shape
+  with pytest.raises(ValueError, match="resnet18"):
+    make_classifier("vgg", 10)
