@@ -38,10 +38,10 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   devices = jax.devices()
   n = len(devices) if num_devices is None else num_devices
   if not 1 <= n <= len(devices):
-    raise ValueError(
-      f"Asked for {n} devices but {len(devices)} are available."
-    )
-  return Mesh(np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    raise ValueError(f"Asked for {n} devices but {len(devices)} are available.")
+  return Mesh(
+    np.asarray(devices[:n]), (DATA_AXIS,), axis_types=(AxisType.Auto,)
+  )
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

@@ -92,6 +92,12 @@ def last_metric(workdir: str, key: str):
   return value
 
 
+def markdown_table(header: list[str], rows: list[list]) -> str:
+  """A GitHub-flavoured markdown table."""
+  lines = [header, ["---"] * len(header), *rows]
+  return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in lines) + "\n"
+
+
 def write_report(workdir: str, text: str) -> str:
   """Writes workdir/report.md and returns its path."""
   path = os.path.join(workdir, REPORT_FILE)

@@ -14,7 +14,9 @@ if ROOT not in sys.path:
 # XLA's CPU backend runs small convolutions on one core; one CPU device per
 # core turns data parallelism into multi-core speed (1.5x for the digits DDPM
 # on 2 cores). Must be set before JAX starts; affects only the CPU platform.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if "xla_force_host_platform_device_count" not in os.environ.get(
+  "XLA_FLAGS", ""
+):
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "")
     + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
@@ -27,7 +29,7 @@ from aigc_jax import parallel, record  # noqa: E402
 
 
 def main(train_and_evaluate, script: str) -> None:
-  """Parses --config/--workdir and runs `train_and_evaluate(config, workdir)`."""
+  """Parses --config and --workdir, then runs train_and_evaluate."""
   name = os.path.splitext(os.path.basename(script))[0]
   config_flags.DEFINE_config_file(
     "config",

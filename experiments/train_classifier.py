@@ -57,7 +57,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   x_test = data.to_model_range(test_set.images)
   num_classes = train_set.num_classes
 
-  per_epoch = data.steps_per_epoch(train_set.num_examples, config.train.batch_size)
+  per_epoch = data.steps_per_epoch(
+    train_set.num_examples, config.train.batch_size
+  )
   num_steps = config.train.num_epochs * per_epoch
   model, optimizer = build_classifier(config, num_classes, num_steps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
@@ -111,23 +113,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "num_classes": num_classes,
   }
   record.MetricWriter(workdir, prefix="eval/").write(num_steps, result)
+  table = record.markdown_table(
+    ["train data", "test data", "steps", "test accuracy", "train time (s)"],
+    [
+      [
+        f"{config.data.train} ({train_set.num_examples})",
+        f"{config.data.test} ({test_set.num_examples})",
+        num_steps,
+        f"{test_acc:.4f}",
+        f"{train_seconds:.1f}",
+      ]
+    ],
+  )
   record.write_report(
     workdir,
-    f"# Classifier ({config.model.name}, variant {config.variant})\n\n"
-    f"| train data | test data | steps | test accuracy | train time (s) |\n"
-    f"|---|---|---|---|---|\n"
-    f"| {config.data.train} ({train_set.num_examples}) | {config.data.test} "
-    f"({test_set.num_examples}) | {num_steps} | {test_acc:.4f} | "
-    f"{train_seconds:.1f} |\n",
+    f"# Classifier ({config.model.name}, variant `{config.variant}`)\n\n"
+    + table,
   )
   return result
 
 
 def predict_logits(model, params, batch_stats, images, batch_size, mesh):
   """Evaluation-mode logits for host images, in sharded chunks."""
-  fn = jax.jit(
-    lambda x: train.classifier_logits(model, params, batch_stats, x)
-  )
+  fn = jax.jit(lambda x: train.classifier_logits(model, params, batch_stats, x))
   return parallel.batched_apply(fn, images, batch_size=batch_size, mesh=mesh)
 
 

@@ -35,7 +35,9 @@ def build_ddpm(config):
     config.diffusion.schedule, config.diffusion.num_timesteps
   )
   optimizer = train.ddpm_optimizer(
-    config.train.learning_rate, config.train.warmup_steps, config.train.grad_clip
+    config.train.learning_rate,
+    config.train.warmup_steps,
+    config.train.grad_clip,
   )
   return model, schedule, optimizer
 
@@ -146,7 +148,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_size(config.train.batch_size, mesh)
   name, split = data.parse_source(config.data.train)
-  train_set = data.load_dataset(name, split, data_dir=config.data.data_dir or None)
+  train_set = data.load_dataset(
+    name, split, data_dir=config.data.data_dir or None
+  )
   data.save_image_grid(
     os.path.join(workdir, "real.png"), train_set.images[:100], ncol=10
   )
@@ -166,11 +170,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sample_seconds = time.time() - start
   if jax.process_index() == 0:
     np.savez_compressed(os.path.join(workdir, "samples.npz"), images=samples)
-  data.save_image_grid(os.path.join(workdir, "samples.png"), samples[:100], ncol=10)
+  data.save_image_grid(
+    os.path.join(workdir, "samples.png"), samples[:100], ncol=10
+  )
 
   *classifier, clf_accuracy, clf_dir = evaluation_classifier(config, workdir)
   scores = recognisability(config, samples, classifier, mesh)
-  model, _, _ = build_ddpm(config)
   result = {
     "train_seconds": round(train_seconds, 1),
     "sample_seconds": round(sample_seconds, 1),
@@ -178,13 +183,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "classifier_test_accuracy": clf_accuracy,
     **scores,
   }
-  record.MetricWriter(workdir, prefix="eval/").write(config.train.num_steps, result)
+  record.MetricWriter(workdir, prefix="eval/").write(
+    config.train.num_steps, result
+  )
   record.write_report(workdir, ddpm_report(config, workdir, result, clf_dir))
   return result
 
 
 def ddpm_report(config, workdir, r, clf_dir) -> str:
   c = config
+  table = record.markdown_table(
+    ["quantity", "value"],
+    [
+      ["UNet parameters", f"{r['unet_params']:,}"],
+      [f"training steps (batch {c.train.batch_size})", c.train.num_steps],
+      ["training time (s)", r["train_seconds"]],
+      [
+        f"samples ({c.sample.sampler}, {c.sample.num_steps} steps)",
+        c.sample.num_samples,
+      ],
+      ["sampling time (s)", r["sample_seconds"]],
+      [
+        "classifier test accuracy on real data",
+        f"{r['classifier_test_accuracy']:.4f}",
+      ],
+      [
+        f"samples classified with p > {c.eval.confidence}",
+        f"{r['confident_share']:.3f}",
+      ],
+      [
+        "classes among confident samples",
+        f"{r['classes_covered']} / {r['num_classes']}",
+      ],
+    ],
+  )
   return f"""# DDPM on {c.data.train} (variant `{c.variant}`)
 
 Command:
@@ -192,17 +224,7 @@ Command:
     python experiments/train_ddpm.py \\
       --config=experiments/configs/train_ddpm.py:{c.variant} --workdir={workdir}
 
-| quantity | value |
-|---|---|
-| UNet parameters | {r["unet_params"]:,} |
-| training steps (batch {c.train.batch_size}) | {c.train.num_steps} |
-| training time (s) | {r["train_seconds"]} |
-| samples ({c.sample.sampler}, {c.sample.num_steps} steps) | {c.sample.num_samples} |
-| sampling time (s) | {r["sample_seconds"]} |
-| classifier test accuracy on real data | {r["classifier_test_accuracy"]:.4f} |
-| samples classified with p > {c.eval.confidence} | {r["confident_share"]:.3f} |
-| classes among confident samples | {r["classes_covered"]} / {r["num_classes"]} |
-
+{table}
 Confident samples per class: {r["confident_per_class"]}
 
 The classifier is the run in `{clf_dir}`. Samples: `samples.png` (first 100),

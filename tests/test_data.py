@@ -5,10 +5,10 @@ import os
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from aigc_jax import data
-from conftest import SHARED_DATA
 
 
 @pytest.mark.parametrize(
@@ -29,7 +29,7 @@ def test_embedded_datasets(name, shape, n_train, n_test):
 
 
 def test_unknown_names_and_splits_list_the_choices():
-  with pytest.raises(ValueError, match="digits.*cifar10"):
+  with pytest.raises(ValueError, match=r"digits.*cifar10"):
     data.load_dataset("imagenet")
   with pytest.raises(ValueError, match="train"):
     data.load_dataset("digits", "validation")
@@ -51,11 +51,11 @@ def test_npz_source_and_errors(tmp_path):
   assert ds.num_classes == 3
   with pytest.raises(ValueError, match="split=None"):
     data.load_dataset(path, "train")
-  with pytest.raises(FileNotFoundError, match="missing.npz"):
+  with pytest.raises(FileNotFoundError, match=r"missing\.npz"):
     data.load_dataset(str(tmp_path / "missing.npz"), None)
   bad = tmp_path / "corrupt.npz"
   bad.write_bytes(b"not a zip file")
-  with pytest.raises(ValueError, match="corrupt.npz"):
+  with pytest.raises(ValueError, match=r"corrupt\.npz"):
     data.load_dataset(str(bad), None)
   np.savez(str(tmp_path / "keys.npz"), x=images)
   with pytest.raises(ValueError, match="'images' and 'labels'"):
@@ -78,11 +78,16 @@ def test_jpeg_archive_source(tmp_path):
   offsets = np.cumsum([0] + [len(b) for b in blobs]).astype(np.int64)
   path = str(tmp_path / "train_jpeg.npz")
   np.savez(
-    path, jpeg=np.concatenate(blobs), offsets=offsets, labels=np.array([0, 1, 1])
+    path,
+    jpeg=np.concatenate(blobs),
+    offsets=offsets,
+    labels=np.array([0, 1, 1]),
   )
   ds = data.load_dataset(path, None)
   assert ds.images.shape == (3, 8, 8, 3)
-  np.testing.assert_allclose(ds.images.mean(axis=(1, 2, 3)), [10, 128, 250], atol=2)
+  np.testing.assert_allclose(
+    ds.images.mean(axis=(1, 2, 3)), [10, 128, 250], atol=2
+  )
   broken = np.concatenate(blobs)
   broken[offsets[1] : offsets[1] + 20] = rng.integers(0, 256, 20, np.uint8)
   np.savez(path, jpeg=broken, offsets=offsets, labels=np.array([0, 1, 1]))
@@ -101,16 +106,18 @@ def test_image_folder_source(tmp_path):
   assert ds.images.shape == (4, 5, 5, 1) and ds.num_classes == 2
   np.testing.assert_array_equal(ds.labels, [0, 0, 1, 1])
   Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "dog" / "big.png")
-  with pytest.raises(ValueError, match="big.png"):
+  with pytest.raises(ValueError, match=r"big\.png"):
     data.load_dataset(str(tmp_path), None)
   (tmp_path / "dog" / "big.png").write_bytes(b"garbage")
-  with pytest.raises(ValueError, match="big.png"):
+  with pytest.raises(ValueError, match=r"big\.png"):
     data.load_dataset(str(tmp_path), None)
 
 
 def test_tfds_source_with_mock_data():
   tfds = pytest.importorskip("tensorflow_datasets")
-  with tfds.testing.mock_data(num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE):
+  with tfds.testing.mock_data(
+    num_examples=5, policy=tfds.testing.MockPolicy.USE_CODE
+  ):
     ds = data.load_dataset("cifar10", "train")
     assert ds.images.shape == (5, 32, 32, 3) and ds.images.dtype == np.uint8
     assert ds.num_classes == 10 and ds.labels.shape == (5,)
@@ -128,7 +135,9 @@ def test_unprepared_tfds_dataset_explains_the_fix(tmp_path):
   reason="../shared/data is not present on this machine",
 )
 def test_shared_cifar10_test_set():
-  ds = data.load_dataset(os.path.join(SHARED_DATA, "cifar10", "test_dev.npz"), None)
+  ds = data.load_dataset(
+    os.path.join(SHARED_DATA, "cifar10", "test_dev.npz"), None
+  )
   assert ds.images.shape == (5000, 32, 32, 3) and ds.num_classes == 10
 
 

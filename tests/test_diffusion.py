@@ -101,9 +101,9 @@ def test_schedules_vmap_over_parameters():
       jnp.array([1e-3, 8e-3])
     )
     assert ab.shape == (2, 50) and bool(jnp.all(jnp.diff(ab) < 0))
-  grad = jax.grad(
-    lambda b: dm.schedule_from_betas(b).alphas_cumprod[-1]
-  )(jnp.full((10,), 0.1))
+  grad = jax.grad(lambda b: dm.schedule_from_betas(b).alphas_cumprod[-1])(
+    jnp.full((10,), 0.1)
+  )
   np.testing.assert_allclose(grad, -(0.9**9), rtol=1e-5)
 
 
@@ -149,15 +149,19 @@ def test_timestep_policies():
     dm.snr_weight_policy(s),
   ):
     np.testing.assert_allclose(policy.probs.sum(), 1.0, rtol=1e-5)
-  t = dm.sample_timesteps(jax.random.key(0), dm.window_policy(1000, 10, 20), (500,))
+  t = dm.sample_timesteps(
+    jax.random.key(0), dm.window_policy(1000, 10, 20), (500,)
+  )
   assert int(t.min()) >= 10 and int(t.max()) < 20
-  ts = jax.vmap(
-    lambda k: dm.sample_timesteps(k, dm.uniform_policy(10), (4,))
-  )(jax.random.split(jax.random.key(1), 3))
+  ts = jax.vmap(lambda k: dm.sample_timesteps(k, dm.uniform_policy(10), (4,)))(
+    jax.random.split(jax.random.key(1), 3)
+  )
   assert ts.shape == (3, 4)
   early = dm.signal_policy(s).probs
   assert early[0] > early[-1]
-  assert dm.snr_weight_policy(s).weights[0] > dm.snr_weight_policy(s).weights[-1]
+  assert (
+    dm.snr_weight_policy(s).weights[0] > dm.snr_weight_policy(s).weights[-1]
+  )
   with pytest.raises(ValueError, match="window"):
     dm.window_policy(1000, 500, 100)
 
@@ -176,7 +180,9 @@ def test_denoising_loss_is_zero_for_the_true_noise_and_differentiable():
   np.testing.assert_allclose(loss, 1.0, atol=0.3)  # E‖ε‖²/D = 1, D = 256
 
   def scaled(a, x):
-    return dm.denoising_loss(lambda xt, t: a * xt, x, jax.random.key(0), s).mean()
+    return dm.denoising_loss(
+      lambda xt, t: a * xt, x, jax.random.key(0), s
+    ).mean()
 
   ga, gx = jax.grad(scaled, argnums=(0, 1))(0.5, x0)
   assert np.isfinite(ga) and gx.shape == x0.shape and bool(jnp.any(gx != 0))
@@ -259,7 +265,9 @@ def test_diffuse_and_denoise():
   s = dm.linear_schedule(1000)
   x0 = jnp.asarray(_random((2, 4, 4, 1), 0)).clip(-1, 1)
   oracle = lambda xt, t: dm.predict_eps(s, xt, t, x0)
-  out = dm.diffuse_and_denoise(oracle, x0, jax.random.key(0), s, t_star=50, rounds=2)
+  out = dm.diffuse_and_denoise(
+    oracle, x0, jax.random.key(0), s, t_star=50, rounds=2
+  )
   np.testing.assert_allclose(out, x0, atol=1e-4)
   # A denoiser that knows nothing blurs toward its prior: larger t*, further.
   zero = lambda xt, t: jnp.zeros_like(xt)
@@ -270,10 +278,67 @@ def test_diffuse_and_denoise():
   )(jax.random.split(jax.random.key(0), 2))
   assert dists.shape == (2,)
   g = jax.grad(
-    lambda x: dm.diffuse_and_denoise(oracle, x, jax.random.key(0), s, t_star=5).sum()
+    lambda x: dm.diffuse_and_denoise(
+      oracle, x, jax.random.key(0), s, t_star=5
+    ).sum()
   )(x0)
   assert g.shape == x0.shape
   with pytest.raises(ValueError, match="outside"):
     dm.diffuse_and_denoise(zero, x0, jax.random.key(0), s, t_star=1000)
   with pytest.raises(ValueError, match="rounds"):
     dm.diffuse_and_denoise(zero, x0, jax.random.key(0), s, t_star=10, rounds=0)
+
+
+def test_remaining_functions_compose_with_vmap_and_grad():
+  s = dm.linear_schedule(100)
+  x, eps = (
+    jnp.asarray(_random((2, 4, 4, 1), 0)),
+    jnp.asarray(_random((2, 4, 4, 1), 1)),
+  )
+  t = jnp.array([10, 90])
+  # predict_x0 / predict_eps are linear in their image argument.
+  g = jax.grad(lambda e: dm.predict_x0(s, x, t, e).sum())(eps)
+  np.testing.assert_allclose(
+    g[:, 0, 0, 0],
+    -jnp.sqrt(1 - s.alphas_cumprod[t]) / jnp.sqrt(s.alphas_cumprod[t]),
+    rtol=1e-5,
+  )
+  g = jax.grad(lambda x0: dm.predict_eps(s, x, t, x0).sum())(x)
+  assert bool(jnp.all(g < 0))
+  # ddpm_update over a batch of noises; ddpm_sample over keys.
+  outs = jax.vmap(lambda z: dm.ddpm_update(s, x, 50, eps, z))(
+    jnp.stack([eps, -eps])
+  )
+  mean = dm.ddpm_mean_variance(s, x, 50, eps)[0]
+  np.testing.assert_allclose((outs[0] + outs[1]) / 2, mean, atol=1e-6)
+  samples = jax.vmap(
+    lambda k: dm.ddpm_sample(lambda y, tt: 0.0 * y, x, k, s, t_start=5)
+  )(jax.random.split(jax.random.key(0), 2))
+  assert samples.shape == (2, *x.shape) and not jnp.allclose(
+    samples[0], samples[1]
+  )
+  # Schedules by name and the schedule-derived policies under vmap.
+  abar = jax.vmap(
+    lambda e: dm.make_schedule("linear", 10, beta_end=e).alphas_cumprod
+  )(jnp.array([0.01, 0.02]))
+  assert abar.shape == (2, 10)
+  probs = jax.vmap(
+    lambda e: dm.signal_policy(dm.linear_schedule(10, 1e-4, e)).probs
+  )(jnp.array([0.01, 0.5]))
+  assert probs[1, -1] < probs[0, -1]  # more noise: late steps matter less
+  w = jax.vmap(
+    lambda e: dm.snr_weight_policy(dm.linear_schedule(10, 1e-4, e)).weights
+  )(jnp.array([0.01, 0.5]))
+  np.testing.assert_allclose(w.mean(axis=1), 1.0, rtol=1e-5)
+
+
+def test_image_range_is_checked_at_the_entry_points():
+  s = dm.linear_schedule(10)
+  zero = lambda xt, t: jnp.zeros_like(xt)
+  x255 = jnp.full((1, 4, 4, 1), 200.0)
+  with pytest.raises(ValueError, match="to_model_range"):
+    dm.denoising_loss(zero, x255, jax.random.key(0), s)
+  with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+    dm.diffuse_and_denoise(zero, x255, jax.random.key(0), s, t_star=3)
+  with pytest.raises(ValueError, match="NHWC"):
+    dm.denoising_loss(zero, jnp.zeros((4, 4)), jax.random.key(0), s)

@@ -38,23 +38,26 @@ def test_train_ddpm_smoke_and_resume(tmp_path):
   assert 0.0 <= result["confident_share"] <= 1.0
   for name in ("samples.png", "samples.npz", "real.png", "report.md"):
     assert os.path.exists(os.path.join(workdir, name))
-  report = open(os.path.join(workdir, "report.md")).read()
-  assert "samples classified with p > 0.5" in report
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "samples classified with p > 0.5" in f.read()
   # Same command again: resumes from the final checkpoint, trains no more.
-  lines = sum(1 for _ in open(os.path.join(workdir, "metrics.jsonl")))
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics) as f:
+    lines = len(f.readlines())
   again, _ = _run(train_ddpm, config, tmp_path / "ddpm")
-  records = [
-    json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))
-  ][lines:]
+  with open(metrics) as f:
+    records = [json.loads(x) for x in f.readlines()[lines:]]
   assert not any(k.startswith("train/") for r in records for k in r)
   assert again["confident_share"] == result["confident_share"]
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):
-  record.prepare_workdir(str(tmp_path), clf_configs.get_config("smoke").to_json())
+  record.prepare_workdir(
+    str(tmp_path), clf_configs.get_config("smoke").to_json()
+  )
   other = clf_configs.get_config("smoke")
   other.train.batch_size = 64
-  with pytest.raises(ValueError, match="train.batch_size"):
+  with pytest.raises(ValueError, match=r"train\.batch_size"):
     record.prepare_workdir(str(tmp_path), other.to_json())
 
 
@@ -65,15 +68,24 @@ def test_unknown_variant_lists_choices():
 
 def _launch(*args):
   return subprocess.run(
-    [sys.executable, os.path.join(ROOT, "experiments", "train_classifier.py"), *args],
-    capture_output=True, text=True, timeout=300, cwd=ROOT,
+    [
+      sys.executable,
+      os.path.join(ROOT, "experiments", "train_classifier.py"),
+      *args,
+    ],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    cwd=ROOT,
   )
 
 
 def test_launcher_rejects_unknown_keys_and_indivisible_batches(tmp_path):
   config = os.path.join(ROOT, "experiments", "configs", "train_classifier.py")
   out = _launch(
-    f"--config={config}:smoke", f"--workdir={tmp_path}/a", "--config.train.nope=1"
+    f"--config={config}:smoke",
+    f"--workdir={tmp_path}/a",
+    "--config.train.nope=1",
   )
   assert out.returncode != 0 and "nope" in out.stderr
   out = _launch(
@@ -119,5 +131,7 @@ def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):
   _, b, sb = train_classifier.load_classifier(str(tmp_path / "straight"))
   import jax
 
-  for x, y in zip(jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True):
+  for x, y in zip(
+    jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True
+  ):
     np.testing.assert_array_equal(x, y)

@@ -25,7 +25,9 @@ def _init_shapes(model, x, *args):
 
 def test_ddpm_unet_cifar10_has_ho_et_al_parameter_count():
   shapes = _init_shapes(
-    DDPMUNet(**DDPM_CIFAR10), jnp.zeros((1, 32, 32, 3)), jnp.zeros((1,), jnp.int32)
+    DDPMUNet(**DDPM_CIFAR10),
+    jnp.zeros((1, 32, 32, 3)),
+    jnp.zeros((1,), jnp.int32),
   )
   assert count_params(shapes["params"]) == 35_746_307  # 35.7M, Ho et al.
 
@@ -38,7 +40,9 @@ def test_tiny_unet_shapes_dropout_and_input_gradient():
   out = model.apply({"params": params}, x, t)
   assert out.shape == x.shape
   # Different timesteps give different outputs; dropout only when training.
-  assert not jnp.allclose(out[0], model.apply({"params": params}, x, t[::-1])[0])
+  assert not jnp.allclose(
+    out[0], model.apply({"params": params}, x, t[::-1])[0]
+  )
   train = lambda k: model.apply(
     {"params": params}, x, t, train=True, rngs={"dropout": k}
   )

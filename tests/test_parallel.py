@@ -45,7 +45,9 @@ def test_checkpoint_saved_on_four_devices_restores_on_one(tmp_path):
   saver.close()
   loader = checkpoint.Checkpointer(str(tmp_path))
   assert loader.latest_step() == 7
-  out = loader.restore(checkpoint.abstract_state(state, parallel.replicated(mesh1)))
+  out = loader.restore(
+    checkpoint.abstract_state(state, parallel.replicated(mesh1))
+  )
   np.testing.assert_array_equal(out["w"], state["w"])
   assert out["w"].sharding.mesh.size == 1
   with pytest.raises(FileNotFoundError, match="No checkpoint"):

@@ -71,7 +71,9 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
-def image_grid(images, ncol: int | None = None, min_size: int = 32) -> np.ndarray:
+def image_grid(
+  images, ncol: int | None = None, min_size: int = 32
+) -> np.ndarray:
   """Tiles uint8 NHWC images into one (rows*H, ncol*W, C) uint8 image.
 
   Small images are enlarged by an integer nearest-neighbour factor so that

@@ -44,7 +44,9 @@ class Dataset(NamedTuple):
 
   def take(self, indices) -> "Dataset":
     """The examples at `indices`."""
-    return self._replace(images=self.images[indices], labels=self.labels[indices])
+    return self._replace(
+      images=self.images[indices], labels=self.labels[indices]
+    )
 
 
 EMBEDDED = ("digits", "mnist5k")
@@ -222,7 +224,9 @@ def _load_tfds(name: str, split: str | None, data_dir: str | None) -> Dataset:
 
   split = split or "train"
   try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+    source = tfds.data_source(
+      name, split=split, data_dir=data_dir, download=False
+    )
   except (
     AssertionError,
     FileNotFoundError,

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.data.images import check_model_images
 from aigc_jax.diffusion.process import q_sample
 from aigc_jax.diffusion.schedules import NoiseSchedule
 from aigc_jax.diffusion.timesteps import (
@@ -41,6 +42,7 @@ def denoising_loss(
   Returns:
     The loss of each example, shape (B,).
   """
+  check_model_images(x0, "x0")
   if policy is None:
     policy = uniform_policy(schedule.num_timesteps)
   t_key, noise_key = jax.random.split(key)

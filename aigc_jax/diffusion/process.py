@@ -1,4 +1,4 @@
-"""The forward process q(x_t | x_0) and the Gaussian posterior q(x_{t-1} | x_t, x_0).
+"""The forward process q(x_t | x_0) and the posterior q(x_{t-1} | x_t, x_0).
 
 All functions take integer timesteps `t` of shape (B,) (or scalars) and images
 of shape (B, ...); per-timestep coefficients are broadcast over the trailing

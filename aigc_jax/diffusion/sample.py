@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aigc_jax.data.images import check_model_images
 from aigc_jax.diffusion.guidance import EnergyFn, guided_mean
 from aigc_jax.diffusion.loss import EpsFn
 from aigc_jax.diffusion.process import (
@@ -274,6 +275,7 @@ def diffuse_and_denoise(
   Returns:
     The purified images.
   """
+  check_model_images(x0, "x0")
   _check_t(t_star, schedule)
   if rounds < 1:
     raise ValueError(f"rounds={rounds} must be at least 1.")

@@ -111,7 +111,9 @@ SCHEDULES = {
 }
 
 
-def make_schedule(name: str, num_timesteps: int = 1000, **kwargs) -> NoiseSchedule:
+def make_schedule(
+  name: str, num_timesteps: int = 1000, **kwargs
+) -> NoiseSchedule:
   """Looks a schedule up by name: one of `SCHEDULES`."""
   if name not in SCHEDULES:
     raise ValueError(

@@ -46,9 +46,7 @@ class ResNet18(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     h = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
-    h = nn.relu(
-      nn.BatchNorm(use_running_average=not train, momentum=0.9)(h)
-    )
+    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
         stride = 2 if i > 0 and j == 0 else 1

@@ -38,9 +38,12 @@ class ResnetBlock(nn.Module):
   def __call__(self, x, temb, train: bool):
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm1")(x))
     h = nn.Conv(self.out_channels, (3, 3), name="conv1")(h)
-    h = h + nn.Dense(self.out_channels, name="temb_proj")(nn.swish(temb))[
-      :, None, None, :
-    ]
+    h = (
+      h
+      + nn.Dense(self.out_channels, name="temb_proj")(nn.swish(temb))[
+        :, None, None, :
+      ]
+    )
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
     h = nn.Conv(self.out_channels, (3, 3), name="conv2")(h)
@@ -119,7 +122,9 @@ class DDPMUNet(nn.Module):
         f"Image size {x.shape[1:3]} must be square and divisible by "
         f"2^{len(self.ch_mult) - 1} for ch_mult={self.ch_mult}."
       )
-    block = lambda c, name: ResnetBlock(c, self.dropout, self.num_groups, name=name)
+    block = lambda c, name: ResnetBlock(
+      c, self.dropout, self.num_groups, name=name
+    )
     attn = lambda name: AttnBlock(self.num_groups, name=name)
 
     temb = timestep_embedding(t, self.ch)
@@ -130,7 +135,9 @@ class DDPMUNet(nn.Module):
     res = size
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
-        h = block(self.ch * mult, f"down_{level}_block_{i}")(hs[-1], temb, train)
+        h = block(self.ch * mult, f"down_{level}_block_{i}")(
+          hs[-1], temb, train
+        )
         if res in self.attn_resolutions:
           h = attn(f"down_{level}_attn_{i}")(h)
         hs.append(h)

@@ -67,7 +67,9 @@ def random_crop_flip(
   offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
 
   def crop(img, off):
-    return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+    return jax.lax.dynamic_slice(
+      img, (off[0], off[1], 0), (h, w, img.shape[-1])
+    )
 
   out = jax.vmap(crop)(padded, offsets)
   if flip:
@@ -134,7 +136,9 @@ def classifier_train_step(
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params
   )
-  opt_updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  opt_updates, opt_state = optimizer.update(
+    grads, state.opt_state, state.params
+  )
   params = optax.apply_updates(state.params, opt_updates)
   metrics = {
     "loss": loss,

@@ -46,13 +46,19 @@ def init_ddpm_state(
   # A copy, not an alias: a state whose two fields share buffers cannot be
   # donated to a jitted step.
   ema = jax.tree.map(jnp.copy, params)
-  return DDPMState(jnp.zeros((), jnp.int32), params, ema, optimizer.init(params))
+  return DDPMState(
+    jnp.zeros((), jnp.int32), params, ema, optimizer.init(params)
+  )
 
 
-def ddpm_eps_fn(model: nn.Module, params, *, train: bool = False, key=None) -> EpsFn:
+def ddpm_eps_fn(
+  model: nn.Module, params, *, train: bool = False, key=None
+) -> EpsFn:
   """The denoiser ε_θ(x_t, t) with parameters (and a dropout key) bound."""
   rngs = {"dropout": key} if train else None
-  return lambda x, t: model.apply({"params": params}, x, t, train=train, rngs=rngs)
+  return lambda x, t: model.apply(
+    {"params": params}, x, t, train=train, rngs=rngs
+  )
 
 
 def ddpm_train_step(
@@ -86,7 +92,9 @@ def ddpm_train_step(
 
   def loss_fn(params):
     eps_fn = ddpm_eps_fn(model, params, train=True, key=dropout_key)
-    return denoising_loss(eps_fn, images, loss_key, schedule, policy=policy).mean()
+    return denoising_loss(
+      eps_fn, images, loss_key, schedule, policy=policy
+    ).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

@@ -102,7 +102,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "smoke":
     c.model.update(ch=8, num_groups=4)
     c.train.update(
-      num_steps=6, batch_size=16, warmup_steps=2, checkpoint_every=3, log_every=3
+      num_steps=6,
+      batch_size=16,
+      warmup_steps=2,
+      checkpoint_every=3,
+      log_every=3,
     )
     c.sample.update(num_samples=20, num_steps=5, batch_size=8)
     c.eval.classifier = train_classifier.get_config("smoke")
