@@ -64,3 +64,13 @@ def test_pure_purification_step_pmaps_over_devices():
   out = jax.pmap(f)(x, keys)
   ref = jnp.stack([f(x[i], keys[i]) for i in range(4)])
   np.testing.assert_allclose(out, ref, atol=1e-5)
+
+
+def test_distributed_start_up_is_off_unless_asked(monkeypatch):
+  monkeypatch.delenv("AIGC_JAX_DISTRIBUTED", raising=False)
+  assert parallel.maybe_initialize_distributed() is False
+  assert parallel.maybe_initialize_distributed(False) is False
+  calls = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+  monkeypatch.setenv("AIGC_JAX_DISTRIBUTED", "1")
+  assert parallel.maybe_initialize_distributed() is True and calls == [1]
