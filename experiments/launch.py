@@ -25,7 +25,20 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+import jax  # noqa: E402
+
 from aigc_jax import parallel, record  # noqa: E402
+
+# Experiments train several identical models (clean vs protected data); the
+# persistent cache is keyed on the compiled program, so they compile once.
+jax.config.update(
+  "jax_compilation_cache_dir",
+  os.environ.get(
+    "AIGC_JAX_CACHE",
+    os.path.join(os.path.expanduser("~"), ".cache", "aigc_jax"),
+  ),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def main(train_and_evaluate, script: str) -> None:

@@ -133,10 +133,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def predict_logits(model, params, batch_stats, images, batch_size, mesh):
-  """Evaluation-mode logits for host images, in sharded chunks."""
-  fn = jax.jit(lambda x: train.classifier_logits(model, params, batch_stats, x))
+def predict_logits(
+  model,
+  params,
+  batch_stats,
+  images,
+  batch_size,
+  mesh,
+  *,
+  return_features: bool = False,
+):
+  """Evaluation-mode logits (and features) for host images, in sharded
+  chunks."""
+  fn = jax.jit(
+    lambda x: train.classifier_logits(
+      model, params, batch_stats, x, return_features=return_features
+    )
+  )
   return parallel.batched_apply(fn, images, batch_size=batch_size, mesh=mesh)
+
+
+def trained_classifier(config, workdir: str):
+  """(model, params, batch_stats, test accuracy) of the run in `workdir`,
+  training it first unless that run has finished."""
+  record.prepare_workdir(workdir, config.to_json())
+  try:
+    accuracy = record.last_metric(workdir, "eval/test_accuracy")
+  except (FileNotFoundError, KeyError):
+    accuracy = train_and_evaluate(config, workdir)["test_accuracy"]
+  return (*load_classifier(workdir), accuracy)
 
 
 def load_classifier(workdir: str):

@@ -118,13 +118,14 @@ def sample_ddpm(config, params, image_shape, mesh, key) -> np.ndarray:
 def evaluation_classifier(config, workdir: str):
   """The classifier named by config.eval, trained into workdir if needed."""
   clf_dir = config.eval.classifier_workdir
-  if not clf_dir:
-    clf_dir = os.path.join(workdir, "classifier")
-    clf_config = config.eval.classifier
-    record.prepare_workdir(clf_dir, clf_config.to_json())
-    train_classifier.train_and_evaluate(clf_config, clf_dir)
-  accuracy = record.last_metric(clf_dir, "eval/test_accuracy")
-  return (*train_classifier.load_classifier(clf_dir), accuracy, clf_dir)
+  if clf_dir:
+    accuracy = record.last_metric(clf_dir, "eval/test_accuracy")
+    return (*train_classifier.load_classifier(clf_dir), accuracy, clf_dir)
+  clf_dir = os.path.join(workdir, "classifier")
+  classifier = train_classifier.trained_classifier(
+    config.eval.classifier, clf_dir
+  )
+  return (*classifier, clf_dir)
 
 
 def recognisability(config, samples, classifier, mesh) -> dict:

@@ -5,5 +5,16 @@ from aigc_jax.metrics.classification import (
   class_histogram,
   confident_share,
 )
+from aigc_jax.metrics.distribution import frechet_distance, precision_recall
+from aigc_jax.metrics.image_quality import psnr, ssim, ssim_components
 
-__all__ = ["accuracy", "class_histogram", "confident_share"]
+__all__ = [
+  "accuracy",
+  "class_histogram",
+  "confident_share",
+  "frechet_distance",
+  "precision_recall",
+  "psnr",
+  "ssim",
+  "ssim_components",
+]

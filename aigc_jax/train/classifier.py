@@ -79,13 +79,21 @@ def random_crop_flip(
 
 
 def classifier_logits(
-  model: nn.Module, params, batch_stats, images: jax.Array
-) -> jax.Array:
-  """Evaluation-mode logits (BatchNorm uses its running statistics)."""
+  model: nn.Module,
+  params,
+  batch_stats,
+  images: jax.Array,
+  *,
+  return_features: bool = False,
+):
+  """Evaluation-mode logits (BatchNorm uses its running statistics), and
+  the penultimate features when `return_features`."""
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
-  return model.apply(variables, images, train=False)
+  return model.apply(
+    variables, images, train=False, return_features=return_features
+  )
 
 
 def classifier_train_step(

@@ -1,0 +1,39 @@
+"""Perturbations a data owner adds so that models cannot learn the data."""
+
+from aigc_jax.protect.pgd import (
+  LEVELS_PER_UNIT,
+  NORMS,
+  Budget,
+  apply_perturbation,
+  budget,
+  init_perturbation,
+  perturbation_sizes,
+  pgd,
+  project,
+  quantize_protected,
+)
+from aigc_jax.protect.udp import (
+  EUDP_POLICIES,
+  denoising_objective,
+  eudp_policy,
+  udp_perturbation,
+  udp_round,
+)
+
+__all__ = [
+  "EUDP_POLICIES",
+  "LEVELS_PER_UNIT",
+  "NORMS",
+  "Budget",
+  "apply_perturbation",
+  "budget",
+  "denoising_objective",
+  "eudp_policy",
+  "init_perturbation",
+  "perturbation_sizes",
+  "pgd",
+  "project",
+  "quantize_protected",
+  "udp_perturbation",
+  "udp_round",
+]

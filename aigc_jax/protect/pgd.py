@@ -1,0 +1,195 @@
+"""Projected gradient steps on a perturbation: the one loop behind every
+protection and attack in this project (UDP, EUDP, AdvDM, EMN, REMN, CP).
+
+A method supplies an objective `objective(x_adv, key) -> (B,)` per-example
+losses; `pgd` ascends (error-maximising noise) or descends (error-minimising
+noise) it with sign steps (L∞) or normalised gradient steps (L2), projecting
+onto the budget and the image box after every step (Madry et al. 2018, Eq. 2).
+
+Budgets are stated in [0, 255] units (eps=8 means 8/255 of the full range)
+and converted once by `budget`; inside, perturbations live in model units,
+where the full range [-1, 1] is 2 wide.
+"""
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+NORMS = ("linf", "l2")
+# One model unit is 127.5 uint8 levels: [-1, 1] spans [0, 255].
+LEVELS_PER_UNIT = 127.5
+
+Objective = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+class Budget(NamedTuple):
+  """A perturbation budget.
+
+  Attributes:
+    norm: "linf" or "l2" (the L2 norm of each whole image's perturbation).
+    eps: the radius in model units ([-1, 1] images).
+  """
+
+  norm: str
+  eps: float
+
+  @property
+  def eps_255(self) -> float:
+    """The radius in [0, 255] units."""
+    return self.eps * LEVELS_PER_UNIT
+
+
+def budget(eps_255: float, norm: str = "linf") -> Budget:
+  """A budget from a radius in [0, 255] units (eps=8: 8/255 of the range)."""
+  if norm not in NORMS:
+    raise ValueError(f"Unknown norm {norm!r}; choose one of {NORMS}.")
+  if not 0 < eps_255 <= 255:
+    raise ValueError(
+      f"Perturbation budget eps={eps_255} is outside (0, 255]; state it in "
+      "[0, 255] units, e.g. eps=8 for 8/255."
+    )
+  return Budget(norm, float(eps_255) / LEVELS_PER_UNIT)
+
+
+def _per_example_norm(x: jax.Array) -> jax.Array:
+  flat = x.reshape(x.shape[0], -1)
+  return jnp.linalg.norm(flat, axis=-1).reshape((-1,) + (1,) * (x.ndim - 1))
+
+
+def project(delta: jax.Array, b: Budget) -> jax.Array:
+  """The nearest perturbation inside the budget (per leading-axis example)."""
+  if b.norm == "linf":
+    return jnp.clip(delta, -b.eps, b.eps)
+  norm = _per_example_norm(delta)
+  return delta * jnp.minimum(1.0, b.eps / jnp.maximum(norm, 1e-12))
+
+
+def init_perturbation(
+  key: jax.Array, shape: tuple[int, ...], b: Budget, *, random_start: bool
+) -> jax.Array:
+  """Zeros, or a uniform random point of the budget ball (L∞: the cube)."""
+  if not random_start:
+    return jnp.zeros(shape, jnp.float32)
+  if b.norm == "linf":
+    return jax.random.uniform(key, shape, jnp.float32, -b.eps, b.eps)
+  direction_key, radius_key = jax.random.split(key)
+  d = jax.random.normal(direction_key, shape)
+  radius = jax.random.uniform(radius_key, (shape[0],) + (1,) * (len(shape) - 1))
+  return b.eps * radius * d / _per_example_norm(d)
+
+
+def _direction(grad: jax.Array, norm: str) -> jax.Array:
+  """Steepest-ascent direction of unit size for the norm."""
+  if norm == "linf":
+    return jnp.sign(grad)
+  return grad / jnp.maximum(_per_example_norm(grad), 1e-12)
+
+
+def apply_perturbation(
+  x: jax.Array, delta: jax.Array, groups: jax.Array | None = None
+) -> jax.Array:
+  """x + δ (or x + δ[groups] for shared perturbations), clipped to [-1, 1]."""
+  d = delta if groups is None else delta[groups]
+  return jnp.clip(x + d, -1.0, 1.0)
+
+
+def pgd(
+  objective: Objective,
+  x: jax.Array,
+  delta: jax.Array,
+  key: jax.Array,
+  *,
+  budget: Budget,
+  steps: int,
+  step_size: float,
+  ascent: bool = True,
+  groups: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """`steps` projected gradient steps on δ.
+
+  Args:
+    objective: `objective(x_adv, key) -> (B,)` per-example losses.
+    x: clean images in [-1, 1], (B, H, W, C).
+    delta: the starting perturbation: (B, H, W, C) per sample, or (G, H, W, C)
+      shared by the examples of each group (e.g. class-wise noise).
+    key: randomness; step i passes `fold_in(key, i)` to the objective.
+    budget: the radius and norm (see `budget`).
+    steps: number of steps (static).
+    step_size: step length in model units (e.g. `budget(0.8).eps`).
+    ascent: maximise the objective (True) or minimise it.
+    groups: (B,) integer group of each example, for shared perturbations.
+
+  Returns:
+    The final δ and the mean objective before each step, shape (steps,).
+  """
+  if groups is None and delta.shape != x.shape:
+    raise ValueError(
+      f"A per-sample perturbation must have the images' shape {x.shape}, got "
+      f"{delta.shape}; pass `groups` for shared perturbations."
+    )
+  sign = 1.0 if ascent else -1.0
+
+  def loss_fn(d, k):
+    losses = objective(apply_perturbation(x, d, groups), k)
+    return losses.sum(), losses.mean()
+
+  def body(d, i):
+    grad, mean_loss = jax.grad(loss_fn, has_aux=True)(
+      d, jax.random.fold_in(key, i)
+    )
+    d = project(d + sign * step_size * _direction(grad, budget.norm), budget)
+    if groups is None:  # also stay inside the image box
+      d = jnp.clip(x + d, -1.0, 1.0) - x
+    return d, mean_loss
+
+  return jax.lax.scan(body, delta, jnp.arange(steps))
+
+
+def quantize_protected(
+  images: np.ndarray, delta: np.ndarray, b: Budget
+) -> np.ndarray:
+  """Adds δ (model units) to uint8 images and rounds to uint8, keeping the
+  budget exactly.
+
+  Rounding to the nearest level can leave an L2 budget (or an L∞ budget that
+  is not a whole number of levels); those examples are rounded toward the
+  clean image instead, which never increases any coordinate's magnitude.
+
+  Args:
+    images: clean uint8 images, (N, H, W, C).
+    delta: perturbations in model units, the same shape.
+    b: the budget δ was optimised under.
+
+  Returns:
+    The protected uint8 images.
+  """
+  clean = np.asarray(images, np.float64)
+  d255 = np.asarray(delta, np.float64) * LEVELS_PER_UNIT
+  nearest = np.clip(np.rint(clean + d255), 0, 255)
+  toward = np.clip(clean + np.trunc(d255), 0, 255)
+  over = perturbation_sizes(images, nearest.astype(np.uint8), b.norm) > (
+    b.eps_255 + 1e-6
+  )
+  out = np.where(over.reshape((-1,) + (1,) * (clean.ndim - 1)), toward, nearest)
+  out = out.astype(np.uint8)
+  sizes = perturbation_sizes(images, out, b.norm)
+  if np.any(sizes > b.eps_255 + 1e-6):
+    raise ValueError(
+      f"Perturbation exceeds the {b.norm} budget {b.eps_255:g}/255 "
+      f"(largest {sizes.max():g}): δ was not projected onto the budget."
+    )
+  return out
+
+
+def perturbation_sizes(
+  clean: np.ndarray, protected: np.ndarray, norm: str = "linf"
+) -> np.ndarray:
+  """Per-image L∞ or L2 size of protected - clean, in [0, 255] units."""
+  diff = np.asarray(protected, np.float64) - np.asarray(clean, np.float64)
+  diff = diff.reshape(len(diff), -1)
+  if norm == "linf":
+    return np.abs(diff).max(axis=-1)
+  return np.linalg.norm(diff, axis=-1)
