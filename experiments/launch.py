@@ -22,10 +22,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
     + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
   ).strip()
 
+import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
-
-import jax  # noqa: E402
 
 from aigc_jax import parallel, record  # noqa: E402
 

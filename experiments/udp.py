@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from aigc_jax import checkpoint, data, diffusion, parallel, protect, record
 from aigc_jax.metrics import (
@@ -117,10 +118,16 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
   bounds = [*range(0, len(x), p.chunk_size), len(x)]
   deltas = []
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  bar = tqdm(
+    total=(len(bounds) - 1) * p.rounds,
+    desc=f"protect {method}",
+    disable=jax.process_index() != 0,
+  )
   for c, (lo, hi) in enumerate(itertools.pairwise(bounds)):
     path = os.path.join(workdir, f"chunk_{c:04d}.npy")
     if os.path.exists(path):
       deltas.append(np.load(path))
+      bar.update(p.rounds)
       continue
     # Pad to a multiple of the device count by repeating the last image.
     n = hi - lo
@@ -142,11 +149,13 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
       state, delta = round_fn(
         state, xs, delta, jax.random.fold_in(jax.random.fold_in(key, c), r)
       )
+      bar.update(1)
     delta = np.asarray(delta)[:n]
     if jax.process_index() == 0:
       np.save(path, delta)
     checkpointer.save(c + 1, state)
     deltas.append(delta)
+  bar.close()
   checkpointer.close()
   protected = protect.quantize_protected(images, np.concatenate(deltas), b)
   return protected

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from aigc_jax import record
@@ -49,6 +50,38 @@ def test_train_ddpm_smoke_and_resume(tmp_path):
     records = [json.loads(x) for x in f.readlines()[lines:]]
   assert not any(k.startswith("train/") for r in records for k in r)
   assert again["confident_share"] == result["confident_share"]
+
+
+def test_udp_smoke(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("smoke")
+  config.protect.methods = ("eudp:early",)
+  config.eval.robust_method = ""
+  result, workdir = _run(udp, config, tmp_path / "udp")
+  assert set(result["results"]) == {"clean", "eudp:early"}
+  sizes = result["perturbations"]["eudp:early"]
+  assert 0 < sizes["linf_255"] <= 8
+  with np.load(
+    os.path.join(workdir, "protect", "eudp_early", "protected.npz")
+  ) as f:
+    assert f["images"].dtype == np.uint8 and len(f["images"]) == 128
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert "eudp:early" in report and "Verdict" in report
+
+
+def test_udp_rejects_an_empty_dataset(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  path = str(tmp_path / "empty.npz")
+  np.savez(path, images=np.zeros((0, 8, 8, 1), np.uint8), labels=np.zeros(0))
+  config = udp_configs.get_config("smoke")
+  config.data.train = path
+  with pytest.raises(ValueError, match="empty"):
+    udp.load_sets(config)
 
 
 def test_workdir_with_another_config_is_refused(tmp_path):

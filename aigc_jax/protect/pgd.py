@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from aigc_jax.data.images import check_model_images
+
 NORMS = ("linf", "l2")
 # One model unit is 127.5 uint8 levels: [-1, 1] spans [0, 255].
 LEVELS_PER_UNIT = 127.5
@@ -125,6 +127,7 @@ def pgd(
   Returns:
     The final δ and the mean objective before each step, shape (steps,).
   """
+  check_model_images(x, "x")
   if groups is None and delta.shape != x.shape:
     raise ValueError(
       f"A per-sample perturbation must have the images' shape {x.shape}, got "

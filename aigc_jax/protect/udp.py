@@ -157,13 +157,14 @@ def udp_round(
     model, optimizer, schedule, ema_decay: the surrogate's trainer.
     budget, pgd_steps, step_size, policy, num_draws: the outer max.
     inner_steps: surrogate steps per round (0: AdvDM against a fixed model).
-    batch_size: surrogate minibatch size.
+    batch_size: surrogate minibatch size (at most the chunk's size).
 
   Returns:
     The new surrogate state and δ.
   """
   train_key, pgd_key = jax.random.split(key)
   protected = apply_perturbation(x, delta)
+  batch_size = min(batch_size, x.shape[0])  # a small last chunk
 
   def train_one(s, i):
     idx = jax.random.choice(

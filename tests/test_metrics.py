@@ -1,0 +1,69 @@
+"""Distribution distances, image quality, and the robustness transforms."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax import metrics
+from aigc_jax.purify import gaussian_blur, jpeg_compress
+
+
+def test_frechet_distance():
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((2000, 4))
+  assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+  shifted = a + np.array([3.0, 0, 0, 0])
+  assert metrics.frechet_distance(a, shifted) == pytest.approx(9.0, rel=1e-6)
+  scaled = 2 * a  # Σ_b = 4Σ_a: Tr(Σ + 4Σ - 2·2Σ) = Tr Σ ≈ 4
+  assert metrics.frechet_distance(a, scaled) == pytest.approx(4.0, rel=0.1)
+  with pytest.raises(ValueError, match="N >= 2"):
+    metrics.frechet_distance(a[:1], a)
+
+
+def test_precision_recall():
+  rng = np.random.default_rng(0)
+  real = rng.standard_normal((300, 2))
+  p, r = metrics.precision_recall(real, real + 1e-9)
+  assert p == pytest.approx(1.0) and r == pytest.approx(1.0)
+  collapsed = real[:5] + 0.001 * rng.standard_normal((5, 2))
+  p, r = metrics.precision_recall(real, np.repeat(collapsed, 20, axis=0))
+  assert p > 0.9 and r < 0.3  # good quality, poor coverage
+  far = real + 100
+  p, r = metrics.precision_recall(real, far)
+  assert p == 0 and r == 0
+
+
+def test_psnr_and_ssim():
+  x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 1), minval=-1, maxval=1)
+  np.testing.assert_allclose(metrics.ssim(x, x), 1.0, atol=1e-5)
+  noisy = x + 0.2 * jax.random.normal(jax.random.key(1), x.shape)
+  assert bool(jnp.all(metrics.ssim(x, noisy) < 0.95))
+  assert bool(jnp.all(metrics.psnr(x, noisy) < metrics.psnr(x, x + 0.01)))
+  np.testing.assert_allclose(
+    metrics.psnr(x, x + 0.02), 20 * np.log10(2 / 0.02), rtol=1e-4
+  )
+  g = jax.grad(lambda y: metrics.ssim(x, y, filter_size=7).sum())(noisy)
+  assert g.shape == x.shape and bool(jnp.any(g != 0))
+  values = jax.vmap(lambda s: metrics.ssim(x, x + s, filter_size=7).mean())(
+    jnp.array([0.0, 0.1, 0.3])
+  )
+  assert values[0] > values[1] > values[2]
+  with pytest.raises(ValueError, match="filter_size"):
+    metrics.ssim(x[:, :8, :8], x[:, :8, :8])
+
+
+def test_jpeg_and_blur():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 16, 16, 3), np.uint8)
+  jpg = jpeg_compress(images, 75)
+  assert jpg.shape == images.shape and jpg.dtype == np.uint8
+  assert 0 < np.abs(jpg.astype(int) - images).mean() < 60
+  blurred = gaussian_blur(images, 1.0)
+  assert blurred.std() < images.std()
+  gray = jpeg_compress(images[..., :1], 75)
+  assert gray.shape == (3, 16, 16, 1)
+  with pytest.raises(ValueError, match="quality"):
+    jpeg_compress(images, 0)
+  with pytest.raises(TypeError, match="uint8"):
+    gaussian_blur(images.astype(np.float32), 1.0)

@@ -1,0 +1,286 @@
+"""The PGD mechanism and UDP / EUDP / AdvDM."""
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax import data, diffusion, parallel, protect, train
+from aigc_jax.models import DDPMUNet
+
+TINY_UNET = dict(
+  ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), num_groups=4
+)
+
+
+def _images(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (n, 8, 8, 1), np.uint8)
+
+
+def test_budget_units_and_errors():
+  b = protect.budget(8)
+  assert b.norm == "linf" and np.isclose(b.eps, 16 / 255)
+  assert np.isclose(b.eps_255, 8)
+  for bad in (0, -1, 256):
+    with pytest.raises(ValueError, match=r"\(0, 255\]"):
+      protect.budget(bad)
+  with pytest.raises(ValueError, match="linf"):
+    protect.budget(8, "l1")
+
+
+@pytest.mark.parametrize(
+  ("eps", "norm"), [(8, "linf"), (3.5, "linf"), (40, "l2")]
+)
+def test_budget_holds_exactly_after_quantisation(eps, norm):
+  b = protect.budget(eps, norm)
+  clean = _images(16)
+  raw = jax.random.normal(jax.random.key(0), clean.shape) * b.eps
+  delta = np.asarray(protect.project(raw, b))
+  protected = protect.quantize_protected(clean, delta, b)
+  assert protected.dtype == np.uint8
+  sizes = protect.perturbation_sizes(clean, protected, norm)
+  assert sizes.max() <= eps + 1e-9
+  assert sizes.max() > 0.5 * eps  # the perturbation survives rounding
+  with pytest.raises(ValueError, match="not projected"):
+    protect.quantize_protected(clean, 3 * np.asarray(raw), b)
+
+
+def test_pgd_ascends_and_descends_within_the_budget():
+  b = protect.budget(8)
+  x = jnp.zeros((4, 8, 8, 1))
+  target = jnp.ones_like(x)
+  objective = lambda xa, k: -jnp.sum((xa - target) ** 2, axis=(1, 2, 3))
+  zero = jnp.zeros_like(x)
+  up, trace = protect.pgd(
+    objective,
+    x,
+    zero,
+    jax.random.key(0),
+    budget=b,
+    steps=5,
+    step_size=b.eps / 4,
+  )
+  assert trace.shape == (5,) and trace[-1] > trace[0]
+  np.testing.assert_allclose(up, b.eps, rtol=1e-6)  # pushed to the boundary
+  down, _ = protect.pgd(
+    objective,
+    x,
+    zero,
+    jax.random.key(0),
+    budget=b,
+    steps=5,
+    step_size=b.eps / 4,
+    ascent=False,
+  )
+  np.testing.assert_allclose(down, -b.eps, rtol=1e-6)
+  l2 = protect.budget(40, "l2")
+  d, _ = protect.pgd(
+    objective, x, zero, jax.random.key(0), budget=l2, steps=5, step_size=l2.eps
+  )
+  norms = jnp.linalg.norm(d.reshape(4, -1), axis=-1)
+  np.testing.assert_allclose(norms, l2.eps, rtol=1e-5)
+  # The image box holds too: x near 1 cannot be pushed past it.
+  near_one = jnp.full_like(x, 0.99)
+  d, _ = protect.pgd(
+    objective,
+    near_one,
+    zero,
+    jax.random.key(0),
+    budget=b,
+    steps=3,
+    step_size=b.eps,
+  )
+  assert float((near_one + d).max()) <= 1.0 + 1e-6
+  with pytest.raises(ValueError, match="groups"):
+    protect.pgd(
+      objective,
+      x,
+      zero[:2],
+      jax.random.key(0),
+      budget=b,
+      steps=1,
+      step_size=0.1,
+    )
+  with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+    protect.pgd(
+      objective,
+      x + 5,
+      zero,
+      jax.random.key(0),
+      budget=b,
+      steps=1,
+      step_size=0.1,
+    )
+
+
+def test_class_wise_perturbations_are_shared_within_a_class():
+  b = protect.budget(8)
+  x = jax.random.uniform(
+    jax.random.key(0), (6, 8, 8, 1), minval=-0.5, maxval=0.5
+  )
+  labels = jnp.array([0, 1, 2, 0, 1, 2])
+  # Class 0's examples pull δ_0 down, class 1's pull δ_1 up.
+  w = jnp.array([-1.0, 1.0, 0.5, -2.0, 1.0, 0.5])[:, None, None, None]
+  objective = lambda xa, k: jnp.sum(w * xa, axis=(1, 2, 3))
+  delta, _ = protect.pgd(
+    objective,
+    x,
+    jnp.zeros((3, 8, 8, 1)),
+    jax.random.key(0),
+    budget=b,
+    steps=3,
+    step_size=b.eps / 2,
+    groups=labels,
+  )
+  assert delta.shape == (3, 8, 8, 1)
+  applied = protect.apply_perturbation(x, delta, labels) - x
+  np.testing.assert_allclose(applied[0], applied[3], atol=1e-6)
+  np.testing.assert_allclose(applied[1], applied[4], atol=1e-6)
+  np.testing.assert_allclose(applied[0], -b.eps, atol=1e-6)
+  np.testing.assert_allclose(applied[1], b.eps, atol=1e-6)
+
+
+def test_random_start_is_inside_the_budget():
+  for b in (protect.budget(8), protect.budget(40, "l2")):
+    d = protect.init_perturbation(
+      jax.random.key(0), (5, 8, 8, 1), b, random_start=True
+    )
+    np.testing.assert_allclose(protect.project(d, b), d, atol=1e-6)
+    assert float(jnp.abs(d).max()) > 0
+  zero = protect.init_perturbation(
+    jax.random.key(0), (2, 8, 8, 1), protect.budget(8), random_start=False
+  )
+  assert not bool(jnp.any(zero))
+
+
+def _surrogate():
+  model = DDPMUNet(**TINY_UNET)
+  schedule = diffusion.linear_schedule(100)
+  optimizer = train.ddpm_optimizer(1e-3, 2, 1.0)
+  state = train.init_ddpm_state(model, optimizer, jax.random.key(0), (8, 8, 1))
+  return model, schedule, optimizer, state
+
+
+def test_udp_perturbation_raises_the_loss_and_vmaps_over_images():
+  model, schedule, _, state = _surrogate()
+  eps_fn = train.ddpm_eps_fn(model, state.params)
+  x = data.to_model_range(_images(4))
+  b = protect.budget(8)
+  step = functools.partial(
+    protect.udp_perturbation,
+    eps_fn,
+    schedule=schedule,
+    budget=b,
+    steps=3,
+    step_size=b.eps / 2,
+    num_draws=4,
+  )
+  delta = step(x, jnp.zeros_like(x), jax.random.key(1))
+  loss = lambda d: protect.denoising_objective(eps_fn, schedule, num_draws=64)(
+    protect.apply_perturbation(x, d), jax.random.key(9)
+  ).mean()
+  assert float(loss(delta)) > float(loss(jnp.zeros_like(x)))
+  assert float(jnp.abs(delta).max()) <= b.eps + 1e-6
+  per_image = jax.vmap(
+    lambda xi, k: step(xi[None], jnp.zeros_like(xi[None]), k)[0]
+  )(x, jax.random.split(jax.random.key(1), 4))
+  assert per_image.shape == x.shape
+  assert float(jnp.abs(per_image).max()) <= b.eps + 1e-6
+
+
+def test_eudp_policies():
+  s = diffusion.linear_schedule(1000)
+  for name in protect.EUDP_POLICIES:
+    policy = protect.eudp_policy(name, s)
+    np.testing.assert_allclose(policy.probs.sum(), 1.0, rtol=1e-5)
+  assert float(protect.eudp_policy("early", s).probs[500]) == 0.0
+  with pytest.raises(ValueError, match="early"):
+    protect.eudp_policy("middle", s)
+
+
+def _round_fn(model, schedule, optimizer, policy=None):
+  b = protect.budget(8)
+  return functools.partial(
+    protect.udp_round,
+    model=model,
+    optimizer=optimizer,
+    schedule=schedule,
+    budget=b,
+    inner_steps=2,
+    batch_size=4,
+    pgd_steps=2,
+    step_size=b.eps / 4,
+    ema_decay=0.9,
+    policy=policy,
+  )
+
+
+def test_udp_round_is_deterministic_and_matches_on_one_and_four_devices():
+  model, schedule, optimizer, state = _surrogate()
+  fn = _round_fn(
+    model, schedule, optimizer, protect.eudp_policy("early", schedule)
+  )
+  x = data.to_model_range(_images(8))
+  outs = []
+  for n in (1, 4, 4):
+    mesh = parallel.make_mesh(n)
+    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+    jfn = jax.jit(fn, out_shardings=(rep, shard))
+    s, d = jfn(
+      parallel.replicate(mesh, state),
+      parallel.shard_batch(mesh, x),
+      parallel.shard_batch(mesh, np.zeros_like(x)),
+      jax.random.key(3),
+    )
+    outs.append((np.asarray(d), jax.device_get(s.params)))
+  np.testing.assert_array_equal(outs[1][0], outs[2][0])  # same seed, same δ
+  # Sign steps turn tiny float differences into ±step, so compare the
+  # budget-scale agreement: almost every coordinate identical.
+  agree = np.mean(np.isclose(outs[0][0], outs[1][0], atol=1e-6))
+  assert agree > 0.99
+  for a, b in zip(
+    jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1]), strict=True
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert int(s.step) == 2  # the inner min trained the surrogate
+
+
+def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("smoke")
+  config.protect.chunk_size = 4
+  mesh = parallel.make_mesh()
+  *_, state = _surrogate()
+  config.surrogate.model.update(TINY_UNET)
+  config.surrogate.diffusion.num_timesteps = 100
+  images = _images(10)
+  workdir = str(tmp_path / "eudp")
+  first = udp.protect_dataset(
+    config, workdir, "eudp:early", images, state, mesh
+  )
+  assert sorted(os.listdir(workdir)) == [
+    "chunk_0000.npy",
+    "chunk_0001.npy",
+    "chunk_0002.npy",
+    "ckpt",
+  ]
+  # Interrupted during the last chunk: its δ and checkpoint never landed.
+  os.remove(os.path.join(workdir, "chunk_0002.npy"))
+  import shutil
+
+  shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
+  done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npy"))
+  again = udp.protect_dataset(
+    config, workdir, "eudp:early", images, state, mesh
+  )
+  np.testing.assert_array_equal(first, again)
+  assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npy")) == done
+  assert protect.perturbation_sizes(images, again).max() <= 8
+  with pytest.raises(ValueError, match="eudp:<policy>"):
+    udp.protect_dataset(config, workdir, "photoguard", images, state, mesh)
