@@ -33,7 +33,15 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from aigc_jax import checkpoint, data, diffusion, parallel, protect, record
+from aigc_jax import (
+  checkpoint,
+  data,
+  diffusion,
+  parallel,
+  protect,
+  record,
+  train,
+)
 from aigc_jax.metrics import (
   class_histogram,
   confident_share,
@@ -82,42 +90,58 @@ def method_settings(method: str, schedule):
 def protect_dataset(config, workdir, method, images, surrogate, mesh):
   """Protects uint8 `images` with `method`, chunk by chunk; resumable.
 
-  Each finished chunk's δ is written to chunk_XXXX.npy and the surrogate's
-  state after it to ckpt/ (step = chunks done), so an interrupted run
-  restarts at the first unfinished chunk with the surrogate it had there.
+  Per chunk, `rounds` alternations of the max-min problem: `inner_steps`
+  surrogate DDPM steps on minibatches of the protected chunk (none for
+  AdvDM), then `pgd_steps` ascent steps on the chunk's δ. Each finished
+  chunk's δ is written to chunk_XXXX.npy and the surrogate's state after it
+  to ckpt/ (step = chunks done), so an interrupted run restarts at the first
+  unfinished chunk with the surrogate it had there.
   """
   p = config.protect
   os.makedirs(workdir, exist_ok=True)
   model, schedule, optimizer = train_ddpm.build_ddpm(config.surrogate)
   trains, policy = method_settings(method, schedule)
   b = protect.budget(p.eps, p.norm)
-  round_fn = jax.jit(
+  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  inner_step = jax.jit(
     functools.partial(
-      protect.udp_round,
+      train.ddpm_train_step,
+      key=jax.random.fold_in(key, 1),
       model=model,
       optimizer=optimizer,
       schedule=schedule,
-      budget=b,
-      inner_steps=p.inner_steps if trains else 0,
-      batch_size=p.batch_size,
-      pgd_steps=p.pgd_steps,
-      step_size=p.step_size / protect.LEVELS_PER_UNIT,
       ema_decay=config.surrogate.train.ema_decay,
+    ),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+  outer_max = jax.jit(
+    lambda params, x, delta, k: protect.udp_perturbation(
+      ddpm_eps_fn(model, params),
+      x,
+      delta,
+      k,
+      schedule,
+      budget=b,
+      steps=p.pgd_steps,
+      step_size=p.step_size / protect.LEVELS_PER_UNIT,
       policy=policy,
       num_draws=p.num_draws,
     ),
-    out_shardings=(parallel.replicated(mesh), parallel.data_sharding(mesh)),
+    out_shardings=shard,
   )
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = surrogate
+  target = checkpoint.abstract_state(surrogate, rep)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(
-      checkpoint.abstract_state(surrogate, parallel.replicated(mesh))
+    state = checkpointer.restore(target)
+  else:  # a copy: the inner steps donate their state
+    state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=rep)(
+      surrogate
     )
   x = data.to_model_range(images)
   bounds = [*range(0, len(x), p.chunk_size), len(x)]
   deltas = []
-  key = jax.random.fold_in(jax.random.key(config.seed), 7)
   bar = tqdm(
     total=(len(bounds) - 1) * p.rounds,
     desc=f"protect {method}",
@@ -134,20 +158,24 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
     padded = -(-n // mesh.size) * mesh.size
     chunk = np.concatenate([x[lo:hi], np.repeat(x[hi - 1 : hi], padded - n, 0)])
     xs = parallel.shard_batch(mesh, chunk)
-    delta = parallel.shard_batch(
-      mesh,
-      np.asarray(
-        protect.init_perturbation(
-          jax.random.fold_in(key, c),
-          chunk.shape,
-          b,
-          random_start=p.random_start,
-        )
-      ),
+    chunk_key = jax.random.fold_in(key, 100 + c)
+    delta = protect.init_perturbation(
+      chunk_key, chunk.shape, b, random_start=p.random_start
     )
+    delta = parallel.shard_batch(mesh, np.asarray(delta))
+    # Surrogate minibatches: a multiple of the device count, at most the chunk.
+    batch = max(mesh.size, min(p.batch_size, n) // mesh.size * mesh.size)
     for r in range(p.rounds):
-      state, delta = round_fn(
-        state, xs, delta, jax.random.fold_in(jax.random.fold_in(key, c), r)
+      if trains:
+        protected = np.asarray(protect.apply_perturbation(chunk, delta))[:n]
+        for m in range(p.inner_steps):
+          seed = [config.seed, c, r, m]
+          idx = np.random.default_rng(seed).choice(n, batch, replace=batch > n)
+          state, _ = inner_step(
+            state, parallel.shard_batch(mesh, protected[idx])
+          )
+      delta = outer_max(
+        state.params, xs, delta, jax.random.fold_in(chunk_key, r)
       )
       bar.update(1)
     delta = np.asarray(delta)[:n]
@@ -157,8 +185,7 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
     deltas.append(delta)
   bar.close()
   checkpointer.close()
-  protected = protect.quantize_protected(images, np.concatenate(deltas), b)
-  return protected
+  return protect.quantize_protected(images, np.concatenate(deltas), b)
 
 
 def perturbation_table_row(clean, protected, config) -> dict:
@@ -263,8 +290,12 @@ def evaluate_training_set(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
-  for d in (config.surrogate, config.ddpm):
-    parallel.check_batch_size(d.train.batch_size, mesh)
+  for batch in (
+    config.surrogate.train.batch_size,
+    config.ddpm.train.batch_size,
+    config.protect.batch_size,
+  ):
+    parallel.check_batch_size(batch, mesh)
   protect.budget(config.protect.eps, config.protect.norm)  # fail early
   train_set, test_set = load_sets(config)
   clean = train_set.images

@@ -202,51 +202,41 @@ def test_eudp_policies():
     protect.eudp_policy("middle", s)
 
 
-def _round_fn(model, schedule, optimizer, policy=None):
+def test_udp_perturbation_is_deterministic_and_same_on_1_and_4_devices():
+  model, schedule, _, state = _surrogate()
   b = protect.budget(8)
-  return functools.partial(
-    protect.udp_round,
-    model=model,
-    optimizer=optimizer,
-    schedule=schedule,
-    budget=b,
-    inner_steps=2,
-    batch_size=4,
-    pgd_steps=2,
-    step_size=b.eps / 4,
-    ema_decay=0.9,
-    policy=policy,
-  )
-
-
-def test_udp_round_is_deterministic_and_matches_on_one_and_four_devices():
-  model, schedule, optimizer, state = _surrogate()
-  fn = _round_fn(
-    model, schedule, optimizer, protect.eudp_policy("early", schedule)
-  )
+  policy = protect.eudp_policy("early", schedule)
   x = data.to_model_range(_images(8))
+
+  def perturb(params, xs, delta, key):
+    return protect.udp_perturbation(
+      train.ddpm_eps_fn(model, params),
+      xs,
+      delta,
+      key,
+      schedule,
+      budget=b,
+      steps=3,
+      step_size=b.eps / 4,
+      policy=policy,
+    )
+
   outs = []
   for n in (1, 4, 4):
     mesh = parallel.make_mesh(n)
-    rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-    jfn = jax.jit(fn, out_shardings=(rep, shard))
-    s, d = jfn(
-      parallel.replicate(mesh, state),
+    jfn = jax.jit(perturb, out_shardings=parallel.data_sharding(mesh))
+    d = jfn(
+      parallel.replicate(mesh, state.params),
       parallel.shard_batch(mesh, x),
       parallel.shard_batch(mesh, np.zeros_like(x)),
       jax.random.key(3),
     )
-    outs.append((np.asarray(d), jax.device_get(s.params)))
-  np.testing.assert_array_equal(outs[1][0], outs[2][0])  # same seed, same δ
-  # Sign steps turn tiny float differences into ±step, so compare the
-  # budget-scale agreement: almost every coordinate identical.
-  agree = np.mean(np.isclose(outs[0][0], outs[1][0], atol=1e-6))
-  assert agree > 0.99
-  for a, b in zip(
-    jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1]), strict=True
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-  assert int(s.step) == 2  # the inner min trained the surrogate
+    outs.append(np.asarray(d))
+  np.testing.assert_array_equal(outs[1], outs[2])  # same seed, same δ
+  # Sign steps turn float-rounding differences of near-zero gradients into
+  # ±step, so 1 vs 4 devices agree on almost every coordinate, not all.
+  assert np.mean(np.isclose(outs[0], outs[1], atol=1e-6)) > 0.99
+  assert np.abs(outs[0]).max() <= b.eps + 1e-6
 
 
 def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):

@@ -17,7 +17,6 @@ from aigc_jax.protect.udp import (
   denoising_objective,
   eudp_policy,
   udp_perturbation,
-  udp_round,
 )
 
 __all__ = [
@@ -35,5 +34,4 @@ __all__ = [
   "project",
   "quantize_protected",
   "udp_perturbation",
-  "udp_round",
 ]
