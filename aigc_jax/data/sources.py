@@ -164,6 +164,8 @@ def _load_path(path: str) -> Dataset:
       f"{images.dtype} {images.shape}."
     )
   labels = arrays["labels"].astype(np.int32)
+  if len(images) == 0:
+    raise ValueError(f"{path!r} holds an empty dataset (0 images).")
   if len(labels) != len(images):
     raise ValueError(
       f"{path!r}: {len(images)} images but {len(labels)} labels."
