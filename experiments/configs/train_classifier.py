@@ -19,17 +19,12 @@ literature) for a GPU; point it at local files without TFDS with
 
 import ml_collections
 
+from experiments.configs.base import base_config
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "digits"
-  c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.seed = 0
-  c.num_devices = 0  # 0: all local devices
-  c.distributed = False
-  c.data = ml_collections.ConfigDict(
-    {"train": "digits:train", "test": "digits:test", "data_dir": ""}
-  )
+  c = base_config(variant)
   c.model = ml_collections.ConfigDict({"name": "small_cnn", "width": 32})
   c.train = ml_collections.ConfigDict(
     {

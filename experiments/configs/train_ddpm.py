@@ -19,18 +19,12 @@ for accelerators. `:smoke` is a few steps for tests.
 import ml_collections
 
 from experiments.configs import train_classifier
+from experiments.configs.base import base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "digits"
-  c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.seed = 0
-  c.num_devices = 0  # 0: all local devices
-  c.distributed = False
-  c.data = ml_collections.ConfigDict(
-    {"train": "digits:train", "test": "digits:test", "data_dir": ""}
-  )
+  c = base_config(variant)
   c.model = ml_collections.ConfigDict(
     {
       "ch": 32,

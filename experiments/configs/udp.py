@@ -24,6 +24,7 @@ from ../shared/data). `:smoke` is a few steps for tests.
 import ml_collections
 
 from experiments.configs import train_classifier, train_ddpm
+from experiments.configs.base import base_config
 
 
 def _ddpm(num_steps: int, **updates) -> ml_collections.ConfigDict:
@@ -37,14 +38,7 @@ def _ddpm(num_steps: int, **updates) -> ml_collections.ConfigDict:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "digits"
-  c = ml_collections.ConfigDict()
-  c.variant = variant
-  c.seed = 0
-  c.num_devices = 0  # 0: all local devices
-  c.distributed = False
-  c.data = ml_collections.ConfigDict(
-    {"train": "digits:train", "test": "digits:test", "data_dir": ""}
-  )
+  c = base_config(variant)
   c.protect = ml_collections.ConfigDict(
     {
       # "advdm", "udp" or "eudp:<policy>" (policies: uniform, signal, snr,

@@ -1,0 +1,16 @@
+"""The fields every experiment config starts from."""
+
+import ml_collections
+
+
+def base_config(variant: str) -> ml_collections.ConfigDict:
+  """Variant name, seed, devices, and the embedded digits as data."""
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.seed = 0
+  c.num_devices = 0  # 0: all local devices
+  c.distributed = False  # or AIGC_JAX_DISTRIBUTED=1 on a pod
+  c.data = ml_collections.ConfigDict(
+    {"train": "digits:train", "test": "digits:test", "data_dir": ""}
+  )
+  return c
