@@ -73,7 +73,8 @@ def load_sets(config):
 
 
 def method_settings(method: str, schedule):
-  """(inner_steps multiplier, timestep policy) of a method name."""
+  """(whether the surrogate trains on protected data, timestep policy) of a
+  method name; AdvDM attacks the warmed-up surrogate as it is."""
   kind, _, policy = method.partition(":")
   if kind == "advdm" and not policy:
     return False, None
@@ -296,7 +297,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     config.protect.batch_size,
   ):
     parallel.check_batch_size(batch, mesh)
-  protect.budget(config.protect.eps, config.protect.norm)  # fail early
+  # Fail on bad settings now, not after minutes of protection.
+  protect.budget(config.protect.eps, config.protect.norm)
+  schedule = train_ddpm.build_ddpm(config.surrogate)[1]
+  for method in config.protect.methods:
+    method_settings(method, schedule)
+  robust = config.eval.robust_method
+  if robust and robust not in config.protect.methods:
+    raise ValueError(
+      f"eval.robust_method {robust!r} is not among protect.methods "
+      f"{tuple(config.protect.methods)}."
+    )
   train_set, test_set = load_sets(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)
@@ -343,13 +354,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       },
     )
 
-  robust = config.eval.robust_method
   if robust:
-    if robust not in sets:
-      raise ValueError(
-        f"eval.robust_method {robust!r} is not among protect.methods "
-        f"{tuple(config.protect.methods)}."
-      )
     sets[f"{robust} + JPEG {config.eval.jpeg_quality}"] = jpeg_compress(
       sets[robust], config.eval.jpeg_quality
     )

@@ -84,6 +84,20 @@ def test_udp_rejects_an_empty_dataset(tmp_path):
     udp.load_sets(config)
 
 
+def test_udp_rejects_unknown_methods_before_any_work(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("smoke")
+  config.protect.methods = ("eudp:early", "glaze")
+  with pytest.raises(ValueError, match="eudp:<policy>"):
+    udp.train_and_evaluate(config, str(tmp_path))
+  config.protect.methods = ("udp",)
+  with pytest.raises(ValueError, match="robust_method"):
+    udp.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)  # nothing was trained or written
+
+
 def test_workdir_with_another_config_is_refused(tmp_path):
   record.prepare_workdir(
     str(tmp_path), clf_configs.get_config("smoke").to_json()
