@@ -19,6 +19,8 @@ import itertools
 import json
 import os
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 if __package__ in (None, ""):
   import launch
@@ -37,6 +39,7 @@ from aigc_jax import (
   checkpoint,
   data,
   diffusion,
+  models,
   parallel,
   protect,
   record,
@@ -74,12 +77,14 @@ def load_sets(config):
 
 def method_settings(method: str, schedule):
   """(whether the surrogate trains on protected data, timestep policy) of a
-  method name; AdvDM attacks the warmed-up surrogate as it is."""
+  method name; AdvDM attacks the warmed-up surrogate as it is, and AdvDM and
+  UDP draw t uniformly."""
   kind, _, policy = method.partition(":")
+  uniform = diffusion.uniform_policy(schedule.num_timesteps)
   if kind == "advdm" and not policy:
-    return False, None
+    return False, uniform
   if kind == "udp" and not policy:
-    return True, None
+    return True, uniform
   if kind == "eudp" and policy:
     return True, protect.eudp_policy(policy, schedule)
   raise ValueError(
@@ -88,24 +93,26 @@ def method_settings(method: str, schedule):
   )
 
 
-def protect_dataset(config, workdir, method, images, surrogate, mesh):
-  """Protects uint8 `images` with `method`, chunk by chunk; resumable.
+class ProtectionSteps(NamedTuple):
+  """The two halves of the max-min problem, jitted once for every method.
 
-  Per chunk, `rounds` alternations of the max-min problem: `inner_steps`
-  surrogate DDPM steps on minibatches of the protected chunk (none for
-  AdvDM), then `pgd_steps` ascent steps on the chunk's δ. Each finished
-  chunk's δ is written to chunk_XXXX.npy and the surrogate's state after it
-  to ckpt/ (step = chunks done), so an interrupted run restarts at the first
-  unfinished chunk with the surrogate it had there.
+  Attributes:
+    inner_min: `(state, images) -> (state, metrics)`, one surrogate DDPM step
+      (donates `state`).
+    outer_max: `(params, x, delta, key, policy) -> delta`, `pgd_steps` PGD
+      ascent steps of the policy's denoising loss.
   """
+
+  inner_min: Callable
+  outer_max: Callable
+
+
+def protection_steps(config, mesh) -> ProtectionSteps:
   p = config.protect
-  os.makedirs(workdir, exist_ok=True)
   model, schedule, optimizer = train_ddpm.build_ddpm(config.surrogate)
-  trains, policy = method_settings(method, schedule)
-  b = protect.budget(p.eps, p.norm)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   key = jax.random.fold_in(jax.random.key(config.seed), 7)
-  inner_step = jax.jit(
+  inner_min = jax.jit(
     functools.partial(
       train.ddpm_train_step,
       key=jax.random.fold_in(key, 1),
@@ -118,20 +125,44 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
     donate_argnums=0,
   )
   outer_max = jax.jit(
-    lambda params, x, delta, k: protect.udp_perturbation(
+    lambda params, x, delta, k, policy: protect.udp_perturbation(
       ddpm_eps_fn(model, params),
       x,
       delta,
       k,
       schedule,
-      budget=b,
+      budget=protect.budget(p.eps, p.norm),
       steps=p.pgd_steps,
       step_size=p.step_size / protect.LEVELS_PER_UNIT,
       policy=policy,
       num_draws=p.num_draws,
+      # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
+      unroll=True if jax.default_backend() == "cpu" else 1,
     ),
     out_shardings=shard,
   )
+  return ProtectionSteps(inner_min, outer_max)
+
+
+def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
+  """Protects uint8 `images` with `method`, chunk by chunk; resumable.
+
+  Per chunk, `rounds` alternations of the max-min problem: `inner_steps`
+  surrogate DDPM steps on minibatches of the protected chunk (none for
+  AdvDM), then `pgd_steps` ascent steps on the chunk's δ (`steps`, from
+  `protection_steps`). Chunks are equal, at most `chunk_size` rounded up to
+  the device count. Each finished chunk's δ is written to chunk_XXXX.npy and
+  the surrogate's state after it to ckpt/ (step = chunks done), so an
+  interrupted run restarts at the first unfinished chunk with the surrogate
+  it had there.
+  """
+  p = config.protect
+  os.makedirs(workdir, exist_ok=True)
+  schedule = train_ddpm.build_ddpm(config.surrogate)[1]
+  trains, policy = method_settings(method, schedule)
+  b = protect.budget(p.eps, p.norm)
+  rep = parallel.replicated(mesh)
+  key = jax.random.fold_in(jax.random.key(config.seed), 7)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
   target = checkpoint.abstract_state(surrogate, rep)
   if checkpointer.latest_step() is not None:
@@ -141,7 +172,11 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
       surrogate
     )
   x = data.to_model_range(images)
-  bounds = [*range(0, len(x), p.chunk_size), len(x)]
+  # Equal chunks, padded to a multiple of the device count: one compiled shape.
+  num_chunks = -(-len(x) // p.chunk_size)
+  size = -(-len(x) // num_chunks)
+  size = -(-size // mesh.size) * mesh.size
+  bounds = [*range(0, len(x), size), len(x)]
   deltas = []
   bar = tqdm(
     total=(len(bounds) - 1) * p.rounds,
@@ -154,10 +189,9 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
       deltas.append(np.load(path))
       bar.update(p.rounds)
       continue
-    # Pad to a multiple of the device count by repeating the last image.
+    # Pad the last chunk to `size` by repeating its last image.
     n = hi - lo
-    padded = -(-n // mesh.size) * mesh.size
-    chunk = np.concatenate([x[lo:hi], np.repeat(x[hi - 1 : hi], padded - n, 0)])
+    chunk = np.concatenate([x[lo:hi], np.repeat(x[hi - 1 : hi], size - n, 0)])
     xs = parallel.shard_batch(mesh, chunk)
     chunk_key = jax.random.fold_in(key, 100 + c)
     delta = protect.init_perturbation(
@@ -172,11 +206,11 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh):
         for m in range(p.inner_steps):
           seed = [config.seed, c, r, m]
           idx = np.random.default_rng(seed).choice(n, batch, replace=batch > n)
-          state, _ = inner_step(
+          state, _ = steps.inner_min(
             state, parallel.shard_batch(mesh, protected[idx])
           )
-      delta = outer_max(
-        state.params, xs, delta, jax.random.fold_in(chunk_key, r)
+      delta = steps.outer_max(
+        state.params, xs, delta, jax.random.fold_in(chunk_key, r), policy
       )
       bar.update(1)
     delta = np.asarray(delta)[:n]
@@ -234,10 +268,28 @@ def heldout_loss(config, params, x_test, mesh) -> float:
   return float(values.mean())
 
 
+def inception_fid_features(weights_path: str, mesh):
+  """`images (uint8) -> pool3 features` of the FID Inception-v3 whose weights
+  (pytorch-fid's file) the user supplied."""
+  variables = models.load_fid_inception(weights_path)
+  fn = jax.jit(lambda x: models.fid_features(variables, x))
+
+  def features(u8):
+    return parallel.batched_apply(
+      fn, data.to_model_range(u8), batch_size=100, mesh=mesh
+    )
+
+  return features
+
+
 def evaluate_training_set(
-  config, workdir, images, classifier, real, x_test, mesh
+  config, workdir, images, classifier, real, x_test, mesh, inception=None
 ):
-  """Trains a fresh DDPM on uint8 `images` and scores its samples."""
+  """Trains a fresh DDPM on uint8 `images` and scores its samples.
+
+  `inception`, when given, is `(features_fn, real_features)` for a real
+  Inception FID next to the classifier-space distances.
+  """
   result_path = os.path.join(workdir, "result.json")
   if os.path.exists(result_path):
     with open(result_path) as f:
@@ -257,20 +309,21 @@ def evaluate_training_set(
   data.save_image_grid(
     os.path.join(workdir, "samples.png"), samples[:100], ncol=10
   )
-  model, params, batch_stats = classifier
-  logits, features = train_classifier.predict_logits(
-    model,
-    params,
-    batch_stats,
-    data.to_model_range(samples),
-    1000,
-    mesh,
-    return_features=True,
-  )
+
+  def classify(u8):
+    return train_classifier.predict_logits(
+      *classifier, data.to_model_range(u8), 1000, mesh, return_features=True
+    )
+
+  logits, features = classify(samples)
   _, real_features = real
   threshold = config.eval.confidence
   precision, recall = precision_recall(real_features, features)
+  # The training images themselves: what a DDPM that fitted them perfectly
+  # would score, the floor a protection has to lift its samples above.
+  _, data_features = classify(images)
   result = {
+    "data_frechet_distance": frechet_distance(real_features, data_features),
     "frechet_distance": frechet_distance(real_features, features),
     "precision": precision,
     "recall": recall,
@@ -281,8 +334,13 @@ def evaluate_training_set(
       ).sum()
     ),
     "heldout_loss": heldout_loss(config, state.ema_params, x_test, mesh),
-    "seconds": round(time.time() - start, 1),
   }
+  if inception is not None:
+    features_fn, real_inception = inception
+    result["inception_fid"] = frechet_distance(
+      real_inception, features_fn(samples)
+    )
+  result["seconds"] = round(time.time() - start, 1)
   if jax.process_index() == 0:
     with open(result_path, "w") as f:
       json.dump(result, f)
@@ -311,6 +369,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_set, test_set = load_sets(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)
+  inception = None
+  if config.eval.inception_weights:
+    features_fn = inception_fid_features(config.eval.inception_weights, mesh)
+    inception = (features_fn, features_fn(test_set.images))
   writer = record.MetricWriter(workdir)
   start = time.time()
 
@@ -332,10 +394,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   sets, perturbations, protect_seconds = {"clean": clean}, {}, {}
+  steps = protection_steps(config, mesh)
   for method in config.protect.methods:
     t0 = time.time()
     mdir = os.path.join(workdir, "protect", method.replace(":", "_"))
-    protected = protect_dataset(config, mdir, method, clean, surrogate, mesh)
+    protected = protect_dataset(
+      config, mdir, method, clean, surrogate, mesh, steps
+    )
     protect_seconds[method] = round(time.time() - t0, 1)
     if jax.process_index() == 0:
       np.savez_compressed(
@@ -380,6 +445,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       real,
       x_test,
       mesh,
+      inception,
     )
     writer.write(0, {f"eval/{name}/{k}": v for k, v in results[name].items()})
 
@@ -410,6 +476,7 @@ def udp_report(
     rows.append(
       [
         name,
+        f"{r['data_frechet_distance']:.3f}",
         f"{r['frechet_distance']:.3f}",
         f"{ratio:.2f}x",
         f"{r['precision']:.3f}",
@@ -419,11 +486,13 @@ def udp_report(
         f"{r['classes_covered']}",
         f"{r['heldout_loss']:.4f}",
       ]
+      + ([f"{r['inception_fid']:.2f}"] if "inception_fid" in r else [])
     )
   table = record.markdown_table(
     [
       "training data",
-      "Fréchet dist.",
+      "FD of the data",
+      "FD of samples",
       "vs clean",
       "precision",
       "recall",
@@ -431,7 +500,8 @@ def udp_report(
       "drop (points)",
       "classes",
       "held-out loss",
-    ],
+    ]
+    + (["Inception FID"] if "inception_fid" in clean else []),
     rows,
   )
   ptable = record.markdown_table(
@@ -471,7 +541,9 @@ draws) per chunk of {p.chunk_size}; surrogate warmed up for
 trained from scratch with the same seed for {config.ddpm.train.num_steps} steps,
 then {config.ddpm.sample.num_samples} samples are drawn. Features and
 confidence come from a classifier of real data (test accuracy
-{clf_accuracy:.4f}); distances are to the real test set. Total time {total} s.
+{clf_accuracy:.4f}); Fréchet distances (FD) are to the real test set, for the
+training images themselves ("of the data": what a DDPM that fitted them
+perfectly would reach) and for the DDPM's samples. Total time {total} s.
 
 ## What a DDPM trained on each set generates
 

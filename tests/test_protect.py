@@ -251,8 +251,9 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   config.surrogate.diffusion.num_timesteps = 100
   images = _images(10)
   workdir = str(tmp_path / "eudp")
+  steps = udp.protection_steps(config, mesh)
   first = udp.protect_dataset(
-    config, workdir, "eudp:early", images, state, mesh
+    config, workdir, "eudp:early", images, state, mesh, steps
   )
   assert sorted(os.listdir(workdir)) == [
     "chunk_0000.npy",
@@ -267,10 +268,12 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
   done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npy"))
   again = udp.protect_dataset(
-    config, workdir, "eudp:early", images, state, mesh
+    config, workdir, "eudp:early", images, state, mesh, steps
   )
   np.testing.assert_array_equal(first, again)
   assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npy")) == done
   assert protect.perturbation_sizes(images, again).max() <= 8
   with pytest.raises(ValueError, match="eudp:<policy>"):
-    udp.protect_dataset(config, workdir, "photoguard", images, state, mesh)
+    udp.protect_dataset(
+      config, workdir, "photoguard", images, state, mesh, steps
+    )

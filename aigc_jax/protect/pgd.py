@@ -109,6 +109,7 @@ def pgd(
   step_size: float,
   ascent: bool = True,
   groups: jax.Array | None = None,
+  unroll: int | bool = 1,
 ) -> tuple[jax.Array, jax.Array]:
   """`steps` projected gradient steps on δ.
 
@@ -123,6 +124,10 @@ def pgd(
     step_size: step length in model units (e.g. `budget(0.8).eps`).
     ascent: maximise the objective (True) or minimise it.
     groups: (B,) integer group of each example, for shared perturbations.
+    unroll: passed to `lax.scan`. XLA:CPU runs a loop body several times
+      slower than the same ops unrolled (digits DDPM, 512 images: 1.83 s vs
+      0.65 s per step), while compile time grows with the unrolled steps
+      (about 2.7 s each); `True` suits a few steps on a CPU, 1 accelerators.
 
   Returns:
     The final δ and the mean objective before each step, shape (steps,).
@@ -148,7 +153,7 @@ def pgd(
       d = jnp.clip(x + d, -1.0, 1.0) - x
     return d, mean_loss
 
-  return jax.lax.scan(body, delta, jnp.arange(steps))
+  return jax.lax.scan(body, delta, jnp.arange(steps), unroll=unroll)
 
 
 def quantize_protected(
