@@ -7,15 +7,23 @@ from aigc_jax.models.classifiers import (
   count_params,
   make_classifier,
 )
+from aigc_jax.models.inception import (
+  FIDInceptionV3,
+  fid_features,
+  load_fid_inception,
+)
 from aigc_jax.models.unet import DDPM_CIFAR10, DDPMUNet, timestep_embedding
 
 __all__ = [
   "CLASSIFIERS",
   "DDPM_CIFAR10",
   "DDPMUNet",
+  "FIDInceptionV3",
   "ResNet18",
   "SmallCNN",
   "count_params",
+  "fid_features",
+  "load_fid_inception",
   "make_classifier",
   "timestep_embedding",
 ]
