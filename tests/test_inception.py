@@ -110,3 +110,41 @@ def test_load_fid_inception_errors(tmp_path):
   np.savez(small, **{"Conv2d_1a_3x3.conv.weight": np.zeros((1, 3, 3, 3))})
   with pytest.raises(ValueError, match="do not match"):
     load_fid_inception(small)
+
+
+def test_udp_report_gains_an_inception_fid_column(tmp_path):
+  from aigc_jax import data, parallel
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  path = str(tmp_path / "fid_inception.pth")
+  torch.save(_random_fid_state_dict(1), path)
+  images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 1), np.uint8)
+  features = udp.inception_fid_features(path, parallel.make_mesh(1))(images)
+  np.testing.assert_allclose(
+    features,
+    fid_features(load_fid_inception(path), data.to_model_range(images)),
+    atol=1e-5,
+  )
+  row = {
+    "data_frechet_distance": 1.0,
+    "frechet_distance": 2.0,
+    "precision": 0.5,
+    "recall": 0.5,
+    "confident_share": 0.9,
+    "classes_covered": 10,
+    "heldout_loss": 0.1,
+    "inception_fid": 12.345,
+  }
+  config = udp_configs.get_config("smoke")
+  perturbation = {"linf_255": 8, "l2_255": 40, "psnr_db": 34, "ssim": 0.99}
+  report = udp.udp_report(
+    config,
+    str(tmp_path),
+    {"clean": row, "eudp:early": row},
+    {"eudp:early": perturbation},
+    {"eudp:early": 1.0},
+    0.99,
+    1.0,
+  )
+  assert "Inception FID" in report and "12.35" in report

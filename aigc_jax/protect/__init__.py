@@ -1,5 +1,6 @@
 """Perturbations a data owner adds so that models cannot learn the data."""
 
+from aigc_jax.protect.lsp import lsp_perturbations
 from aigc_jax.protect.pgd import (
   LEVELS_PER_UNIT,
   NORMS,
@@ -29,6 +30,7 @@ __all__ = [
   "denoising_objective",
   "eudp_policy",
   "init_perturbation",
+  "lsp_perturbations",
   "perturbation_sizes",
   "pgd",
   "project",

@@ -1,0 +1,89 @@
+"""Unlearnable examples for classifiers (LSP) and ISS, the compressions that
+squeeze their shortcuts out."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from aigc_jax import protect
+from aigc_jax.purify import bit_depth_reduction, grayscale, squeeze
+
+
+def _rgb(n=6, size=8, seed=0):
+  return np.random.default_rng(seed).integers(
+    0, 256, (n, size, size, 3), np.uint8
+  )
+
+
+def test_grayscale_and_bit_depth_match_pillow():
+  images = _rgb()
+  gray = grayscale(images)
+  assert gray.shape == images.shape
+  for img, out in zip(images, gray, strict=True):
+    want = np.asarray(Image.fromarray(img).convert("L"))
+    np.testing.assert_array_equal(out[..., 0], want)
+    np.testing.assert_array_equal(out[..., 0], out[..., 2])
+  for bits in (1, 3, 8):
+    out = bit_depth_reduction(images, bits)
+    for img, o in zip(images, out, strict=True):
+      want = np.asarray(ImageOps.posterize(Image.fromarray(img), bits))
+      np.testing.assert_array_equal(o, want)
+  np.testing.assert_array_equal(
+    squeeze(images, "bdr", bits=3), bit_depth_reduction(images, 3)
+  )
+  np.testing.assert_array_equal(squeeze(images, "grayscale"), gray)
+  assert squeeze(images, "jpeg", quality=10).shape == images.shape
+  with pytest.raises(ValueError, match="grayscale"):
+    squeeze(images, "median")
+  with pytest.raises(ValueError, match="Bit depth"):
+    bit_depth_reduction(images, 0)
+  with pytest.raises(TypeError, match="uint8"):
+    grayscale(images.astype(np.float32))
+
+
+def test_lsp_is_class_separable_at_the_l2_budget():
+  labels = np.repeat(np.arange(10), 20)
+  b = protect.budget(255, "l2")  # L2 = 1.0 in [0, 1] units, as ISS tests LSP
+  make = jax.jit(
+    functools.partial(
+      protect.lsp_perturbations,
+      num_classes=10,
+      image_shape=(32, 32, 3),
+      budget=b,
+    )
+  )
+  delta = np.asarray(make(jax.random.key(0), labels))
+  assert delta.shape == (200, 32, 32, 3)
+  np.testing.assert_allclose(
+    np.linalg.norm(delta.reshape(200, -1), axis=-1), b.eps, rtol=1e-5
+  )
+  # Constant over each 8x8 patch: 4 x 4 x 3 = 48 free values per image.
+  assert np.all(delta[:, :8, :8] == delta[:, :1, :1])
+  # Nearest class mean classifies every perturbation correctly.
+  flat = delta.reshape(200, -1)
+  means = np.stack([flat[labels == c].mean(0) for c in range(10)])
+  nearest = np.argmin(((flat[:, None] - means[None]) ** 2).sum(-1), axis=1)
+  assert np.mean(nearest == labels) == 1.0
+  # Same key, same perturbations; after uint8 rounding the budget holds.
+  np.testing.assert_array_equal(delta, make(jax.random.key(0), labels))
+  images = _rgb(200, 32)
+  protected = protect.quantize_protected(images, delta, b)
+  assert protect.perturbation_sizes(images, protected, "l2").max() <= 255 + 1e-6
+
+
+def test_lsp_errors():
+  labels = np.zeros(4, np.int32)
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match="L2 budget"):
+    protect.lsp_perturbations(key, labels, 2, (32, 32, 3), protect.budget(8))
+  with pytest.raises(ValueError, match="multiple of patch"):
+    protect.lsp_perturbations(
+      key, labels, 2, (30, 30, 3), protect.budget(255, "l2")
+    )
+  with pytest.raises(ValueError, match="smaller patch"):
+    protect.lsp_perturbations(
+      key, labels, 10, (8, 8, 1), protect.budget(255, "l2"), patch=8
+    )
