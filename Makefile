@@ -17,8 +17,8 @@ setup: $(BIN)/.installed
 
 # The main job on its embedded default variant.
 demo: setup
-	$(BIN)/python experiments/train_ddpm.py \
-	  --config=experiments/configs/train_ddpm.py --workdir=$(WORKDIR)
+	$(BIN)/python experiments/udp.py \
+	  --config=experiments/configs/udp.py --workdir=$(WORKDIR)
 
 # The whole test suite (2 processes, forced 4 CPU devices per process).
 test: setup

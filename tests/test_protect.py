@@ -277,3 +277,28 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     udp.protect_dataset(
       config, workdir, "photoguard", images, state, mesh, steps
     )
+
+
+def test_pgd_unrolled_equals_the_loop():
+  x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1), minval=-1.0)
+  target = jax.random.uniform(jax.random.key(1), x.shape, minval=-1.0)
+
+  def objective(x_adv, key):
+    noise = 0.1 * jax.random.normal(key, x_adv.shape)
+    return ((x_adv - target + noise) ** 2).sum(axis=(1, 2, 3))
+
+  runs = [
+    protect.pgd(
+      objective,
+      x,
+      jnp.zeros_like(x),
+      jax.random.key(2),
+      budget=protect.budget(8),
+      steps=4,
+      step_size=protect.budget(2).eps,
+      unroll=unroll,
+    )
+    for unroll in (1, True)
+  ]
+  np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-6)
+  np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)

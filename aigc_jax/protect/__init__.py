@@ -1,5 +1,9 @@
 """Perturbations a data owner adds so that models cannot learn the data."""
 
+from aigc_jax.protect.emn import (
+  cross_entropy_objective,
+  robust_objective,
+)
 from aigc_jax.protect.lsp import lsp_perturbations
 from aigc_jax.protect.pgd import (
   LEVELS_PER_UNIT,
@@ -27,6 +31,7 @@ __all__ = [
   "Budget",
   "apply_perturbation",
   "budget",
+  "cross_entropy_objective",
   "denoising_objective",
   "eudp_policy",
   "init_perturbation",
@@ -35,5 +40,6 @@ __all__ = [
   "pgd",
   "project",
   "quantize_protected",
+  "robust_objective",
   "udp_perturbation",
 ]
