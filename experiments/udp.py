@@ -107,11 +107,17 @@ class ProtectionSteps(NamedTuple):
   outer_max: Callable
 
 
+def _protection_key(config) -> jax.Array:
+  """The root key of the protection: the surrogate's steps fold in 1, each
+  chunk 100 + its index."""
+  return jax.random.fold_in(jax.random.key(config.seed), 7)
+
+
 def protection_steps(config, mesh) -> ProtectionSteps:
   p = config.protect
   model, schedule, optimizer = train_ddpm.build_ddpm(config.surrogate)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  key = _protection_key(config)
   inner_min = jax.jit(
     functools.partial(
       train.ddpm_train_step,
@@ -162,7 +168,7 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
   trains, policy = method_settings(method, schedule)
   b = protect.budget(p.eps, p.norm)
   rep = parallel.replicated(mesh)
-  key = jax.random.fold_in(jax.random.key(config.seed), 7)
+  key = _protection_key(config)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
   target = checkpoint.abstract_state(surrogate, rep)
   if checkpointer.latest_step() is not None:
@@ -320,7 +326,8 @@ def evaluate_training_set(
   threshold = config.eval.confidence
   precision, recall = precision_recall(real_features, features)
   # The training images themselves: what a DDPM that fitted them perfectly
-  # would score, the floor a protection has to lift its samples above.
+  # would score, so a protection's effect on the data is told apart from its
+  # effect on training.
   _, data_features = classify(images)
   result = {
     "data_frechet_distance": frechet_distance(real_features, data_features),

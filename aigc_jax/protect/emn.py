@@ -22,7 +22,7 @@ from collections.abc import Callable
 import jax
 import optax
 
-from aigc_jax.protect.pgd import Budget, pgd
+from aigc_jax.protect.pgd import Budget, init_perturbation, pgd
 
 LogitsFn = Callable[[jax.Array], jax.Array]
 Augment = Callable[[jax.Array, jax.Array], jax.Array]
@@ -60,11 +60,8 @@ def robust_objective(
   def one_draw(x_adv, key):
     aug_key, start_key, attack_key = jax.random.split(key, 3)
     x_aug = augment(aug_key, x_adv)
-    start = jax.random.uniform(
-      start_key,
-      x_aug.shape,
-      minval=-attack_budget.eps,
-      maxval=attack_budget.eps,
+    start = init_perturbation(
+      start_key, x_aug.shape, attack_budget, random_start=True
     )
     attack, _ = pgd(
       ce,
