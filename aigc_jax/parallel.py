@@ -116,3 +116,18 @@ def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
       jax.tree.map(lambda y, k=stop - start: np.asarray(y)[:k], out)
     )
   return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)
+
+
+def settle(tree, mesh: Mesh):
+  """Waits for `tree` when several CPU devices share the host; returns it.
+
+  XLA:CPU runs every device's collectives on one thread pool of a worker per
+  core. With a second program queued behind the first (asynchronous
+  dispatch), one device's workers can all block in the next program's
+  all-reduce while the other device still needs a worker to finish the
+  current one: a deadlock, seen on 2 cores with the REMN and UEraser steps.
+  Keeping one program in flight avoids it and costs little on a CPU.
+  """
+  if mesh.size > 1 and jax.default_backend() == "cpu":
+    jax.block_until_ready(tree)
+  return tree

@@ -22,6 +22,15 @@ if "xla_force_host_platform_device_count" not in os.environ.get(
     + f" --xla_force_host_platform_device_count={os.cpu_count() or 1}"
   ).strip()
 
+# XLA:CPU aborts a program whose devices reach a collective more than 40 s
+# apart; with one device per core, a busy machine (or a long unrolled loop
+# between collectives) gets there without anything being wrong.
+if "xla_cpu_collective_call_terminate" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += (
+    " --xla_cpu_collective_call_terminate_timeout_seconds=3600"
+    " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
+  )
+
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -24,12 +24,28 @@ from aigc_jax.metrics import accuracy
 from aigc_jax.models import make_classifier
 
 
-def load_split(spec: str, data_dir: str) -> data.Dataset:
+def load_split(spec: str, data_dir: str, limit: int = 0, seed: int = 0):
+  """A dataset by config string; `limit` > 0 keeps a class-balanced subset."""
   name, split = data.parse_source(spec)
-  return data.load_dataset(name, split, data_dir=data_dir or None)
+  ds = data.load_dataset(name, split, data_dir=data_dir or None)
+  return data.balanced_subset(ds, limit, seed) if limit else ds
 
 
-def build_classifier(config, num_classes: int, num_steps: int = 1):
+def load_train_test(config) -> tuple[data.Dataset, data.Dataset]:
+  """config.data's training set (a class-balanced subset of
+  `config.data.limit` examples when that is > 0) and test set, checked."""
+  train_set = load_split(
+    config.data.train,
+    config.data.data_dir,
+    config.data.get("limit", 0),
+    config.seed,
+  )
+  if train_set.num_examples == 0:
+    raise ValueError(f"The training set {config.data.train!r} is empty.")
+  return train_set, load_split(config.data.test, config.data.data_dir)
+
+
+def build_classifier(config, num_classes: int, num_steps: int | None = None):
   """The model and optimiser a config describes."""
   kwargs = {k: v for k, v in config.model.items() if k != "name"}
   model = make_classifier(config.model.name, num_classes, **kwargs)
@@ -51,8 +67,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_size(config.train.batch_size, mesh)
-  train_set = load_split(config.data.train, config.data.data_dir)
-  test_set = load_split(config.data.test, config.data.data_dir)
+  train_set, test_set = load_train_test(config)
   x_train = data.to_model_range(train_set.images)
   x_test = data.to_model_range(test_set.images)
   num_classes = train_set.num_classes
@@ -168,7 +183,8 @@ def load_classifier(workdir: str):
   """Rebuilds a finished run's classifier: (model, params, batch_stats)."""
   config = ml_collections.ConfigDict(record.load_config_json(workdir))
   train_set = load_split(config.data.train, config.data.data_dir)
-  model, optimizer = build_classifier(config, train_set.num_classes)
+  # A scheduled optimiser, as in training: only the state's structure matters.
+  model, optimizer = build_classifier(config, train_set.num_classes, 1)
   image_shape = train_set.images.shape[1:]
   abstract = jax.eval_shape(
     lambda: train.init_classifier_state(

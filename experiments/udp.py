@@ -57,24 +57,6 @@ from aigc_jax.purify import gaussian_blur, jpeg_compress
 from aigc_jax.train import ddpm_eps_fn
 
 
-def load_sets(config):
-  """The training and test sets, checked."""
-  sets = []
-  for spec in (config.data.train, config.data.test):
-    name, split = data.parse_source(spec)
-    sets.append(
-      data.load_dataset(name, split, data_dir=config.data.data_dir or None)
-    )
-  train_set, test_set = sets
-  if config.data.limit:
-    train_set = train_set.take(
-      np.arange(min(config.data.limit, len(train_set.labels)))
-    )
-  if train_set.num_examples == 0:
-    raise ValueError(f"The training set {config.data.train!r} is empty.")
-  return train_set, test_set
-
-
 def method_settings(method: str, schedule):
   """(whether the surrogate trains on protected data, timestep policy) of a
   method name; AdvDM attacks the warmed-up surrogate as it is, and AdvDM and
@@ -373,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       f"eval.robust_method {robust!r} is not among protect.methods "
       f"{tuple(config.protect.methods)}."
     )
-  train_set, test_set = load_sets(config)
+  train_set, test_set = train_classifier.load_train_test(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)
   inception = None

@@ -6,7 +6,13 @@ module runs JAX code.
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Four device threads share two cores under `pytest -n 2`; XLA:CPU's default
+# 40 s limit between devices reaching a collective is too tight there.
+os.environ.setdefault(
+  "XLA_FLAGS",
+  "--xla_force_host_platform_device_count=4"
+  " --xla_cpu_collective_call_terminate_timeout_seconds=3600",
+)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax

@@ -177,3 +177,21 @@ def test_image_grid(tmp_path):
   assert grid.shape == (2 * 17 + 1, 3 * 17 + 1, 1)
   path = data.save_image_grid(str(tmp_path / "g.png"), imgs)
   assert Image.open(path).size[0] > 0
+
+
+def test_balanced_subset_takes_every_class_from_a_sorted_file():
+  ds = data.load_dataset("digits", "train")
+  order = np.argsort(ds.labels, kind="stable")  # class-sorted, like CIFAR's
+  sorted_ds = ds.take(order)
+  sub = data.balanced_subset(sorted_ds, 100, seed=0)
+  counts = np.bincount(sub.labels, minlength=10)
+  assert sub.num_examples == 100 and counts.min() == counts.max() == 10
+  again = data.balanced_subset(sorted_ds, 100, seed=0)
+  np.testing.assert_array_equal(sub.images, again.images)
+  # A larger subset contains the smaller one.
+  big = data.balanced_subset(sorted_ds, 300, seed=0)
+  as_rows = lambda d: {im.tobytes() for im in d.images}
+  assert as_rows(sub) <= as_rows(big)
+  assert data.balanced_subset(ds, 10**6) is ds
+  with pytest.raises(ValueError, match="positive"):
+    data.balanced_subset(ds, 0)

@@ -73,7 +73,6 @@ def test_udp_smoke(tmp_path):
 
 
 def test_udp_rejects_an_empty_dataset(tmp_path):
-  from experiments import udp
   from experiments.configs import udp as udp_configs
 
   path = str(tmp_path / "empty.npz")
@@ -81,7 +80,7 @@ def test_udp_rejects_an_empty_dataset(tmp_path):
   config = udp_configs.get_config("smoke")
   config.data.train = path
   with pytest.raises(ValueError, match="empty"):
-    udp.load_sets(config)
+    train_classifier.load_train_test(config)
 
 
 def test_udp_rejects_unknown_methods_before_any_work(tmp_path):
@@ -182,3 +181,47 @@ def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):
     jax.tree.leaves((a, sa)), jax.tree.leaves((b, sb)), strict=True
   ):
     np.testing.assert_array_equal(x, y)
+
+
+def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
+  from experiments import unlearnable
+  from experiments.configs import unlearnable as ul_configs
+
+  config = ul_configs.get_config("smoke")
+  config.countermeasures = ("none", "at", "aa")
+  result, workdir = _run(unlearnable, config, tmp_path / "ul")
+  assert len(result["accuracy"]) == 5 * 3
+  assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+  clean = np.asarray(  # the class-balanced 200-image subset
+    train_classifier.load_train_test(config)[0].images, np.int16
+  )
+  for name in config.protections:
+    with np.load(os.path.join(workdir, "protections", f"{name}.npz")) as f:
+      images, delta = f["images"], f["delta"]
+    assert images.dtype == np.uint8 and images.shape == clean.shape
+    np.testing.assert_array_equal(images.astype(np.int16) - clean, delta)
+    info = result["protections"][name]
+    assert info["max_size_255"] <= info["eps_255"] + 1e-6
+    if name != "lsp":
+      assert np.abs(delta).max() <= 8
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert "| vanilla (no countermeasure) |" in report and "EMN (C)" in report
+  # Same command again: every protection and classifier is read back.
+  again, _ = _run(unlearnable, config, tmp_path / "ul")
+  assert again["accuracy"] == result["accuracy"]
+
+
+def test_unlearnable_rejects_unknown_names_before_any_work(tmp_path):
+  from experiments import unlearnable
+  from experiments.configs import unlearnable as ul_configs
+
+  config = ul_configs.get_config("smoke")
+  config.protections = ("emn_sample", "tap")
+  with pytest.raises(ValueError, match="Unknown protection 'tap'"):
+    unlearnable.train_and_evaluate(config, str(tmp_path))
+  config.protections = ("lsp",)
+  config.countermeasures = ("none", "cutout")
+  with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
+    unlearnable.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from aigc_jax import checkpoint, data, diffusion, parallel, train
+from aigc_jax import checkpoint, data, diffusion, parallel, protect, train
 from aigc_jax.models import DDPMUNet, SmallCNN
 
 TINY_UNET = dict(
@@ -197,3 +197,83 @@ def test_non_finite_loss_stops_the_run(digits):
       mesh=parallel.make_mesh(),
       log_every=1,
     )
+
+
+def test_adversarial_training_step_attacks_inside_the_budget(digits):
+  x, y = digits
+  x, y = x[:64], y[:64]
+  model = SmallCNN(num_classes=10, width=8)
+  optimizer = train.classifier_optimizer(0.05)
+  state = train.init_classifier_state(
+    model, optimizer, jax.random.key(0), (8, 8, 1)
+  )
+  b = protect.budget(8)
+  attack = train.pgd_attack(b, steps=3)
+  logits_fn = lambda im: train.classifier_logits(model, state.params, {}, im)
+  adv = attack(logits_fn, x, y, jax.random.key(2))
+  assert float(jnp.abs(adv - x).max()) <= b.eps + 1e-6
+  assert float(adv.min()) >= -1.0 and float(adv.max()) <= 1.0
+  ce = lambda im: optax.softmax_cross_entropy_with_integer_labels(
+    logits_fn(im), y
+  ).mean()
+  assert float(ce(adv)) > float(ce(x))
+  step = jax.jit(
+    lambda s, k: train.classifier_train_step(
+      s, x, y, k, model=model, optimizer=optimizer, attack=attack
+    )
+  )
+  new, metrics = step(state, jax.random.key(3))
+  assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+def test_adversarial_augmentation_takes_the_worst_view(digits):
+  x, y = digits
+  x, y = x[:32], y[:32]
+  model = SmallCNN(num_classes=10, width=8)
+  optimizer = train.classifier_optimizer(0.0)
+  state = train.init_classifier_state(
+    model, optimizer, jax.random.key(0), (8, 8, 1)
+  )
+  common = dict(model=model, optimizer=optimizer, crop_pad=0, flip=False)
+  key = jax.random.key(1)
+  plain = train.classifier_train_step(state, x, y, key, **common)[1]["loss"]
+  # Identical views: the max over them is the plain loss.
+  same = train.classifier_train_step(
+    state, x, y, key, views=lambda k, im: im, num_views=3, **common
+  )[1]["loss"]
+  np.testing.assert_allclose(same, plain, rtol=1e-5)
+  # Views that are the image or its negative: the max beats either one.
+  flip_sign = lambda k, im: jnp.where(jax.random.bernoulli(k), im, -im)
+  negated = train.classifier_train_step(state, -x, y, key, **common)[1]["loss"]
+  worst = train.classifier_train_step(
+    state, x, y, key, views=flip_sign, num_views=8, **common
+  )[1]["loss"]
+  assert float(worst) >= max(float(plain), float(negated)) - 1e-5
+
+
+def test_ueraser_augment_is_random_per_image_and_stays_in_range():
+  x = jax.random.uniform(jax.random.key(0), (16, 8, 8, 3), minval=-1.0)
+  aug = jax.jit(train.ueraser_augment)
+  a, b = aug(jax.random.key(1), x), aug(jax.random.key(1), x)
+  np.testing.assert_array_equal(a, b)
+  assert a.shape == x.shape and float(a.min()) >= -1 and float(a.max()) <= 1
+  changed = np.asarray(jnp.abs(a - x).mean(axis=(1, 2, 3)) > 1e-3)
+  assert changed.mean() > 0.5  # most images change, each with its own draws
+  assert len(np.unique(np.round(np.asarray(a - x).sum((1, 2, 3)), 4))) > 8
+  c = aug(jax.random.key(2), x)
+  assert not np.allclose(a, c)
+  # Composes with vmap over keys (K views of a batch).
+  views = jax.vmap(train.ueraser_augment, in_axes=(0, None))(
+    jax.random.split(jax.random.key(3), 4), x[:2]
+  )
+  assert views.shape == (4, 2, 8, 8, 3)
+
+
+def test_plasma_is_normalised_and_roughness_adds_detail():
+  key = jax.random.key(0)
+  smooth = train.plasma(key, (32, 32), 0.2)
+  rough = train.plasma(key, (32, 32), 0.9)
+  for p in (smooth, rough):
+    assert float(p.min()) == 0.0 and abs(float(p.max()) - 1.0) < 1e-6
+  detail = lambda p: float(jnp.abs(jnp.diff(p, axis=0)).mean())
+  assert detail(rough) > 2 * detail(smooth)

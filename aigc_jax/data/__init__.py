@@ -13,6 +13,7 @@ from aigc_jax.data.sources import (
   EMBEDDED,
   TFDS_NAMES,
   Dataset,
+  balanced_subset,
   load_dataset,
   parse_source,
 )
@@ -21,6 +22,7 @@ __all__ = [
   "EMBEDDED",
   "TFDS_NAMES",
   "Dataset",
+  "balanced_subset",
   "batch_indices",
   "check_model_images",
   "check_uint8_images",

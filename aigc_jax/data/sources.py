@@ -109,6 +109,32 @@ def parse_source(spec: str) -> tuple[str, str | None]:
   return spec, None
 
 
+def balanced_subset(ds: Dataset, size: int, seed: int = 0) -> Dataset:
+  """`size` examples, as many of each class as the classes allow (random
+  within each class, in a shuffled order).
+
+  Taking the first `size` examples instead would keep only the first classes
+  of a class-sorted file such as the CIFAR-10 JPEG archive.
+  """
+  if size <= 0:
+    raise ValueError(f"A subset needs a positive size, got {size}.")
+  if size >= ds.num_examples:
+    return ds
+  rng = np.random.default_rng(seed)
+  # Round-robin over the classes' shuffled members: class-balanced for any
+  # size, and the first k of a larger subset are the k of a smaller one.
+  members = [
+    rng.permutation(np.flatnonzero(ds.labels == c))
+    for c in range(ds.num_classes)
+  ]
+  ranks = np.empty(ds.num_examples, np.int64)
+  for m in members:
+    ranks[m] = np.arange(len(m))
+  order = np.lexsort((ds.labels, ranks))
+  chosen = order[:size]
+  return ds.take(rng.permutation(chosen))
+
+
 def _stratified_split(ds: Dataset, split: str) -> Dataset:
   """A fixed 80/20 split taken within each class (seed 0)."""
   if split == "all":

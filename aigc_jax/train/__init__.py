@@ -1,13 +1,14 @@
 """Training: pure step functions for DDPMs and classifiers, and the one
 resumable data-parallel loop that drives them."""
 
+from aigc_jax.train.augment import plasma, random_crop_flip, ueraser_augment
 from aigc_jax.train.classifier import (
   ClassifierState,
   classifier_logits,
   classifier_optimizer,
   classifier_train_step,
   init_classifier_state,
-  random_crop_flip,
+  pgd_attack,
 )
 from aigc_jax.train.ddpm import (
   DDPMState,
@@ -30,6 +31,9 @@ __all__ = [
   "init_classifier_state",
   "init_ddpm_state",
   "init_or_restore",
+  "pgd_attack",
+  "plasma",
   "random_crop_flip",
   "train_loop",
+  "ueraser_augment",
 ]

@@ -3,12 +3,21 @@ cosine learning-rate schedule, random-crop and flip augmentation (the
 standard CIFAR recipe of the unlearnable-examples literature: lr 0.1,
 momentum 0.9, weight decay 5e-4, batch 128)."""
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+
+from aigc_jax.protect.emn import cross_entropy_objective
+from aigc_jax.protect.pgd import Budget, init_perturbation, pgd
+from aigc_jax.train.augment import random_crop_flip
+
+LogitsFn = Callable[[jax.Array], jax.Array]
+# attack(logits_fn, images, labels, key) -> adversarial images
+Attack = Callable[[LogitsFn, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
 class ClassifierState(NamedTuple):
@@ -22,15 +31,18 @@ class ClassifierState(NamedTuple):
 
 def classifier_optimizer(
   learning_rate: float = 0.1,
-  total_steps: int = 1,
+  total_steps: int | None = None,
   *,
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
   grad_clip: float | None = None,
 ) -> optax.GradientTransformation:
-  """SGD + momentum, cosine decay to 0 over `total_steps`, L2 weight decay
-  added to the gradient before momentum (as torch.optim.SGD does)."""
-  lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  """SGD + momentum, cosine decay to 0 over `total_steps` (a constant rate
+  when None), L2 weight decay added to the gradient before momentum (as
+  torch.optim.SGD does)."""
+  lr = learning_rate
+  if total_steps is not None:
+    lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum)]
   return optax.chain(*parts)
@@ -53,31 +65,6 @@ def init_classifier_state(
   )
 
 
-def random_crop_flip(
-  key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True
-) -> jax.Array:
-  """Per-image random crop after padding with black (-1) and optional
-  horizontal flip, like torchvision's RandomCrop(padding) on a PIL image and
-  RandomHorizontalFlip."""
-  b, h, w, _ = images.shape
-  crop_key, flip_key = jax.random.split(key)
-  padded = jnp.pad(
-    images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0
-  )
-  offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
-
-  def crop(img, off):
-    return jax.lax.dynamic_slice(
-      img, (off[0], off[1], 0), (h, w, img.shape[-1])
-    )
-
-  out = jax.vmap(crop)(padded, offsets)
-  if flip:
-    mirror = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
-    out = jnp.where(mirror, out[:, :, ::-1], out)
-  return out
-
-
 def classifier_logits(
   model: nn.Module,
   params,
@@ -96,6 +83,47 @@ def classifier_logits(
   )
 
 
+def pgd_attack(
+  budget: Budget,
+  *,
+  steps: int = 10,
+  step_size: float | None = None,
+  random_start: bool = True,
+  unroll: int | bool = 1,
+) -> Attack:
+  """Madry et al.'s PGD attack on the cross-entropy, for adversarial
+  training (`classifier_train_step(..., attack=pgd_attack(budget(8)))` is
+  PGD-10 at 8/255, protection-methods.md §3.3), on the shared PGD loop.
+
+  Args:
+    budget: the attack radius (`aigc_jax.protect.budget`).
+    steps: PGD steps.
+    step_size: in model units; default budget.eps / 4 (2/255 at 8/255).
+    random_start: start from a uniform point of the ball (Madry).
+    unroll: passed to `pgd` (see there).
+  """
+  size = budget.eps / 4 if step_size is None else step_size
+
+  def attack(logits_fn, images, labels, key):
+    start_key, pgd_key = jax.random.split(key)
+    start = init_perturbation(
+      start_key, images.shape, budget, random_start=random_start
+    )
+    delta, _ = pgd(
+      cross_entropy_objective(logits_fn, labels),
+      images,
+      start,
+      pgd_key,
+      budget=budget,
+      steps=steps,
+      step_size=size,
+      unroll=unroll,
+    )
+    return jnp.clip(images + jax.lax.stop_gradient(delta), -1.0, 1.0)
+
+  return attack
+
+
 def classifier_train_step(
   state: ClassifierState,
   images: jax.Array,
@@ -106,8 +134,17 @@ def classifier_train_step(
   optimizer: optax.GradientTransformation,
   crop_pad: int = 4,
   flip: bool = True,
+  attack: Attack | None = None,
+  views: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+  num_views: int = 1,
 ) -> tuple[ClassifierState, dict[str, jax.Array]]:
   """One SGD step on the cross-entropy of augmented images.
+
+  Standard training by default; adversarial training with `attack` (the
+  attack sees the model in evaluation mode, with this step's parameters);
+  adversarial augmentation (UEraser) with `views` and `num_views` = K: the
+  loss of each example is its largest over K augmented views,
+  (1/B) Σ_i max_k CE(f(A_k(x_i)), y_i).
 
   Args:
     state: the current state.
@@ -118,13 +155,28 @@ def classifier_train_step(
     optimizer: its optimiser.
     crop_pad: padding of the random crop (0 disables cropping).
     flip: random horizontal flips.
+    attack: e.g. `pgd_attack(budget(8))`, applied after crop and flip.
+    views: `augment(key, images) -> images`, e.g. `ueraser_augment`.
+    num_views: K, the views per example when `views` is given.
 
   Returns:
-    The new state and {"loss", "accuracy"} on the augmented batch.
+    The new state and {"loss", "accuracy"} on the (first view of the)
+    training batch.
   """
   aug_key, dropout_key = jax.random.split(jax.random.fold_in(key, state.step))
   if crop_pad or flip:
     images = random_crop_flip(aug_key, images, pad=crop_pad, flip=flip)
+  if attack is not None:
+    logits_fn = lambda x: classifier_logits(
+      model, state.params, state.batch_stats, x
+    )
+    images = attack(logits_fn, images, labels, jax.random.fold_in(aug_key, 1))
+  k = 1
+  if views is not None:
+    k = num_views
+    view_keys = jax.random.split(jax.random.fold_in(aug_key, 2), k)
+    images = jax.vmap(views, in_axes=(0, None))(view_keys, images)
+    images = images.reshape(-1, *images.shape[2:])
   mutable = ["batch_stats"] if state.batch_stats else []
 
   def loss_fn(params):
@@ -138,8 +190,11 @@ def classifier_train_step(
       mutable=mutable,
       rngs={"dropout": dropout_key},
     )
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return loss.mean(), (logits, updates)
+    logits = logits.reshape(k, -1, logits.shape[-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.broadcast_to(labels, logits.shape[:-1])
+    )
+    return losses.max(axis=0).mean(), (logits[0], updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
     state.params

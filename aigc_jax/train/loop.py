@@ -80,7 +80,7 @@ def train_loop(
   try:
     for step in range(start, num_steps):
       batch = parallel.shard_batch(mesh, batch_fn(step))
-      state, metrics = jstep(state, batch)
+      state, metrics = parallel.settle(jstep(state, batch), mesh)
       done = step + 1
       if done % log_every == 0 or done == num_steps:
         values = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -120,7 +120,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.eval.classifier.model = ml_collections.ConfigDict(
         {"name": "small_cnn", "width": 32}
       )
-      c.eval.classifier.train.num_epochs = 10
+      c.eval.classifier.train.num_epochs = 15
+      c.eval.classifier.data.limit = 10_000
       small = {
         "ch": 32,
         "ch_mult": (1, 2, 2),
@@ -129,14 +130,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "dropout": 0.0,
         "num_groups": 8,
       }
-      for d, steps in ((c.surrogate, 500), (c.ddpm, 2000)):
+      # Sized to fit a 2-core CPU (not yet timed): 2,000 images (balanced over
+      # the classes), batches of 64, 1,000 DDPM steps per evaluation model.
+      for d, steps in ((c.surrogate, 300), (c.ddpm, 1000)):
         d.model = ml_collections.ConfigDict(small)
         d.train.update(
-          num_steps=steps, learning_rate=1e-3, warmup_steps=200, ema_decay=0.995
+          num_steps=steps,
+          batch_size=64,
+          learning_rate=1e-3,
+          warmup_steps=100,
+          ema_decay=0.995,
+          checkpoint_every=max(steps // 2, 1),
         )
-      c.ddpm.sample.update(num_samples=1000, num_steps=50)
+      c.ddpm.sample.update(num_samples=500, num_steps=50, batch_size=250)
       c.data.limit = 2000
-      c.protect.update(chunk_size=500, rounds=4, inner_steps=25, pgd_steps=5)
+      c.protect.update(
+        chunk_size=500, rounds=4, inner_steps=25, pgd_steps=5, batch_size=64
+      )
   elif variant == "smoke":
     c.protect.update(chunk_size=64, rounds=1, inner_steps=2, pgd_steps=2)
     for d in (c.surrogate, c.ddpm):

@@ -1,0 +1,191 @@
+"""Data augmentation in JAX, for images in [-1, 1]: the standard random crop
+and flip, and UEraser's adversarial-augmentation family (Qin et al. 2023,
+protection-methods.md §3.4).
+
+Every function is `augment(key, images) -> images` on a (B, H, W, C) batch,
+with independent draws per image, so it jits, vmaps over keys (K views of a
+batch) and runs inside a train step.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def random_crop_flip(
+  key: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True
+) -> jax.Array:
+  """Per-image random crop after padding with black (-1) and optional
+  horizontal flip, like torchvision's RandomCrop(padding) on a PIL image and
+  RandomHorizontalFlip."""
+  b, h, w, _ = images.shape
+  crop_key, flip_key = jax.random.split(key)
+  padded = jnp.pad(
+    images, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1.0
+  )
+  offsets = jax.random.randint(crop_key, (b, 2), 0, 2 * pad + 1)
+
+  def crop(img, off):
+    return jax.lax.dynamic_slice(
+      img, (off[0], off[1], 0), (h, w, img.shape[-1])
+    )
+
+  out = jax.vmap(crop)(padded, offsets)
+  if flip:
+    mirror = jax.random.bernoulli(flip_key, 0.5, (b, 1, 1, 1))
+    out = jnp.where(mirror, out[:, :, ::-1], out)
+  return out
+
+
+def plasma(key: jax.Array, size: tuple[int, int], roughness) -> jax.Array:
+  """A fractal map in [0, 1] of shape (H, W): octaves of Gaussian noise on
+  2x2, 4x4, ... grids, bilinearly upsampled, octave k weighted roughness^k,
+  then min-max normalised. The spectrum of kornia's diamond-square plasma
+  (higher roughness: more fine detail), not its exact values."""
+  h, w = size
+  octaves = max(math.ceil(math.log2(max(h, w))), 1)
+  total = jnp.zeros((h, w))
+  for k in range(octaves):
+    n = 2 ** (k + 1)
+    grid = jax.random.normal(jax.random.fold_in(key, k), (n, n))
+    total = total + roughness**k * jax.image.resize(grid, (h, w), "bilinear")
+  lo, hi = total.min(), total.max()
+  return (total - lo) / jnp.maximum(hi - lo, 1e-6)
+
+
+def _plasma_brightness(key, img01):
+  """kornia RandomPlasmaBrightness(roughness (0.3, 0.7), intensity
+  (0.5, 1.0)): adds (plasma - 0.5) * intensity."""
+  r_key, i_key, p_key = jax.random.split(key, 3)
+  roughness = jax.random.uniform(r_key, (), minval=0.3, maxval=0.7)
+  intensity = jax.random.uniform(i_key, (), minval=0.5, maxval=1.0)
+  p = plasma(p_key, img01.shape[:2], roughness)[..., None]
+  return img01 + (p - 0.5) * intensity
+
+
+def _plasma_contrast(key, img01):
+  """kornia RandomPlasmaContrast(roughness (0.3, 0.7)): scales the
+  deviation from grey by a plasma map in [0, 2]."""
+  r_key, p_key = jax.random.split(key)
+  roughness = jax.random.uniform(r_key, (), minval=0.3, maxval=0.7)
+  p = plasma(p_key, img01.shape[:2], roughness)[..., None]
+  return (img01 - 0.5) * 2.0 * p + 0.5
+
+
+def _channel_shuffle(key, img01):
+  return img01[..., jax.random.permutation(key, img01.shape[-1])]
+
+
+def _affine(img01, matrix):
+  """Warps about the image centre with the inverse map `matrix` (2x2 on
+  (row, col)) plus the translation in its last column; black fill."""
+  h, w, c = img01.shape
+  rows, cols = jnp.meshgrid(jnp.arange(h), jnp.arange(w), indexing="ij")
+  centre = jnp.array([(h - 1) / 2, (w - 1) / 2])
+  coords = jnp.stack([rows, cols]).reshape(2, -1) - centre[:, None]
+  src = matrix[:, :2] @ coords + centre[:, None] + matrix[:, 2:]
+  warp = lambda ch: jax.scipy.ndimage.map_coordinates(
+    ch, list(src), order=1, mode="constant", cval=0.0
+  )
+  return jax.vmap(warp, in_axes=-1, out_axes=-1)(img01).reshape(h, w, c)
+
+
+def _luma(img01):
+  if img01.shape[-1] == 1:
+    return img01
+  return (img01 @ jnp.array([0.299, 0.587, 0.114]))[..., None]
+
+
+def _blend(a, b, factor):
+  """PIL ImageEnhance: b + factor * (a - b)."""
+  return b + factor * (a - b)
+
+
+def _trivial_op(index, img01, m, sign):
+  """TrivialAugmentWide's operation `index` at magnitude m in [0, 1]."""
+  h, w, _ = img01.shape
+  s = sign * m
+  eye = jnp.eye(2)
+  zero = jnp.zeros((2, 1))
+
+  def affine(lin, shift=zero):
+    return _affine(img01, jnp.concatenate([lin, shift], axis=1))
+
+  angle = jnp.deg2rad(135.0 * s)
+  rot = jnp.array(
+    [[jnp.cos(angle), -jnp.sin(angle)], [jnp.sin(angle), jnp.cos(angle)]]
+  )
+  grey = _luma(img01)
+  blurred = _smooth(img01)
+  lo = img01.min(axis=(0, 1), keepdims=True)
+  hi = img01.max(axis=(0, 1), keepdims=True)
+  bits = jnp.round(8 - 6 * m)  # 8 .. 2 bits
+  levels = 2.0**bits
+  branches = (
+    lambda: img01,
+    lambda: affine(eye.at[1, 0].set(0.99 * s)),  # shear x
+    lambda: affine(eye.at[0, 1].set(0.99 * s)),  # shear y
+    # Translations up to the whole side (TrivialAugmentWide's 32 px on
+    # CIFAR's 32), scaled to the image size.
+    lambda: affine(eye, jnp.array([[0.0], [w * s]])),
+    lambda: affine(eye, jnp.array([[h * s], [0.0]])),
+    lambda: affine(rot),
+    lambda: _blend(img01, 0.0, 1.0 + 0.99 * s),  # brightness
+    lambda: _blend(img01, grey, 1.0 + 0.99 * s),  # colour
+    lambda: _blend(img01, grey.mean(), 1.0 + 0.99 * s),  # contrast
+    lambda: _blend(img01, blurred, 1.0 + 0.99 * s),  # sharpness
+    lambda: jnp.floor(img01 * (levels - 1e-3)) / (levels - 1),  # posterize
+    lambda: jnp.where(img01 >= 1.0 - m, 1.0 - img01, img01),  # solarize
+    lambda: (img01 - lo) / jnp.maximum(hi - lo, 1e-3),  # autocontrast
+  )
+  return jax.lax.switch(index, branches)
+
+
+NUM_TRIVIAL_OPS = 13
+
+
+def _smooth(img01):
+  """PIL's SMOOTH kernel (centre 5, others 1, /13), edge-replicated."""
+  k = jnp.ones((3, 3)).at[1, 1].set(5.0) / 13.0
+  padded = jnp.pad(img01, ((1, 1), (1, 1), (0, 0)), mode="edge")
+  conv = lambda ch: jax.scipy.signal.convolve2d(ch, k, mode="valid")
+  return jax.vmap(conv, in_axes=-1, out_axes=-1)(padded)
+
+
+def _trivial_augment(key, img01):
+  """TrivialAugmentWide (Müller & Hutter 2021): one operation, uniformly
+  chosen, at a uniform magnitude with a random sign. Equalize is left out."""
+  op_key, m_key, s_key = jax.random.split(key, 3)
+  index = jax.random.randint(op_key, (), 0, NUM_TRIVIAL_OPS)
+  m = jax.random.uniform(m_key, ())
+  sign = jnp.where(jax.random.bernoulli(s_key), 1.0, -1.0)
+  return _trivial_op(index, img01, m, sign)
+
+
+def ueraser_augment(key: jax.Array, images: jax.Array) -> jax.Array:
+  """UEraser's augmentation A: plasma brightness (p 0.5), plasma contrast
+  (p 0.5), channel shuffle (p 0.5), then TrivialAugmentWide, each image with
+  its own draws.
+
+  Args:
+    key: randomness.
+    images: (B, H, W, C) in [-1, 1].
+
+  Returns:
+    Augmented images in [-1, 1].
+  """
+
+  def one(k, img):
+    keys = jax.random.split(k, 7)
+    x = (img + 1.0) / 2.0
+    for gate, fn, fkey in (
+      (keys[0], _plasma_brightness, keys[1]),
+      (keys[2], _plasma_contrast, keys[3]),
+      (keys[4], _channel_shuffle, keys[5]),
+    ):
+      x = jnp.where(jax.random.bernoulli(gate), fn(fkey, x), x).clip(0, 1)
+    x = _trivial_augment(keys[6], x).clip(0.0, 1.0)
+    return 2.0 * x - 1.0
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)

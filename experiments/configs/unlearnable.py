@@ -1,0 +1,147 @@
+"""Unlearnable examples for classifiers and the countermeasures against them.
+
+Default (`digits`): protects the embedded scikit-learn digits with EMN
+(sample-wise and class-wise), REMN and LSP, then trains the victim classifier
+on each protected set (and on clean data) under every countermeasure (none,
+ISS grayscale, ISS JPEG-10, adversarial training, adversarial augmentation)
+and reports its accuracy on the clean test set:
+
+  python experiments/unlearnable.py \
+    --config=experiments/configs/unlearnable.py --workdir=runs/unlearnable
+
+Expected: each protection lowers clean test accuracy by at least 40 points
+without a countermeasure; the report says whether it does, and what every
+countermeasure recovers.
+
+`:cifar10` is the papers' protocol (ResNet-18 victims for 60 epochs, EMN and
+REMN generated with a ResNet-18, LSP at L2 = 1.0) for accelerators;
+`:cifar10_small` is a reduced CIFAR-10 run (a class-balanced subset of the
+local archive in ../shared/data, a small CNN, fewer epochs) for a CPU.
+`:smoke` is a few steps for tests.
+"""
+
+import ml_collections
+
+from experiments.configs import train_classifier
+from experiments.configs.base import base_config
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "digits"
+  c = base_config(variant)
+  c.data.limit = 0  # > 0: a class-balanced subset of the training set
+  # The victim: the unauthorised trainer's model and recipe.
+  victim = train_classifier.get_config("digits")
+  c.model = victim.model
+  c.train = victim.train
+  c.eval_batch_size = 1000
+  c.protections = ("emn_sample", "emn_class", "remn", "lsp")
+  c.countermeasures = ("none", "iss_grayscale", "iss_jpeg", "at", "aa")
+  c.protect = ml_collections.ConfigDict(
+    {
+      "eps": 8.0,  # L∞ budget of EMN and REMN, [0, 255] units
+      # The generator's own model (EMN and REMN), trained with SGD at a
+      # constant rate as in the original code.
+      "model": victim.model.copy_and_resolve_references(),
+      "learning_rate": 0.1,
+      "model_batch_size": 128,
+      "noise_batch_size": 512,
+    }
+  )
+  # EMN, min-min (protection-methods.md §2.1-2.2): `model_steps` SGD steps
+  # on x + δ, then `pgd_steps` descent steps on δ over the whole set;
+  # repeat until the model's accuracy on x + δ exceeds `stop_accuracy`.
+  c.protect.emn = ml_collections.ConfigDict(
+    {
+      "model_steps": 10,
+      "pgd_steps": 20,
+      "step_size": 0.8,
+      "class_pgd_steps": 1,  # per batch, class-wise
+      "stop_accuracy": 0.99,
+      "max_rounds": 30,
+    }
+  )
+  # REMN, min-min-max (§2.3): per model step, δ of the batch from a random
+  # start by `pgd_steps` descent steps on the loss after augmentation and an
+  # attack of radius `attack_eps`; then an adversarial-training step.
+  c.protect.remn = ml_collections.ConfigDict(
+    {
+      "model_steps": 300,
+      "pgd_steps": 10,
+      "step_size": 1.6,
+      "attack_eps": 4.0,
+      "attack_steps": 5,
+      "attack_step_size": 1.6,
+      "num_augmentations": 2,
+    }
+  )
+  # LSP (§2.4): l2 = 0 scales to ISS's L2 = 1.0 on CIFAR-10 ([0, 1] units,
+  # 3072 values), i.e. the same per-value RMS, at this data's size.
+  c.protect.lsp = ml_collections.ConfigDict({"l2": 0.0, "patch": 2})
+  c.counter = ml_collections.ConfigDict(
+    {
+      "jpeg_quality": 10,
+      "bdr_bits": 4,
+      # Adversarial training (§3.3): PGD-10 at 8/255, step 2/255.
+      "at_eps": 8.0,
+      "at_steps": 10,
+      "at_step_size": 2.0,
+      # Adversarial augmentation (UEraser, §3.4): the max loss over
+      # `aa_views` augmented views for the first `aa_max_epochs` epochs,
+      # then one view, for `aa_epochs` epochs in all.
+      "aa_views": 5,
+      "aa_max_epochs": 20,
+      "aa_epochs": 60,
+    }
+  )
+
+  if variant == "digits":
+    pass
+  elif variant in ("cifar10", "cifar10_small"):
+    c.data.train, c.data.test = "cifar10:train", "cifar10:test"
+    paper = train_classifier.get_config("cifar10")
+    c.model, c.train = paper.model, paper.train
+    c.protect.model = paper.model.copy_and_resolve_references()
+    c.protect.lsp.patch = 8
+    c.protect.remn.update(
+      model_steps=5000,
+      attack_steps=10,
+      attack_step_size=0.8,
+      num_augmentations=5,
+    )
+    c.counter.update(aa_max_epochs=60, aa_epochs=200)
+    if variant == "cifar10_small":
+      local = "../shared/data/cifar10/"
+      c.data.train = local + "train_jpeg.npz"
+      c.data.test = local + "test_dev.npz"
+      c.data.limit = 2500
+      small = ml_collections.ConfigDict({"name": "small_cnn", "width": 16})
+      c.model = small
+      c.protect.model = small.copy_and_resolve_references()
+      c.train.update(num_epochs=20, learning_rate=0.05, grad_clip=0.0)
+      c.protect.remn.update(
+        model_steps=300,
+        attack_steps=5,
+        attack_step_size=1.6,
+        num_augmentations=2,
+      )
+      c.counter.update(
+        at_steps=5, at_step_size=2.0, aa_max_epochs=10, aa_epochs=30
+      )
+  elif variant == "smoke":
+    c.data.limit = 200
+    c.train.update(num_epochs=1, batch_size=32, checkpoint_every=5, log_every=5)
+    c.model.width = 8
+    c.protect.model.width = 8
+    c.protect.update(model_batch_size=32, noise_batch_size=64)
+    c.protect.emn.update(model_steps=2, pgd_steps=2, max_rounds=2)
+    c.protect.remn.update(
+      model_steps=2, pgd_steps=2, attack_steps=1, num_augmentations=1
+    )
+    c.counter.update(at_steps=1, aa_views=2, aa_max_epochs=1, aa_epochs=2)
+  else:
+    raise ValueError(
+      f"Unknown variant {variant!r}; choose digits, cifar10, cifar10_small or "
+      "smoke."
+    )
+  return c

@@ -1,0 +1,651 @@
+"""Unlearnable examples (EMN, EMN class-wise, REMN, LSP) and the
+countermeasures against them (ISS, adversarial training, adversarial
+augmentation), measured as the clean test accuracy of a classifier trained on
+the protected data.
+
+  python experiments/unlearnable.py \
+    --config=experiments/configs/unlearnable.py[:variant] --workdir=DIR
+
+Writes `protections/<name>.npz` (uint8 `images`, `labels`, `delta` in [0,
+255] units; the format experiments/le.py reads) with a grid of clean /
+protected / noise, `victims/<set>/<countermeasure>/` per trained classifier,
+`report.md` in the layout of the seed's table, and metrics.jsonl. Re-running
+the command resumes: finished protections and classifiers are read back.
+"""
+
+import functools
+import json
+import os
+import time
+
+if __package__ in (None, ""):
+  import launch
+else:
+  from experiments import launch
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from aigc_jax import checkpoint, data, parallel, protect, record, train
+from aigc_jax.metrics import accuracy
+from aigc_jax.purify import squeeze
+from experiments import train_classifier
+from experiments.udp import noise_grid
+
+PROTECTIONS = ("emn_sample", "emn_class", "remn", "lsp")
+COUNTERMEASURES = (
+  "none",
+  "iss_grayscale",
+  "iss_jpeg",
+  "iss_bdr",
+  "at",
+  "aa",
+)
+LABELS = {
+  "clean": "clean data",
+  "emn_sample": "EMN",
+  "emn_class": "EMN (C)",
+  "remn": "REMN",
+  "lsp": "LSP",
+}
+
+
+def _unroll():
+  # XLA:CPU runs loop bodies slowly (see aigc_jax.protect.pgd); accelerators
+  # keep the compact loop.
+  return True if jax.default_backend() == "cpu" else 1
+
+
+def _generator_config(config) -> ml_collections.ConfigDict:
+  """A classifier config for the generator's own model (EMN, REMN)."""
+  c = ml_collections.ConfigDict(
+    {"model": config.protect.model, "train": config.train}
+  )
+  with c.unlocked():
+    c.train = config.train.copy_and_resolve_references()
+    c.train.learning_rate = config.protect.learning_rate
+  return c
+
+
+def _batches(n: int, size: int):
+  """Consecutive index ranges covering 0..n, the last one padded by
+  repeating its final index (one compiled shape)."""
+  for lo in range(0, n, size):
+    idx = np.arange(lo, min(lo + size, n))
+    yield np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))]), len(idx)
+
+
+def _logits_fn(model, params, batch_stats):
+  return lambda x: train.classifier_logits(model, params, batch_stats, x)
+
+
+def protected_accuracy(model, state, x, delta, labels, groups, mesh, batch):
+  """The generator's accuracy on x + δ (EMN's stopping rule)."""
+  fn = jax.jit(
+    lambda b: train.classifier_logits(
+      model,
+      state.params,
+      state.batch_stats,
+      protect.apply_perturbation(b["x"], b["delta"]),
+    )
+  )
+  d = delta if groups is None else delta[groups]
+  logits = parallel.batched_apply(
+    fn, {"x": x, "delta": d}, batch_size=batch, mesh=mesh
+  )
+  return float(accuracy(logits, labels))
+
+
+def generate_emn(config, train_set, mesh, *, classwise: bool):
+  """Error-minimising noise by alternating model and noise steps
+  (protection-methods.md §2.1-2.2) until the generator fits x + δ.
+
+  Returns:
+    δ per example in model units, and {"rounds", "train_accuracy"}.
+  """
+  p, e = config.protect, config.protect.emn
+  gen = _generator_config(config)
+  x = data.to_model_range(train_set.images)
+  labels = train_set.labels
+  n, num_classes = len(x), train_set.num_classes
+  model, optimizer = train_classifier.build_classifier(gen, num_classes)
+  key = jax.random.fold_in(jax.random.key(config.seed), 11 + classwise)
+  init_key, model_key, noise_key = jax.random.split(key, 3)
+  state = train.init_or_restore(
+    functools.partial(
+      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
+    ),
+    mesh,
+    None,
+  )
+  b = protect.budget(p.eps)
+  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  # The generation loader has no augmentation (the original's).
+  model_step = jax.jit(
+    lambda s, xb, db, yb: train.classifier_train_step(
+      s,
+      protect.apply_perturbation(xb, db),
+      yb,
+      model_key,
+      model=model,
+      optimizer=optimizer,
+      crop_pad=0,
+      flip=False,
+    ),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+  steps = e.class_pgd_steps if classwise else e.pgd_steps
+
+  def noise_step(params, batch_stats, xb, db, yb, k):
+    objective = protect.cross_entropy_objective(
+      _logits_fn(model, params, batch_stats), yb
+    )
+    delta, _ = protect.pgd(
+      objective,
+      xb,
+      db,
+      k,
+      budget=b,
+      steps=steps,
+      step_size=e.step_size / protect.LEVELS_PER_UNIT,
+      ascent=False,
+      groups=yb if classwise else None,
+      unroll=_unroll(),
+    )
+    return delta
+
+  noise_step = jax.jit(noise_step, out_shardings=rep if classwise else shard)
+  shape = (num_classes, *x.shape[1:]) if classwise else x.shape
+  delta = np.zeros(shape, np.float32)
+  mb = p.model_batch_size
+  nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
+  acc, step = 0.0, 0
+  bar = tqdm(total=e.max_rounds, desc="emn_class" if classwise else "emn")
+  for r in range(e.max_rounds):
+    for _ in range(e.model_steps):
+      idx = data.batch_indices(config.seed, step, n, mb)
+      d = delta[labels[idx]] if classwise else delta[idx]
+      state, _ = parallel.settle(
+        model_step(
+          state, *parallel.shard_batch(mesh, (x[idx], d, labels[idx]))
+        ),
+        mesh,
+      )
+      step += 1
+    for i, (idx, _) in enumerate(_batches(n, nb)):
+      k = jax.random.fold_in(noise_key, r * 100_000 + i)
+      xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
+      if classwise:
+        delta = np.asarray(
+          noise_step(state.params, state.batch_stats, xb, delta, yb, k)
+        )
+      else:
+        db = parallel.shard_batch(mesh, delta[idx])
+        delta[idx] = np.asarray(
+          noise_step(state.params, state.batch_stats, xb, db, yb, k)
+        )
+    acc = protected_accuracy(
+      model, state, x, delta, labels, labels if classwise else None, mesh, nb
+    )
+    bar.update(1)
+    bar.set_postfix(train_accuracy=f"{acc:.3f}")
+    if acc > e.stop_accuracy:
+      break
+  bar.close()
+  per_example = delta[labels] if classwise else delta
+  return per_example, {"rounds": r + 1, "train_accuracy": acc}
+
+
+def generate_remn(config, train_set, mesh):
+  """Robust error-minimising noise (protection-methods.md §2.3): per step,
+  the batch's δ from a random start by descent on the loss after a random
+  augmentation and a PGD attack of radius `attack_eps`, then an adversarial
+  training step of the generator on the protected batch; at the end, δ for
+  every example from the final generator.
+
+  Returns:
+    δ per example in model units, and {"rounds", "train_accuracy"}.
+  """
+  p, rm = config.protect, config.protect.remn
+  gen = _generator_config(config)
+  x = data.to_model_range(train_set.images)
+  labels = train_set.labels
+  n = len(x)
+  model, optimizer = train_classifier.build_classifier(
+    gen, train_set.num_classes, rm.model_steps
+  )
+  key = jax.random.fold_in(jax.random.key(config.seed), 13)
+  init_key, model_key, noise_key = jax.random.split(key, 3)
+  state = train.init_or_restore(
+    functools.partial(
+      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
+    ),
+    mesh,
+    None,
+  )
+  b = protect.budget(p.eps)
+  attack_budget = protect.budget(rm.attack_eps)
+  unit = protect.LEVELS_PER_UNIT
+  crop_pad, flip = config.train.crop_pad, config.train.flip
+  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+
+  def noise_step(params, batch_stats, xb, yb, k):
+    objective = protect.robust_objective(
+      _logits_fn(model, params, batch_stats),
+      yb,
+      augment=lambda kk, im: train.random_crop_flip(
+        kk, im, pad=crop_pad, flip=flip
+      ),
+      attack_budget=attack_budget,
+      attack_steps=rm.attack_steps,
+      attack_step_size=rm.attack_step_size / unit,
+      num_augmentations=rm.num_augmentations,
+      unroll=_unroll(),
+    )
+    start_key, pgd_key = jax.random.split(k)
+    start = protect.init_perturbation(start_key, xb.shape, b, random_start=True)
+    delta, _ = protect.pgd(
+      objective,
+      xb,
+      start,
+      pgd_key,
+      budget=b,
+      steps=rm.pgd_steps,
+      step_size=rm.step_size / unit,
+      ascent=False,
+      unroll=_unroll(),
+    )
+    return delta
+
+  noise_step = jax.jit(noise_step, out_shardings=shard)
+  model_step = jax.jit(
+    lambda s, xb, db, yb: train.classifier_train_step(
+      s,
+      protect.apply_perturbation(xb, db),
+      yb,
+      model_key,
+      model=model,
+      optimizer=optimizer,
+      crop_pad=crop_pad,
+      flip=flip,
+      attack=train.pgd_attack(
+        attack_budget,
+        steps=rm.attack_steps,
+        step_size=rm.attack_step_size / unit,
+        unroll=_unroll(),
+      ),
+    ),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+  mb = p.model_batch_size
+  for step in tqdm(range(rm.model_steps), desc="remn"):
+    idx = data.batch_indices(config.seed, step, n, mb)
+    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
+    k = jax.random.fold_in(noise_key, step)
+    db = parallel.settle(
+      noise_step(state.params, state.batch_stats, xb, yb, k), mesh
+    )
+    state, _ = parallel.settle(model_step(state, xb, db, yb), mesh)
+  delta = np.zeros(x.shape, np.float32)
+  nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
+  for i, (idx, count) in enumerate(_batches(n, nb)):
+    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
+    k = jax.random.fold_in(noise_key, 10_000_000 + i)
+    out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
+    delta[idx[:count]] = out[:count]
+  acc = protected_accuracy(model, state, x, delta, labels, None, mesh, nb)
+  return delta, {"rounds": rm.model_steps, "train_accuracy": acc}
+
+
+def lsp_l2(config, image_shape) -> float:
+  """LSP's L2 radius in [0, 255] units: config.protect.lsp.l2, or (0) ISS's
+  L2 = 1.0 for 32x32x3 in [0, 1] units at the same RMS per value."""
+  if config.protect.lsp.l2:
+    return float(config.protect.lsp.l2)
+  return 255.0 * float(np.sqrt(np.prod(image_shape) / 3072.0))
+
+
+def generate_lsp(config, train_set):
+  b = protect.budget(lsp_l2(config, train_set.images.shape[1:]), "l2")
+  delta = protect.lsp_perturbations(
+    jax.random.fold_in(jax.random.key(config.seed), 17),
+    train_set.labels,
+    train_set.num_classes,
+    train_set.images.shape[1:],
+    b,
+    patch=config.protect.lsp.patch,
+  )
+  return np.asarray(delta), {"rounds": 0}
+
+
+def protection_budget(config, name, image_shape) -> protect.Budget:
+  if name == "lsp":
+    return protect.budget(lsp_l2(config, image_shape), "l2")
+  return protect.budget(config.protect.eps)
+
+
+def make_protection(config, workdir, name, train_set, mesh):
+  """The protected uint8 images of `name`, generated once and then read
+  from `protections/<name>.npz`; and the generation's record."""
+  path = os.path.join(workdir, "protections", f"{name}.npz")
+  meta_path = path.replace(".npz", ".json")
+  if os.path.exists(path) and os.path.exists(meta_path):
+    with np.load(path) as f, open(meta_path) as m:
+      return f["images"], json.load(m)
+  start = time.time()
+  if name in ("emn_sample", "emn_class"):
+    delta, info = generate_emn(
+      config, train_set, mesh, classwise=name == "emn_class"
+    )
+  elif name == "remn":
+    delta, info = generate_remn(config, train_set, mesh)
+  elif name == "lsp":
+    delta, info = generate_lsp(config, train_set)
+  else:
+    raise ValueError(f"Unknown protection {name!r}; choose from {PROTECTIONS}.")
+  b = protection_budget(config, name, train_set.images.shape[1:])
+  images = protect.quantize_protected(train_set.images, delta, b)
+  sizes = protect.perturbation_sizes(train_set.images, images, b.norm)
+  info = {
+    **info,
+    "seconds": round(time.time() - start, 1),
+    "norm": b.norm,
+    "eps_255": b.eps_255,
+    "max_size_255": float(sizes.max()),
+    "linf_255": float(
+      protect.perturbation_sizes(train_set.images, images, "linf").max()
+    ),
+  }
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    np.savez_compressed(
+      path,
+      images=images,
+      labels=train_set.labels,
+      delta=images.astype(np.int16) - train_set.images,
+    )
+    noise_grid(
+      os.path.dirname(path),
+      train_set.images,
+      images,
+      max(info["linf_255"], 1.0),
+    )
+    os.replace(
+      os.path.join(os.path.dirname(path), "grid.png"),
+      path.replace(".npz", "_grid.png"),
+    )
+    with open(meta_path, "w") as f:
+      json.dump(info, f)
+  return images, info
+
+
+def apply_countermeasure_to_data(config, name, images):
+  """What a countermeasure does to the training images before training."""
+  if name.startswith("iss_"):
+    return squeeze(
+      images,
+      name.removeprefix("iss_"),
+      quality=config.counter.jpeg_quality,
+      bits=config.counter.bdr_bits,
+    )
+  return images
+
+
+def train_victim(config, workdir, images, labels, test_set, name, mesh):
+  """Trains the victim on uint8 `images` under countermeasure `name` and
+  returns its clean test accuracy (read back if this cell finished)."""
+  result_path = os.path.join(workdir, "result.json")
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  if name not in COUNTERMEASURES:
+    raise ValueError(
+      f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
+    )
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  cm = config.counter
+  x = data.to_model_range(apply_countermeasure_to_data(config, name, images))
+  n, bs = len(x), config.train.batch_size
+  per_epoch = data.steps_per_epoch(n, bs)
+  epochs = cm.aa_epochs if name == "aa" else config.train.num_epochs
+  num_steps = epochs * per_epoch
+  num_classes = int(max(labels.max(), test_set.labels.max())) + 1
+  model, optimizer = train_classifier.build_classifier(
+    config, num_classes, num_steps
+  )
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  state = train.init_or_restore(
+    functools.partial(
+      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
+    ),
+    mesh,
+    checkpointer,
+  )
+  attack = None
+  if name == "at":
+    attack = train.pgd_attack(
+      protect.budget(cm.at_eps),
+      steps=cm.at_steps,
+      step_size=cm.at_step_size / protect.LEVELS_PER_UNIT,
+      unroll=_unroll(),
+    )
+
+  def step_fn(num_views):
+    views = train.ueraser_augment if name == "aa" else None
+    return lambda s, b: train.classifier_train_step(
+      s,
+      b["images"],
+      b["labels"],
+      train_key,
+      model=model,
+      optimizer=optimizer,
+      crop_pad=config.train.crop_pad,
+      flip=config.train.flip,
+      attack=attack,
+      views=views,
+      num_views=num_views,
+    )
+
+  def batch_fn(step):
+    idx = data.batch_indices(config.seed, step, n, bs)
+    return {"images": x[idx], "labels": labels[idx]}
+
+  # UEraser: K views while epochs < aa_max_epochs, then one (UEraser-Lite).
+  phases = [(step_fn(1), num_steps)]
+  if name == "aa":
+    phases = [
+      (step_fn(cm.aa_views), min(cm.aa_max_epochs * per_epoch, num_steps)),
+      (step_fn(1), num_steps),
+    ]
+  writer = record.MetricWriter(workdir, prefix="train/")
+  for fn, until in phases:
+    state = train.train_loop(
+      state,
+      fn,
+      batch_fn,
+      num_steps=until,
+      mesh=mesh,
+      checkpointer=checkpointer,
+      checkpoint_every=config.train.checkpoint_every,
+      log_every=config.train.log_every,
+      log_fn=writer.write,
+      desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
+    )
+  checkpointer.close()
+  logits = train_classifier.predict_logits(
+    model,
+    state.params,
+    state.batch_stats,
+    data.to_model_range(test_set.images),
+    config.eval_batch_size,
+    mesh,
+  )
+  result = {
+    "test_accuracy": float(accuracy(logits, test_set.labels)),
+    "steps": num_steps,
+    "seconds": round(time.time() - start, 1),
+  }
+  if jax.process_index() == 0:
+    with open(result_path, "w") as f:
+      json.dump(result, f)
+  return result
+
+
+def check_config(config, mesh) -> None:
+  """Fails on bad settings before any work."""
+  for name in config.protections:
+    if name not in PROTECTIONS:
+      raise ValueError(
+        f"Unknown protection {name!r}; choose from {PROTECTIONS}."
+      )
+  for name in config.countermeasures:
+    if name not in COUNTERMEASURES:
+      raise ValueError(
+        f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
+      )
+  protect.budget(config.protect.eps)
+  for batch in (config.train.batch_size, config.protect.model_batch_size):
+    parallel.check_batch_size(batch, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  check_config(config, mesh)
+  train_set, test_set = train_classifier.load_train_test(config)
+  writer = record.MetricWriter(workdir)
+  start = time.time()
+  sets, infos = {"clean": train_set.images}, {}
+  for name in config.protections:
+    sets[name], infos[name] = make_protection(
+      config, workdir, name, train_set, mesh
+    )
+    writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
+  results = {}
+  for set_name, images in sets.items():
+    for cm in config.countermeasures:
+      results[set_name, cm] = train_victim(
+        config,
+        os.path.join(workdir, "victims", set_name, cm),
+        images,
+        train_set.labels,
+        test_set,
+        cm,
+        mesh,
+      )
+      writer.write(
+        0,
+        {
+          f"eval/{set_name}/{cm}/{k}": v
+          for k, v in results[set_name, cm].items()
+        },
+      )
+  total = round(time.time() - start, 1)
+  record.write_report(
+    workdir,
+    unlearnable_report(
+      config, workdir, results, infos, total, train_set.images.shape[-1]
+    ),
+  )
+  return {
+    "accuracy": {
+      f"{s}/{c}": r["test_accuracy"] for (s, c), r in results.items()
+    },
+    "protections": infos,
+    "seconds": total,
+  }
+
+
+def countermeasure_label(config, name) -> str:
+  cm = config.counter
+  return {
+    "none": "vanilla (no countermeasure)",
+    "iss_grayscale": "ISS grayscale",
+    "iss_jpeg": f"ISS JPEG-{cm.jpeg_quality}",
+    "iss_bdr": f"ISS {cm.bdr_bits}-bit depth",
+    "at": f"AT (PGD-{cm.at_steps}, {cm.at_eps:g}/255)",
+    "aa": f"AA (UEraser, K={cm.aa_views})",
+  }[name]
+
+
+def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
+  sets = ["clean", *infos]
+  header = ["countermeasure"] + [LABELS[s] for s in sets]
+  rows = [
+    [countermeasure_label(config, cm)]
+    + [f"{100 * results[s, cm]['test_accuracy']:.1f}" for s in sets]
+    for cm in config.countermeasures
+  ]
+  table = record.markdown_table(header, rows)
+  lines = []
+  if "none" in config.countermeasures:
+    clean = results["clean", "none"]["test_accuracy"]
+    for s in infos:
+      drop = 100 * (clean - results[s, "none"]["test_accuracy"])
+      verdict = "met" if drop >= 40 else "missed"
+      lines.append(f"- {LABELS[s]}: {drop:.1f} points ({verdict})")
+  ptable = record.markdown_table(
+    [
+      "protection",
+      "budget",
+      "largest size (/255)",
+      "L∞ (/255)",
+      "rounds / steps",
+      "generator's accuracy on it",
+      "time (s)",
+    ],
+    [
+      [
+        LABELS[s],
+        f"{i['norm']} {i['eps_255']:.3g}/255",
+        f"{i['max_size_255']:.3g}",
+        f"{i['linf_255']:.0f}",
+        i["rounds"],
+        f"{i['train_accuracy']:.3f}" if "train_accuracy" in i else "–",
+        i["seconds"],
+      ]
+      for s, i in infos.items()
+    ],
+  )
+  grayscale_note = ""
+  if channels == 1 and "iss_grayscale" in config.countermeasures:
+    grayscale_note = (
+      "\nGrayscale is the identity on single-channel images, so its row "
+      "repeats the vanilla one here.\n"
+    )
+  title = f"Unlearnable examples on {config.data.train}"
+  return f"""# {title} (variant `{config.variant}`)
+
+Command:
+
+    python experiments/unlearnable.py \\
+      --config=experiments/configs/unlearnable.py:{config.variant} \\
+      --workdir={workdir}
+
+Clean test accuracy (%) of a {config.model.name} trained for
+{config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each
+training set, as in the seed's table (columns: the data the classifier was
+trained on; rows: what the trainer did against the protection). Total time
+{total} s.
+
+{table}{grayscale_note}
+Accuracy drop of each protection without a countermeasure, against clean data
+(target: at least 40 points):
+
+{chr(10).join(lines)}
+
+## The protections
+
+{ptable}
+Protected sets: `protections/<name>.npz` (uint8 `images`, `labels`, `delta`),
+with `protections/<name>_grid.png` (clean / protected / noise amplified).
+"""
+
+
+if __name__ == "__main__":
+  launch.main(train_and_evaluate, __file__)
