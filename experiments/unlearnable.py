@@ -66,12 +66,14 @@ def _generator_config(config) -> ml_collections.ConfigDict:
   with c.unlocked():
     c.train = config.train.copy_and_resolve_references()
     c.train.learning_rate = config.protect.learning_rate
+    c.train.grad_clip = config.protect.grad_clip
   return c
 
 
-def _batches(n: int, size: int):
+def padded_batches(n: int, size: int):
   """Consecutive index ranges covering 0..n, the last one padded by
-  repeating its final index (one compiled shape)."""
+  repeating its final index (one compiled shape), with the count of real
+  indices in each."""
   for lo in range(0, n, size):
     idx = np.arange(lo, min(lo + size, n))
     yield np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))]), len(idx)
@@ -175,7 +177,7 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
         mesh,
       )
       step += 1
-    for i, (idx, _) in enumerate(_batches(n, nb)):
+    for i, (idx, _) in enumerate(padded_batches(n, nb)):
       k = jax.random.fold_in(noise_key, r * 100_000 + i)
       xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
       if classwise:
@@ -292,7 +294,7 @@ def generate_remn(config, train_set, mesh):
     state, _ = parallel.settle(model_step(state, xb, db, yb), mesh)
   delta = np.zeros(x.shape, np.float32)
   nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-  for i, (idx, count) in enumerate(_batches(n, nb)):
+  for i, (idx, count) in enumerate(padded_batches(n, nb)):
     xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
     k = jax.random.fold_in(noise_key, 10_000_000 + i)
     out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
@@ -328,33 +330,35 @@ def protection_budget(config, name, image_shape) -> protect.Budget:
   return protect.budget(config.protect.eps)
 
 
-def make_protection(config, workdir, name, train_set, mesh):
-  """The protected uint8 images of `name`, generated once and then read
-  from `protections/<name>.npz`; and the generation's record."""
+def generate_protection(config, name, train_set, mesh):
+  """δ of protection `name` for `train_set` and the generation's record."""
+  if name in ("emn_sample", "emn_class"):
+    return generate_emn(config, train_set, mesh, classwise=name == "emn_class")
+  if name == "remn":
+    return generate_remn(config, train_set, mesh)
+  if name == "lsp":
+    return generate_lsp(config, train_set)
+  raise ValueError(f"Unknown protection {name!r}; choose from {PROTECTIONS}.")
+
+
+def make_protection(workdir, name, train_set, budget, generate):
+  """The protected uint8 images of `name`, from `generate() -> (δ, info)`
+  once and then read from `protections/<name>.npz`; and the generation's
+  record (with the measured perturbation sizes)."""
   path = os.path.join(workdir, "protections", f"{name}.npz")
   meta_path = path.replace(".npz", ".json")
   if os.path.exists(path) and os.path.exists(meta_path):
     with np.load(path) as f, open(meta_path) as m:
       return f["images"], json.load(m)
   start = time.time()
-  if name in ("emn_sample", "emn_class"):
-    delta, info = generate_emn(
-      config, train_set, mesh, classwise=name == "emn_class"
-    )
-  elif name == "remn":
-    delta, info = generate_remn(config, train_set, mesh)
-  elif name == "lsp":
-    delta, info = generate_lsp(config, train_set)
-  else:
-    raise ValueError(f"Unknown protection {name!r}; choose from {PROTECTIONS}.")
-  b = protection_budget(config, name, train_set.images.shape[1:])
-  images = protect.quantize_protected(train_set.images, delta, b)
-  sizes = protect.perturbation_sizes(train_set.images, images, b.norm)
+  delta, info = generate()
+  images = protect.quantize_protected(train_set.images, delta, budget)
+  sizes = protect.perturbation_sizes(train_set.images, images, budget.norm)
   info = {
     **info,
     "seconds": round(time.time() - start, 1),
-    "norm": b.norm,
-    "eps_255": b.eps_255,
+    "norm": budget.norm,
+    "eps_255": budget.eps_255,
     "max_size_255": float(sizes.max()),
     "linf_255": float(
       protect.perturbation_sizes(train_set.images, images, "linf").max()
@@ -523,7 +527,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sets, infos = {"clean": train_set.images}, {}
   for name in config.protections:
     sets[name], infos[name] = make_protection(
-      config, workdir, name, train_set, mesh
+      workdir,
+      name,
+      train_set,
+      protection_budget(config, name, train_set.images.shape[1:]),
+      functools.partial(generate_protection, config, name, train_set, mesh),
     )
     writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
   results = {}

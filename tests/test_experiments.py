@@ -225,3 +225,33 @@ def test_unlearnable_rejects_unknown_names_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
     unlearnable.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_cp_smoke_saves_poisons_and_resumes(tmp_path):
+  from experiments import cp
+  from experiments.configs import cp as cp_configs
+
+  config = cp_configs.get_config("smoke")
+  result, workdir = _run(cp, config, tmp_path / "cp")
+  assert len(result["probe_accuracy"]) == 3 * 3
+  assert all(0.0 <= a <= 1.0 for a in result["probe_accuracy"].values())
+  clean = np.asarray(train_classifier.load_train_test(config)[0].images)
+  for name in ("cp_class", "cp_sample"):
+    with np.load(os.path.join(workdir, "protections", f"{name}.npz")) as f:
+      assert f["images"].shape == clean.shape
+      assert np.abs(f["delta"]).max() <= 8
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "| MoCo v2 |" in f.read()
+  again, _ = _run(cp, config, tmp_path / "cp")
+  assert again["probe_accuracy"] == result["probe_accuracy"]
+
+
+def test_cp_rejects_unknown_methods_before_any_work(tmp_path):
+  from experiments import cp
+  from experiments.configs import cp as cp_configs
+
+  config = cp_configs.get_config("smoke")
+  config.methods = ("simclr", "swav")
+  with pytest.raises(ValueError, match="Unknown contrastive method 'swav'"):
+    cp.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)

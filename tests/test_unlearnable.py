@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from aigc_jax import protect, train
+from aigc_jax import data, parallel, protect, train
 from aigc_jax.models import SmallCNN
 from aigc_jax.purify import bit_depth_reduction, grayscale, squeeze
 
@@ -187,3 +187,72 @@ def test_remn_objective_attacks_then_descends_and_composes_with_grad():
     ascent=False,
   )[0]
   assert jnp.abs(delta).max() <= protect.budget(8).eps + 1e-6
+
+
+def _generator_case(name):
+  from experiments import cp, unlearnable
+  from experiments.configs import cp as cp_configs
+  from experiments.configs import unlearnable as ul_configs
+
+  ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
+  if name.startswith("cp_"):
+    config = cp_configs.get_config("smoke")
+    config.protect.batch_size = 32
+    generate = functools.partial(
+      cp.generate_cp, config, ds, classwise=name == "cp_class"
+    )
+    return generate, protect.budget(config.protect.eps)
+  config = ul_configs.get_config("smoke")
+  config.protect.update(model_batch_size=32, noise_batch_size=32)
+  generate = functools.partial(
+    unlearnable.generate_protection, config, name, ds
+  )
+  return (
+    lambda mesh: generate(mesh),
+    unlearnable.protection_budget(config, name, ds.images.shape[1:]),
+  )
+
+
+@pytest.mark.parametrize(
+  "name", ["emn_sample", "emn_class", "remn", "lsp", "cp_class", "cp_sample"]
+)
+def test_generators_keep_the_budget_repeat_and_agree_on_1_and_4_devices(name):
+  generate, b = _generator_case(name)
+  outs = [
+    np.asarray(generate(mesh=parallel.make_mesh(n))[0]) for n in (1, 4, 4)
+  ]
+  np.testing.assert_array_equal(outs[1], outs[2])  # same seed, same δ
+  # Sign steps turn float-rounding differences of near-zero gradients into
+  # ±step, so 1 vs 4 devices agree on almost every coordinate, not all.
+  assert np.mean(np.isclose(outs[0], outs[1], atol=1e-5)) > 0.99
+  sizes = protect.perturbation_sizes(
+    np.zeros_like(outs[0]), outs[0] * protect.LEVELS_PER_UNIT, b.norm
+  )
+  assert sizes.max() <= b.eps_255 + 1e-3
+  assert np.abs(outs[0]).max() > 0
+  if name.endswith("_class"):  # one δ per class
+    labels = data.balanced_subset(
+      data.load_dataset("digits", "train"), 64, 0
+    ).labels
+    for c in np.unique(labels):
+      members = outs[0][labels == c]
+      np.testing.assert_array_equal(
+        members, np.broadcast_to(members[0], members.shape)
+      )
+
+
+def test_emn_stops_at_its_accuracy_threshold():
+  from experiments import unlearnable
+  from experiments.configs import unlearnable as ul_configs
+
+  ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
+  config = ul_configs.get_config("smoke")
+  config.protect.update(model_batch_size=32, noise_batch_size=32)
+  config.protect.emn.max_rounds = 3
+  mesh = parallel.make_mesh(4)
+  for stop, rounds in ((0.0, 1), (1.0, 3)):
+    config.protect.emn.stop_accuracy = stop
+    _, info = unlearnable.generate_emn(config, ds, mesh, classwise=True)
+    assert info["rounds"] == rounds
+    if rounds == 1:
+      assert info["train_accuracy"] > stop

@@ -2,6 +2,7 @@
 
 from aigc_jax.models.classifiers import (
   CLASSIFIERS,
+  ContrastiveNet,
   ResNet18,
   SmallCNN,
   count_params,
@@ -17,6 +18,7 @@ from aigc_jax.models.unet import DDPM_CIFAR10, DDPMUNet, timestep_embedding
 __all__ = [
   "CLASSIFIERS",
   "DDPM_CIFAR10",
+  "ContrastiveNet",
   "DDPMUNet",
   "FIDInceptionV3",
   "ResNet18",

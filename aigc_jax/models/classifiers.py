@@ -98,3 +98,29 @@ def make_classifier(name: str, num_classes: int, **kwargs) -> nn.Module:
 def count_params(params) -> int:
   """The number of scalars in a parameter pytree."""
   return sum(int(jnp.size(p)) for p in jax.tree.leaves(params))
+
+
+class ContrastiveNet(nn.Module):
+  """A classifier's backbone with SimCLR's projection head, and BYOL's
+  predictor when `predictor` is set.
+
+  Returns (features h, projection z, prediction p); p is z without a
+  predictor. The backbone's own classification head is not used.
+  """
+
+  backbone: nn.Module
+  proj_dim: int = 128
+  hidden: int = 512
+  predictor: bool = False
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    _, h = self.backbone(x, train=train, return_features=True)
+
+    def mlp(v, name):
+      v = nn.relu(nn.Dense(self.hidden, name=f"{name}_hidden")(v))
+      return nn.Dense(self.proj_dim, name=f"{name}_out")(v)
+
+    z = mlp(h, "projector")
+    p = mlp(z, "predictor") if self.predictor else z
+    return h, z, p

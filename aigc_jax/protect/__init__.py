@@ -1,5 +1,6 @@
 """Perturbations a data owner adds so that models cannot learn the data."""
 
+from aigc_jax.protect.cp import contrastive_objective
 from aigc_jax.protect.emn import (
   cross_entropy_objective,
   robust_objective,
@@ -31,6 +32,7 @@ __all__ = [
   "Budget",
   "apply_perturbation",
   "budget",
+  "contrastive_objective",
   "cross_entropy_objective",
   "denoising_objective",
   "eudp_policy",

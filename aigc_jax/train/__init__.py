@@ -1,7 +1,12 @@
 """Training: pure step functions for DDPMs and classifiers, and the one
 resumable data-parallel loop that drives them."""
 
-from aigc_jax.train.augment import plasma, random_crop_flip, ueraser_augment
+from aigc_jax.train.augment import (
+  plasma,
+  random_crop_flip,
+  simclr_augment,
+  ueraser_augment,
+)
 from aigc_jax.train.classifier import (
   ClassifierState,
   classifier_logits,
@@ -9,6 +14,17 @@ from aigc_jax.train.classifier import (
   classifier_train_step,
   init_classifier_state,
   pgd_attack,
+)
+from aigc_jax.train.contrastive import (
+  METHODS as CONTRASTIVE_METHODS,
+)
+from aigc_jax.train.contrastive import (
+  ContrastiveState,
+  contrastive_features,
+  contrastive_losses,
+  contrastive_train_step,
+  init_contrastive_state,
+  linear_probe_accuracy,
 )
 from aigc_jax.train.ddpm import (
   DDPMState,
@@ -20,20 +36,28 @@ from aigc_jax.train.ddpm import (
 from aigc_jax.train.loop import init_or_restore, train_loop
 
 __all__ = [
+  "CONTRASTIVE_METHODS",
   "ClassifierState",
+  "ContrastiveState",
   "DDPMState",
   "classifier_logits",
   "classifier_optimizer",
   "classifier_train_step",
+  "contrastive_features",
+  "contrastive_losses",
+  "contrastive_train_step",
   "ddpm_eps_fn",
   "ddpm_optimizer",
   "ddpm_train_step",
   "init_classifier_state",
+  "init_contrastive_state",
   "init_ddpm_state",
   "init_or_restore",
+  "linear_probe_accuracy",
   "pgd_attack",
   "plasma",
   "random_crop_flip",
+  "simclr_augment",
   "train_loop",
   "ueraser_augment",
 ]

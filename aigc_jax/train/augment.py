@@ -189,3 +189,107 @@ def ueraser_augment(key: jax.Array, images: jax.Array) -> jax.Array:
     return 2.0 * x - 1.0
 
   return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)
+
+
+def _resized_crop(key, img, scale, ratio):
+  """torchvision RandomResizedCrop to the input size: a crop of area
+  fraction U(scale) and log-uniform aspect ratio in `ratio` (clipped to the
+  image instead of re-drawn), bilinearly resampled. Differentiable in the
+  image, so contrastive poisoning can descend through it."""
+  h, w, _ = img.shape
+  a_key, r_key, t_key, l_key = jax.random.split(key, 4)
+  area = jax.random.uniform(a_key, (), minval=scale[0], maxval=scale[1])
+  log_r = jax.random.uniform(
+    r_key, (), minval=math.log(ratio[0]), maxval=math.log(ratio[1])
+  )
+  ch = jnp.clip(jnp.sqrt(area * jnp.exp(log_r)) * h, 1.0, h)
+  cw = jnp.clip(jnp.sqrt(area / jnp.exp(log_r)) * w, 1.0, w)
+  top = jax.random.uniform(t_key, ()) * (h - ch)
+  left = jax.random.uniform(l_key, ()) * (w - cw)
+  rows = top + (jnp.arange(h) + 0.5) * ch / h - 0.5
+  cols = left + (jnp.arange(w) + 0.5) * cw / w - 0.5
+  grid = jnp.meshgrid(rows, cols, indexing="ij")
+  sample = lambda c: jax.scipy.ndimage.map_coordinates(
+    c, grid, order=1, mode="nearest"
+  )
+  return jax.vmap(sample, in_axes=-1, out_axes=-1)(img)
+
+
+def _hue_shift(img01, shift):
+  """Rotates the chroma plane (YIQ) by `shift` turns: a differentiable
+  stand-in for torchvision's HSV hue shift."""
+  yiq = jnp.array(
+    [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]]
+  )
+  t = 2.0 * jnp.pi * shift
+  rot = jnp.array(
+    [
+      [1.0, 0.0, 0.0],
+      [0.0, jnp.cos(t), -jnp.sin(t)],
+      [0.0, jnp.sin(t), jnp.cos(t)],
+    ]
+  )
+  return img01 @ (jnp.linalg.inv(yiq) @ rot @ yiq).T
+
+
+def _colour_jitter(key, img01, strength):
+  """ColorJitter(0.4, 0.4, 0.4, 0.1) scaled by `strength`, in the fixed
+  order brightness, contrast, saturation, hue (torchvision permutes it)."""
+  b_key, c_key, s_key, h_key = jax.random.split(key, 4)
+  s = 0.4 * strength
+  factor = lambda k: jax.random.uniform(k, (), minval=1.0 - s, maxval=1.0 + s)
+  x = (img01 * factor(b_key)).clip(0.0, 1.0)
+  x = _blend(x, _luma(x).mean(), factor(c_key)).clip(0.0, 1.0)
+  if x.shape[-1] == 3:
+    x = _blend(x, _luma(x), factor(s_key)).clip(0.0, 1.0)
+    hue = 0.1 * strength
+    shift = jax.random.uniform(h_key, (), minval=-hue, maxval=hue)
+    x = _hue_shift(x, shift).clip(0.0, 1.0)
+  return x
+
+
+def simclr_augment(
+  key: jax.Array,
+  images: jax.Array,
+  *,
+  crop_scale: tuple[float, float] = (0.2, 1.0),
+  flip: bool = True,
+  jitter: float = 1.0,
+  jitter_prob: float = 0.8,
+  grayscale_prob: float = 0.2,
+) -> jax.Array:
+  """The contrastive-learning view of SimCLR, MoCo v2 and BYOL on CIFAR
+  (as in contrastive poisoning's differentiable kornia pipeline,
+  protection-methods.md §2.5): RandomResizedCrop(scale 0.2-1), horizontal
+  flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2.
+  Differentiable in `images`.
+
+  Args:
+    key: randomness; every image draws its own.
+    images: (B, H, W, C) in [-1, 1].
+    crop_scale: the range of the crop's area fraction.
+    flip: random horizontal flips (off for digits).
+    jitter: colour-jitter strength (1: SimCLR's CIFAR setting).
+    jitter_prob: probability of colour jitter.
+    grayscale_prob: probability of converting to grey (colour images).
+
+  Returns:
+    The views, (B, H, W, C) in [-1, 1].
+  """
+
+  def one(k, img):
+    keys = jax.random.split(k, 6)
+    x = _resized_crop(keys[0], (img + 1.0) / 2.0, crop_scale, (3 / 4, 4 / 3))
+    if flip:
+      x = jnp.where(jax.random.bernoulli(keys[1]), x[:, ::-1], x)
+    x = jnp.where(
+      jax.random.bernoulli(keys[2], jitter_prob),
+      _colour_jitter(keys[3], x, jitter),
+      x,
+    )
+    if x.shape[-1] == 3:
+      grey = jnp.broadcast_to(_luma(x), x.shape)
+      x = jnp.where(jax.random.bernoulli(keys[4], grayscale_prob), grey, x)
+    return 2.0 * x.clip(0.0, 1.0) - 1.0
+
+  return jax.vmap(one)(jax.random.split(key, images.shape[0]), images)

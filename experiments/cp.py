@@ -1,0 +1,410 @@
+"""Contrastive poisoning (CP-C class-wise, CP-S sample-wise; He et al.,
+ICLR 2023) and the contrastive learners it targets (SimCLR, MoCo v2,
+BYOL), measured as the linear-probe accuracy on the clean test set of an
+encoder trained on the poisoned data.
+
+  python experiments/cp.py --config=experiments/configs/cp.py[:variant] \
+    --workdir=DIR
+
+Writes `protections/cp_class.npz` and `protections/cp_sample.npz` (the
+format of experiments/unlearnable.py, which experiments/le.py reads),
+`encoders/<set>/<method>/` per trained encoder, `report.md` and
+metrics.jsonl. Re-running the command resumes.
+"""
+
+import functools
+import json
+import os
+import time
+
+if __package__ in (None, ""):
+  import launch
+else:
+  from experiments import launch
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm.auto import tqdm
+
+from aigc_jax import checkpoint, data, models, parallel, protect, record, train
+from experiments import train_classifier
+from experiments.unlearnable import make_protection, padded_batches
+
+PROTECTIONS = ("cp_class", "cp_sample")
+LABELS = {"clean": "clean", "cp_class": "CP-C", "cp_sample": "CP-S"}
+METHOD_LABELS = {"simclr": "SimCLR", "moco": "MoCo v2", "byol": "BYOL"}
+
+
+def _unroll():
+  return True if jax.default_backend() == "cpu" else 1
+
+
+def build_learner(config, method: str, learning_rate, num_steps=None):
+  """The `ContrastiveNet`, optimiser and bound train-step settings of a
+  contrastive learner (`method` in train.CONTRASTIVE_METHODS)."""
+  c, t = config.contrastive, config.train
+  kwargs = {k: v for k, v in config.model.items() if k != "name"}
+  backbone = models.make_classifier(config.model.name, 1, **kwargs)
+  model = models.ContrastiveNet(
+    backbone, c.proj_dim, c.hidden, predictor=method == "byol"
+  )
+  optimizer = train.classifier_optimizer(
+    learning_rate,
+    num_steps,
+    momentum=t.momentum,
+    weight_decay=t.weight_decay,
+    grad_clip=t.grad_clip or None,
+  )
+  settings = {
+    "method": method,
+    "temperature": c.moco_temperature if method == "moco" else c.temperature,
+  }
+  return model, optimizer, settings
+
+
+def augmenter(config):
+  return functools.partial(
+    train.simclr_augment,
+    crop_scale=tuple(config.contrastive.crop_scale),
+    flip=config.contrastive.flip,
+  )
+
+
+def _init_state(config, model, optimizer, method, key, image_shape):
+  return functools.partial(
+    train.init_contrastive_state,
+    model,
+    optimizer,
+    key,
+    image_shape,
+    method=method,
+    queue_size=config.contrastive.queue_size,
+  )
+
+
+def generate_cp(config, train_set, mesh, *, classwise, init=None):
+  """CP's min-min alternation (protection-methods.md §2.5): encoder steps
+  on views of x + δ, then descent steps on δ through the augmentation.
+
+  Args:
+    config: the experiment config (`protect`, `contrastive`, `attacker`).
+    train_set: the data to poison.
+    mesh: the device mesh.
+    classwise: one δ per class (CP-C) or per example (CP-S).
+    init: the starting δ per example (CP-S from CP-C); None: uniform in
+      the budget (the original's U(−ε, ε)).
+
+  Returns:
+    δ per example in model units, and {"rounds", "final_loss"}.
+  """
+  p = config.protect
+  g = p.cp_class if classwise else p.cp_sample
+  x = data.to_model_range(train_set.images)
+  labels = train_set.labels
+  n, num_classes = len(x), train_set.num_classes
+  model, optimizer, settings = build_learner(
+    config, config.attacker, p.learning_rate
+  )
+  augment = augmenter(config)
+  key = jax.random.fold_in(jax.random.key(config.seed), 19 + classwise)
+  init_key, model_key, noise_key, start_key = jax.random.split(key, 4)
+  state = train.init_or_restore(
+    _init_state(
+      config, model, optimizer, config.attacker, init_key, x.shape[1:]
+    ),
+    mesh,
+    None,
+  )
+  b = protect.budget(p.eps)
+  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  model_step = jax.jit(
+    lambda s, xb, db: train.contrastive_train_step(
+      s,
+      protect.apply_perturbation(xb, db),
+      model_key,
+      model=model,
+      optimizer=optimizer,
+      augment=augment,
+      target_momentum=config.contrastive.target_momentum,
+      **settings,
+    ),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+
+  def noise_step(s, xb, db, yb, k):
+    objective = protect.contrastive_objective(
+      lambda v1, v2: train.contrastive_losses(
+        model, s, s.params, v1, v2, **settings
+      )[0],
+      augment,
+    )
+    delta, losses = protect.pgd(
+      objective,
+      xb,
+      db,
+      k,
+      budget=b,
+      steps=g.pgd_steps,
+      step_size=g.step_size / protect.LEVELS_PER_UNIT,
+      ascent=False,
+      groups=yb if classwise else None,
+      unroll=_unroll(),
+    )
+    return delta, losses[-1]
+
+  noise_step = jax.jit(
+    noise_step, out_shardings=(rep if classwise else shard, rep)
+  )
+  shape = (num_classes, *x.shape[1:]) if classwise else x.shape
+  if init is not None:
+    delta = np.array(init, np.float32)
+  else:
+    delta = np.array(  # a writable copy
+      protect.init_perturbation(start_key, shape, b, random_start=True)
+    )
+  bs = -(-min(p.batch_size, n) // mesh.size) * mesh.size
+  per_epoch = data.steps_per_epoch(n, bs)
+  model_steps = g.model_steps or per_epoch
+  step, loss = 0, float("nan")
+  desc = "cp_class" if classwise else "cp_sample"
+  for r in tqdm(range(g.rounds), desc=desc):
+    for _ in range(model_steps):
+      idx = data.batch_indices(config.seed, step, n, bs)
+      d = delta[labels[idx]] if classwise else delta[idx]
+      state, _ = parallel.settle(
+        model_step(state, *parallel.shard_batch(mesh, (x[idx], d))), mesh
+      )
+      step += 1
+    if g.noise_batches:
+      batches = [
+        (
+          data.batch_indices(config.seed + 1, r * g.noise_batches + i, n, bs),
+          bs,
+        )
+        for i in range(g.noise_batches)
+      ]
+    else:
+      batches = list(padded_batches(n, bs))
+    for i, (idx, count) in enumerate(batches):
+      k = jax.random.fold_in(noise_key, r * 100_000 + i)
+      xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
+      if classwise:
+        out, loss = noise_step(state, xb, delta, yb, k)
+        delta = np.asarray(out)
+      else:
+        db = parallel.shard_batch(mesh, delta[idx])
+        out, loss = noise_step(state, xb, db, yb, k)
+        delta[idx[:count]] = np.asarray(out)[:count]
+  per_example = delta[labels] if classwise else delta
+  return per_example, {"rounds": g.rounds, "final_loss": float(loss)}
+
+
+def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
+  """Trains `method` on uint8 `images` and returns the linear-probe
+  accuracy of its features (probe fitted on the clean training set) on the
+  clean test set; read back if this cell finished."""
+  result_path = os.path.join(workdir, "result.json")
+  if os.path.exists(result_path):
+    with open(result_path) as f:
+      return json.load(f)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  x = data.to_model_range(images)
+  n, bs = len(x), config.train.batch_size
+  num_steps = config.train.num_epochs * data.steps_per_epoch(n, bs)
+  model, optimizer, settings = build_learner(
+    config, method, config.train.learning_rate, num_steps
+  )
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  state = train.init_or_restore(
+    _init_state(config, model, optimizer, method, init_key, x.shape[1:]),
+    mesh,
+    checkpointer,
+  )
+  augment = augmenter(config)
+  writer = record.MetricWriter(workdir, prefix="train/")
+  state = train.train_loop(
+    state,
+    lambda s, batch: train.contrastive_train_step(
+      s,
+      batch,
+      train_key,
+      model=model,
+      optimizer=optimizer,
+      augment=augment,
+      target_momentum=config.contrastive.target_momentum,
+      **settings,
+    ),
+    lambda step: x[data.batch_indices(config.seed, step, n, bs)],
+    num_steps=num_steps,
+    mesh=mesh,
+    checkpointer=checkpointer,
+    checkpoint_every=config.train.checkpoint_every,
+    log_every=config.train.log_every,
+    log_fn=writer.write,
+    desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
+  )
+  checkpointer.close()
+  features = jax.jit(
+    lambda im: train.contrastive_features(
+      model, state.params, state.batch_stats, im
+    )
+  )
+
+  def featurise(u8):
+    return parallel.batched_apply(
+      features, data.to_model_range(u8), batch_size=1000, mesh=mesh
+    )
+
+  accuracy = train.linear_probe_accuracy(
+    featurise(train_set.images),
+    train_set.labels,
+    featurise(test_set.images),
+    test_set.labels,
+    num_classes=train_set.num_classes,
+    steps=config.probe.steps,
+    learning_rate=config.probe.learning_rate,
+    weight_decay=config.probe.weight_decay,
+  )
+  result = {
+    "probe_accuracy": float(accuracy),
+    "steps": num_steps,
+    "seconds": round(time.time() - start, 1),
+  }
+  if jax.process_index() == 0:
+    with open(result_path, "w") as f:
+      json.dump(result, f)
+  return result
+
+
+def check_config(config, mesh) -> None:
+  """Fails on bad settings before any work."""
+  for name in config.protections:
+    if name not in PROTECTIONS:
+      raise ValueError(
+        f"Unknown protection {name!r}; choose from {PROTECTIONS}."
+      )
+  for method in (*config.methods, config.attacker):
+    if method not in train.CONTRASTIVE_METHODS:
+      raise ValueError(
+        f"Unknown contrastive method {method!r}; choose from "
+        f"{train.CONTRASTIVE_METHODS}."
+      )
+  protect.budget(config.protect.eps)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  check_config(config, mesh)
+  train_set, test_set = train_classifier.load_train_test(config)
+  writer = record.MetricWriter(workdir)
+  start = time.time()
+  b = protect.budget(config.protect.eps)
+  sets, infos = {"clean": train_set.images}, {}
+  for name in PROTECTIONS:  # CP-C first: CP-S starts from it
+    if name not in config.protections:
+      continue
+    init = None
+    if name == "cp_sample" and "cp_class" in sets:
+      init = data.to_model_range(sets["cp_class"]) - data.to_model_range(
+        train_set.images
+      )
+    sets[name], infos[name] = make_protection(
+      workdir,
+      name,
+      train_set,
+      b,
+      functools.partial(
+        generate_cp,
+        config,
+        train_set,
+        mesh,
+        classwise=name == "cp_class",
+        init=init,
+      ),
+    )
+    writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
+  results = {}
+  for set_name, images in sets.items():
+    for method in config.methods:
+      results[set_name, method] = train_encoder(
+        config,
+        os.path.join(workdir, "encoders", set_name, method),
+        images,
+        method,
+        train_set,
+        test_set,
+        mesh,
+      )
+      writer.write(
+        0,
+        {
+          f"eval/{set_name}/{method}/{k}": v
+          for k, v in results[set_name, method].items()
+        },
+      )
+  total = round(time.time() - start, 1)
+  record.write_report(
+    workdir, cp_report(config, workdir, results, infos, total)
+  )
+  return {
+    "probe_accuracy": {
+      f"{s}/{m}": r["probe_accuracy"] for (s, m), r in results.items()
+    },
+    "protections": infos,
+    "seconds": total,
+  }
+
+
+def cp_report(config, workdir, results, infos, total) -> str:
+  sets = ["clean", *infos]
+  table = record.markdown_table(
+    ["learner"] + [LABELS[s] for s in sets],
+    [
+      [METHOD_LABELS[m]]
+      + [f"{100 * results[s, m]['probe_accuracy']:.1f}" for s in sets]
+      for m in config.methods
+    ],
+  )
+  ptable = record.markdown_table(
+    ["protection", "budget", "L∞ (/255)", "rounds", "final loss", "time (s)"],
+    [
+      [
+        LABELS[s],
+        f"{i['norm']} {i['eps_255']:.3g}/255",
+        f"{i['linf_255']:.0f}",
+        i["rounds"],
+        f"{i['final_loss']:.3f}",
+        i["seconds"],
+      ]
+      for s, i in infos.items()
+    ],
+  )
+  title = f"Contrastive poisoning on {config.data.train}"
+  return f"""# {title} (variant `{config.variant}`)
+
+Command:
+
+    python experiments/cp.py \\
+      --config=experiments/configs/cp.py:{config.variant} --workdir={workdir}
+
+Linear-probe accuracy (%) on the clean test set of a {config.model.name}
+encoder trained for {config.train.num_epochs} epochs on each set (columns)
+with each learner (rows); the probe is fitted on frozen features of the
+clean training set. The poison is generated against
+{METHOD_LABELS[config.attacker]}. Total time {total} s.
+
+{table}
+## The protections
+
+{ptable}
+Protected sets: `protections/<name>.npz` (uint8 `images`, `labels`, `delta`).
+"""
+
+
+if __name__ == "__main__":
+  launch.main(train_and_evaluate, __file__)
