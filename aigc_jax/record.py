@@ -105,3 +105,19 @@ def write_report(workdir: str, text: str) -> str:
     with open(path, "w") as f:
       f.write(text)
   return path
+
+
+def cached_result(workdir: str, compute) -> dict:
+  """`compute()` once for this cell of an experiment, its dict saved as
+  `workdir/result.json` (by process 0) and read back on every later call,
+  so a re-run skips finished cells."""
+  path = os.path.join(workdir, "result.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  result = compute()
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      json.dump(result, f)
+  return result

@@ -13,7 +13,6 @@ metrics.jsonl. Re-running the command resumes.
 """
 
 import functools
-import json
 import os
 import time
 
@@ -61,6 +60,21 @@ def build_learner(config, method: str, learning_rate, num_steps=None):
     "temperature": c.moco_temperature if method == "moco" else c.temperature,
   }
   return model, optimizer, settings
+
+
+def learner_step(config, model, optimizer, settings, key):
+  """`(state, images) -> (state, metrics)`: one step of the learner on two
+  fresh `simclr_augment` views of `images`."""
+  return lambda s, images: train.contrastive_train_step(
+    s,
+    images,
+    key,
+    model=model,
+    optimizer=optimizer,
+    augment=augmenter(config),
+    target_momentum=config.contrastive.target_momentum,
+    **settings,
+  )
 
 
 def augmenter(config):
@@ -118,17 +132,9 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
   )
   b = protect.budget(p.eps)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  encoder_step = learner_step(config, model, optimizer, settings, model_key)
   model_step = jax.jit(
-    lambda s, xb, db: train.contrastive_train_step(
-      s,
-      protect.apply_perturbation(xb, db),
-      model_key,
-      model=model,
-      optimizer=optimizer,
-      augment=augment,
-      target_momentum=config.contrastive.target_momentum,
-      **settings,
-    ),
+    lambda s, xb, db: encoder_step(s, protect.apply_perturbation(xb, db)),
     out_shardings=(rep, rep),
     donate_argnums=0,
   )
@@ -205,10 +211,15 @@ def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
   """Trains `method` on uint8 `images` and returns the linear-probe
   accuracy of its features (probe fitted on the clean training set) on the
   clean test set; read back if this cell finished."""
-  result_path = os.path.join(workdir, "result.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+  return record.cached_result(
+    workdir,
+    functools.partial(
+      _train_encoder, config, workdir, images, method, train_set, test_set, mesh
+    ),
+  )
+
+
+def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   x = data.to_model_range(images)
@@ -224,20 +235,10 @@ def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
     mesh,
     checkpointer,
   )
-  augment = augmenter(config)
   writer = record.MetricWriter(workdir, prefix="train/")
   state = train.train_loop(
     state,
-    lambda s, batch: train.contrastive_train_step(
-      s,
-      batch,
-      train_key,
-      model=model,
-      optimizer=optimizer,
-      augment=augment,
-      target_momentum=config.contrastive.target_momentum,
-      **settings,
-    ),
+    learner_step(config, model, optimizer, settings, train_key),
     lambda step: x[data.batch_indices(config.seed, step, n, bs)],
     num_steps=num_steps,
     mesh=mesh,
@@ -269,15 +270,11 @@ def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
     learning_rate=config.probe.learning_rate,
     weight_decay=config.probe.weight_decay,
   )
-  result = {
+  return {
     "probe_accuracy": float(accuracy),
     "steps": num_steps,
     "seconds": round(time.time() - start, 1),
   }
-  if jax.process_index() == 0:
-    with open(result_path, "w") as f:
-      json.dump(result, f)
-  return result
 
 
 def check_config(config, mesh) -> None:

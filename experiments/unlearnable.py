@@ -402,10 +402,15 @@ def apply_countermeasure_to_data(config, name, images):
 def train_victim(config, workdir, images, labels, test_set, name, mesh):
   """Trains the victim on uint8 `images` under countermeasure `name` and
   returns its clean test accuracy (read back if this cell finished)."""
-  result_path = os.path.join(workdir, "result.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+  return record.cached_result(
+    workdir,
+    functools.partial(
+      _train_victim, config, workdir, images, labels, test_set, name, mesh
+    ),
+  )
+
+
+def _train_victim(config, workdir, images, labels, test_set, name, mesh):
   if name not in COUNTERMEASURES:
     raise ValueError(
       f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
@@ -490,15 +495,11 @@ def train_victim(config, workdir, images, labels, test_set, name, mesh):
     config.eval_batch_size,
     mesh,
   )
-  result = {
+  return {
     "test_accuracy": float(accuracy(logits, test_set.labels)),
     "steps": num_steps,
     "seconds": round(time.time() - start, 1),
   }
-  if jax.process_index() == 0:
-    with open(result_path, "w") as f:
-      json.dump(result, f)
-  return result
 
 
 def check_config(config, mesh) -> None:

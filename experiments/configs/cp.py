@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(
     {
       "batch_size": 256,
-      "num_epochs": 150,
+      "num_epochs": 100,
       "learning_rate": 0.1,
       "momentum": 0.9,
       "weight_decay": 1e-4,
@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "learning_rate": 0.1,
       "batch_size": 256,
       "cp_class": {
-        "rounds": 100,
+        "rounds": 60,
         "model_steps": 5,
         "noise_batches": 5,
         "pgd_steps": 1,
