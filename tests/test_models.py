@@ -87,3 +87,15 @@ def test_small_cnn_features_and_grad():
   assert g.shape == x.shape
   with pytest.raises(ValueError, match="resnet18"):
     make_classifier("vgg", 10)
+
+
+def test_small_cnn_norm_adds_batchnorm_and_keeps_the_plain_names():
+  x = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+  plain = SmallCNN(width=8).init(jax.random.key(0), x)
+  normed = SmallCNN(width=8, norm=True)
+  variables = normed.init(jax.random.key(0), x)
+  assert "batch_stats" not in plain and "batch_stats" in variables
+  assert set(plain["params"]) < set(variables["params"])
+  _, updates = normed.apply(variables, x, train=True, mutable=["batch_stats"])
+  before = variables["batch_stats"]["bn0a"]["mean"]
+  assert not jnp.allclose(updates["batch_stats"]["bn0a"]["mean"], before)

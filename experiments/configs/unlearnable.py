@@ -117,9 +117,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.data.train = local + "train_jpeg.npz"
       c.data.test = local + "test_dev.npz"
       c.data.limit = 2500
-      small = ml_collections.ConfigDict({"name": "small_cnn", "width": 16})
-      c.model = small
-      c.protect.model = small.copy_and_resolve_references()
+      # The victim has BatchNorm (without it adversarial training and
+      # UEraser stay at chance here); the generator is the plain net.
+      c.model = ml_collections.ConfigDict(
+        {"name": "small_cnn", "width": 16, "norm": True}
+      )
+      c.protect.model = ml_collections.ConfigDict(
+        {"name": "small_cnn", "width": 16}
+      )
       c.train.update(num_epochs=20, learning_rate=0.05, grad_clip=0.0)
       c.protect.remn.update(
         model_steps=300,
