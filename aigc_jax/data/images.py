@@ -71,6 +71,24 @@ def to_uint8(images) -> np.ndarray:
   return np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
 
 
+def resize_images(images, size: int, *, crop: int = 0) -> np.ndarray:
+  """uint8 NHWC images cut by `crop` pixels on every side, then resized to
+  size x size with Pillow's box (area-average) filter, which is what
+  downsampling a digit to a coarse grid needs."""
+  check_uint8_images(images)
+  images = np.asarray(images)
+  h, w = images.shape[1:3]
+  if not 0 <= 2 * crop < min(h, w):
+    raise ValueError(f"Cannot crop {crop} pixels a side from {h}x{w} images.")
+  images = images[:, crop : h - crop, crop : w - crop]
+  out = []
+  for img in images:
+    pil = Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img)
+    out.append(np.asarray(pil.resize((size, size), Image.BOX)))
+  out = np.stack(out)
+  return out[..., None] if out.ndim == 3 else out
+
+
 def image_grid(
   images, ncol: int | None = None, min_size: int = 32
 ) -> np.ndarray:

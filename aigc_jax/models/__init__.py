@@ -13,11 +13,21 @@ from aigc_jax.models.inception import (
   fid_features,
   load_fid_inception,
 )
+from aigc_jax.models.lpips import (
+  LPIPS,
+  LPIPS_BACKBONES,
+  load_lpips,
+  lpips_distance,
+  lpips_weights_path,
+  resize_for_lpips,
+)
 from aigc_jax.models.unet import DDPM_CIFAR10, DDPMUNet, timestep_embedding
 
 __all__ = [
   "CLASSIFIERS",
   "DDPM_CIFAR10",
+  "LPIPS",
+  "LPIPS_BACKBONES",
   "ContrastiveNet",
   "DDPMUNet",
   "FIDInceptionV3",
@@ -26,6 +36,10 @@ __all__ = [
   "count_params",
   "fid_features",
   "load_fid_inception",
+  "load_lpips",
+  "lpips_distance",
+  "lpips_weights_path",
   "make_classifier",
+  "resize_for_lpips",
   "timestep_embedding",
 ]

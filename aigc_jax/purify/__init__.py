@@ -6,13 +6,31 @@ from aigc_jax.purify.iss import (
   grayscale,
   squeeze,
 )
+from aigc_jax.purify.jcdp import (
+  GUIDANCE_SCHEDULES,
+  OFFICIAL_SCALE,
+  diffusion_purify,
+  guidance_weights,
+  jcdp_purify,
+  joint_energy,
+  lpips_guidance_distance,
+  mse_distance,
+)
 from aigc_jax.purify.transforms import gaussian_blur, jpeg_compress
 
 __all__ = [
+  "GUIDANCE_SCHEDULES",
   "ISS_METHODS",
+  "OFFICIAL_SCALE",
   "bit_depth_reduction",
+  "diffusion_purify",
   "gaussian_blur",
   "grayscale",
+  "guidance_weights",
+  "jcdp_purify",
+  "joint_energy",
   "jpeg_compress",
+  "lpips_guidance_distance",
+  "mse_distance",
   "squeeze",
 ]

