@@ -46,7 +46,10 @@ def check_model_images(images, name: str = "images") -> None:
     )
   if isinstance(images, jax.core.Tracer):
     return
-  lo, hi = float(np.min(images)), float(np.max(images))
+  # np.asarray first: a concrete array closed over by a traced function
+  # would otherwise be reduced by a staged (traced) operation.
+  values = np.asarray(images)
+  lo, hi = float(values.min()), float(values.max())
   if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
     hint = (
       " They look like [0, 255] values: use to_model_range on the uint8 array."
