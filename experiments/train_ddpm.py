@@ -42,11 +42,22 @@ def build_ddpm(config):
   return model, schedule, optimizer
 
 
+def training_policy(config, schedule) -> diffusion.TimestepPolicy:
+  """The timesteps DDPM training draws: all of them, or t < max_timestep
+  when the model is only ever queried there (a purifier that diffuses to
+  t* needs the denoiser at t <= t* only)."""
+  max_t = config.train.get("max_timestep", 0)
+  if not max_t:
+    return diffusion.uniform_policy(schedule.num_timesteps)
+  return diffusion.window_policy(schedule.num_timesteps, 0, max_t)
+
+
 def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
   """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
   x = data.to_model_range(images)
   model, schedule, optimizer = build_ddpm(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  policy = training_policy(config, schedule)
   init_fn = functools.partial(
     train.init_ddpm_state, model, optimizer, init_key, x.shape[1:]
   )
@@ -60,6 +71,7 @@ def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
     optimizer=optimizer,
     schedule=schedule,
     ema_decay=config.train.ema_decay,
+    policy=policy,
   )
   batch_fn = lambda step: x[
     data.batch_indices(config.seed, step, len(x), config.train.batch_size)
@@ -148,6 +160,11 @@ def recognisability(config, samples, classifier, mesh) -> dict:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_size(config.train.batch_size, mesh)
+  if config.train.get("max_timestep", 0):
+    raise ValueError(
+      f"train.max_timestep={config.train.max_timestep}: a model trained on "
+      "early timesteps only cannot sample from noise; set it to 0 here."
+    )
   name, split = data.parse_source(config.data.train)
   train_set = data.load_dataset(
     name, split, data_dir=config.data.data_dir or None

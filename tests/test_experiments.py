@@ -255,3 +255,91 @@ def test_cp_rejects_unknown_methods_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="Unknown contrastive method 'swav'"):
     cp.train_and_evaluate(config, str(tmp_path))
   assert not os.listdir(tmp_path)
+
+
+def test_le_smoke_purifies_trains_and_resumes(tmp_path):
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  result, workdir = _run(le, config, tmp_path / "le")
+  cells = le.victim_cells(config)
+  assert ("lsp", "le_mse") in cells and ("emn_class", "le_mse") not in cells
+  assert set(result["accuracy"]) == {f"{s}/{r}" for s, r in cells}
+  assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+  shape = train_classifier.load_train_test(config)[0].images.shape
+  for key in result["purification"]:
+    name, set_name = key.split("/")
+    path = os.path.join(workdir, "purified", name, f"{set_name}.npz")
+    with np.load(path) as f:
+      assert f["images"].dtype == np.uint8 and f["images"].shape == shape
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read()
+  assert "| LE (JCDP) |" in report and "mean over the protections" in report
+  # Same command again: purified sets and victims are read back.
+  again, _ = _run(le, config, tmp_path / "le")
+  assert again["accuracy"] == result["accuracy"]
+  assert again["purification"] == result["purification"]
+
+
+def test_le_names_missing_protections_and_unknown_purifiers(tmp_path):
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  config.purifiers = ("avatar", "diffpure")
+  with pytest.raises(ValueError, match="Unknown purifier 'diffpure'"):
+    le.train_and_evaluate(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+  config = le_configs.get_config("smoke")
+  config.protections_from = str(tmp_path / "no_run")
+  with pytest.raises(FileNotFoundError, match="experiments/unlearnable.py"):
+    le.train_and_evaluate(config, str(tmp_path / "le"))
+
+
+def test_le_manifold_leaves_out_the_protected_images():
+  import hashlib
+
+  from aigc_jax import data
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  config.manifold.update(source="digits:all", crop=0, limit=0)
+  train_set = train_classifier.load_train_test(config)[0]
+  manifold = le.manifold_images(config, train_set)
+  digest = lambda x: hashlib.sha1(x.tobytes()).digest()
+  protected = {digest(x) for x in train_set.images}
+  everything = data.load_dataset("digits", "all").images
+  assert not any(digest(x) in protected for x in manifold)
+  assert len(manifold) == sum(digest(x) not in protected for x in everything)
+  assert 0 < len(manifold) < len(everything)
+  config.manifold.source = config.data.train  # nothing left to learn from
+  with pytest.raises(ValueError, match="has no images left"):
+    le.manifold_images(config, train_set)
+
+
+def test_le_purification_is_the_same_on_one_and_four_devices():
+  import jax
+
+  from aigc_jax import models, parallel, train
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  model, _, optimizer = train_ddpm.build_ddpm(config.ddpm)
+  state = train.init_ddpm_state(
+    model, optimizer, jax.random.key(0), (8, 8, 1)
+  )
+  fn = le.make_purify_fn(config, state.ema_params, models.load_lpips(), "le")
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
+  inputs = (images, np.arange(10, dtype=np.int32))
+  out = {
+    n: parallel.batched_apply(
+      fn, inputs, batch_size=8, mesh=parallel.make_mesh(n)
+    )
+    for n in (1, 4)
+  }
+  np.testing.assert_allclose(out[1], out[4], atol=1e-5)
+  assert not np.allclose(out[1], images, atol=1e-3)

@@ -105,6 +105,25 @@ def guidance_weights(
   )
 
 
+def weighted_term(
+  weight: jax.Array, distance: Distance, x: jax.Array, y: jax.Array
+) -> jax.Array:
+  """weight * distance(x, y), without evaluating the distance at steps
+  whose weight is zero (the "original" schedule zeroes each term on half
+  the steps, and LPIPS costs more than the denoiser on small images).
+
+  `weight` is per image, (B,). A `lax.cond` on whether any is non-zero
+  skips the work when the step is not vmapped over (vmap over images keeps
+  the step shared); vmapped over weights it becomes a select and computes
+  both sides, with the same result.
+  """
+  return jax.lax.cond(
+    jnp.any(weight != 0),
+    lambda: weight * distance(x, y),
+    lambda: jnp.zeros(x.shape[:1], x.dtype),
+  )
+
+
 def joint_energy(
   protected: jax.Array,
   schedule: NoiseSchedule,
@@ -123,9 +142,9 @@ def joint_energy(
   def energy(x, t, key):
     noise = jax.random.normal(key, protected.shape, protected.dtype)
     reference = q_sample(schedule, protected, t, noise)
-    value = mse_weights[t] * mse_distance(x, reference)
+    value = weighted_term(mse_weights[t], mse_distance, x, reference)
     if perceptual is not None:
-      value += lpips_weights[t] * perceptual(x, reference)
+      value += weighted_term(lpips_weights[t], perceptual, x, reference)
     return value
 
   return energy

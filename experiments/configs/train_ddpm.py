@@ -48,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "ema_decay": 0.995,
       "checkpoint_every": 500,
       "log_every": 100,
+      # > 0: train on t < max_timestep only (for a model that is only
+      # queried there, e.g. by a purifier); 0: all timesteps.
+      "max_timestep": 0,
     }
   )
   c.sample = ml_collections.ConfigDict(
