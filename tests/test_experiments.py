@@ -315,8 +315,9 @@ def test_le_manifold_leaves_out_the_protected_images():
   assert len(manifold) == sum(digest(x) not in protected for x in everything)
   assert 0 < len(manifold) < len(everything)
   config.manifold.source = config.data.train  # nothing left to learn from
+  config.data.limit = 0
   with pytest.raises(ValueError, match="has no images left"):
-    le.manifold_images(config, train_set)
+    le.manifold_images(config, train_classifier.load_train_test(config)[0])
 
 
 def test_le_purification_is_the_same_on_one_and_four_devices():
