@@ -293,7 +293,7 @@ def test_le_names_missing_protections_and_unknown_purifiers(tmp_path):
   assert not os.listdir(tmp_path)
   config = le_configs.get_config("smoke")
   config.protections_from = str(tmp_path / "no_run")
-  with pytest.raises(FileNotFoundError, match="experiments/unlearnable.py"):
+  with pytest.raises(FileNotFoundError, match=r"experiments/unlearnable\.py"):
     le.train_and_evaluate(config, str(tmp_path / "le"))
 
 
@@ -329,9 +329,7 @@ def test_le_purification_is_the_same_on_one_and_four_devices():
 
   config = le_configs.get_config("smoke")
   model, _, optimizer = train_ddpm.build_ddpm(config.ddpm)
-  state = train.init_ddpm_state(
-    model, optimizer, jax.random.key(0), (8, 8, 1)
-  )
+  state = train.init_ddpm_state(model, optimizer, jax.random.key(0), (8, 8, 1))
   fn = le.make_purify_fn(config, state.ema_params, models.load_lpips(), "le")
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
