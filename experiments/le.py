@@ -13,20 +13,29 @@ Steps, each cached in the workdir so that a re-run resumes:
   3. each training set purified by each purifier
      (`purified/<purifier>/<set>.npz`, with a grid of protected / purified);
   4. a victim per (set, countermeasure or purifier) (`victims/`);
-  5. `report.md` and metrics.jsonl.
+  5. with `contrastive_from` (an experiments/cp.py workdir): its CP sets
+     purified, and a contrastive encoder per (set, purifier, learner)
+     (`encoders/`), beside that run's clean and vanilla encoders;
+  6. with `udp_from` (an experiments/udp.py workdir): its clean and
+     protected sets purified, and a DDPM trained and scored on each
+     (`udp_eval/`) with that run's evaluation, beside its own results;
+  7. `report.md` and metrics.jsonl.
 """
 
 import functools
 import hashlib
 import os
 import time
+from typing import NamedTuple
 
 if __package__ in (None, ""):
+  import cp
   import launch
   import train_ddpm
+  import udp
   import unlearnable
 else:
-  from experiments import launch, train_ddpm, unlearnable
+  from experiments import cp, launch, train_ddpm, udp, unlearnable
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +47,14 @@ from aigc_jax.metrics import psnr
 from experiments import train_classifier
 
 PURIFIERS = ("avatar", "le", "le_paper", "le_mse", "le_lpips")
+SHORT_LABELS = {
+  "none": "",
+  "avatar": " + AVATAR-style",
+  "le": " + LE",
+  "le_paper": " + LE (paper's form)",
+  "le_mse": " + LE (MSE only)",
+  "le_lpips": " + LE (LPIPS only)",
+}
 PURIFIER_LABELS = {
   "avatar": "AVATAR-style (unguided diffusion purification)",
   "le": "LE (JCDP)",
@@ -47,15 +64,15 @@ PURIFIER_LABELS = {
 }
 
 
-def manifold_images(config, train_set: data.Dataset) -> np.ndarray:
+def manifold_images(config, exclude: np.ndarray) -> np.ndarray:
   """The learnable manifold's images: config.manifold's source, cut and
-  resized to the protected images' shape, without any image that is also in
-  the protected training set (that would leak), then a class-balanced
-  subset of `limit` (all when 0)."""
+  resized to the shape of the uint8 `exclude` images (the clean originals
+  of every set to be purified), without any image among them (that would
+  leak), then a class-balanced subset of `limit` (all when 0)."""
   m = config.manifold
   name, split = data.parse_source(m.source)
   ds = data.load_dataset(name, split, data_dir=config.data.data_dir or None)
-  h, w, c = train_set.images.shape[1:]
+  h, w, c = exclude.shape[1:]
   images = ds.images
   if images.shape[1:3] != (h, w) or m.crop:
     images = data.resize_images(images, h, crop=m.crop)
@@ -66,7 +83,7 @@ def manifold_images(config, train_set: data.Dataset) -> np.ndarray:
         f"protected images {c}; choose a source with {c} channels."
       )
     images = np.repeat(images, c, axis=-1)
-  protected = {hashlib.sha1(x.tobytes()).digest() for x in train_set.images}
+  protected = {hashlib.sha1(x.tobytes()).digest() for x in exclude}
   fresh = np.array(
     [hashlib.sha1(x.tobytes()).digest() not in protected for x in images]
   )
@@ -106,6 +123,75 @@ def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
         "from other data."
       )
   return sets, infos
+
+
+class UpstreamRun(NamedTuple):
+  """Another experiment's finished run whose sets LE purifies.
+
+  Attributes:
+    path: its workdir.
+    config: the config it ran with (its training and evaluation recipe,
+      reused so that purified and unpurified sets are treated alike).
+    train_set: its clean training set.
+    test_set: its clean test set.
+    sets: its training sets (uint8) by name, "clean" first.
+  """
+
+  path: str
+  config: ml_collections.ConfigDict
+  train_set: data.Dataset
+  test_set: data.Dataset
+  sets: dict[str, np.ndarray]
+
+
+def load_upstream_run(path, script, set_paths, like) -> UpstreamRun:
+  """The run of experiments/<script> in `path` and its sets.
+
+  Args:
+    path: the run's workdir.
+    script: the experiment that made it ("cp.py", "udp.py"), for errors.
+    set_paths: `config -> {set name: .npz path relative to path}`.
+    like: uint8 images of the shape the DDPM purifies.
+  """
+  try:
+    config = ml_collections.ConfigDict(record.load_config_json(path))
+  except FileNotFoundError:
+    raise FileNotFoundError(
+      f"{path} holds no run of experiments/{script}: run it with "
+      f"--workdir={path} first, or leave this setting empty."
+    ) from None
+  train_set, test_set = train_classifier.load_train_test(config)
+  if train_set.images.shape[1:] != like.shape[1:]:
+    raise ValueError(
+      f"The run in {path} has images of shape {train_set.images.shape[1:]}, "
+      f"the purifying DDPM's are {like.shape[1:]}: run it on data of the "
+      "same shape."
+    )
+  sets = {"clean": train_set.images}
+  for name, rel in set_paths(config).items():
+    npz = os.path.join(path, rel)
+    if not os.path.exists(npz):
+      raise FileNotFoundError(
+        f"{npz} does not exist: run experiments/{script} to the end with "
+        f"--workdir={path}."
+      )
+    with np.load(npz) as f:
+      sets[name] = f["images"]
+  return UpstreamRun(path, config, train_set, test_set, sets)
+
+
+def cp_set_paths(cp_config) -> dict[str, str]:
+  return {
+    name: os.path.join("protections", f"{name}.npz")
+    for name in cp_config.protections
+  }
+
+
+def udp_set_paths(udp_config) -> dict[str, str]:
+  return {
+    method: os.path.join("protect", udp.set_slug(method), "protected.npz")
+    for method in udp_config.protect.methods
+  }
 
 
 def purifier_settings(config, name: str) -> dict | None:
@@ -221,6 +307,12 @@ def check_config(config, mesh) -> None:
         f"clean_rows names {row!r}, which is not among the countermeasures "
         f"and purifiers {rows}."
       )
+  for method in config.contrastive_methods:
+    if method not in train.CONTRASTIVE_METHODS:
+      raise ValueError(
+        f"Unknown contrastive method {method!r}; choose from "
+        f"{train.CONTRASTIVE_METHODS}."
+      )
   parallel.check_batch_size(config.ddpm.train.batch_size, mesh)
   if not 0 <= config.purify.split < config.purify.t_star:
     raise ValueError(
@@ -229,50 +321,135 @@ def check_config(config, mesh) -> None:
     )
 
 
+def make_purifier(config, workdir, params, lpips_variables, mesh, writer):
+  """`purify(row, set_name, images, clean) -> purified uint8` and the dict
+  it fills with each result's quality (PSNR to the `clean` originals and to
+  the input, seconds); each purified set is computed once into the workdir.
+  """
+  fns, quality = {}, {}
+
+  def purify_set(row, set_name, images, clean):
+    if row not in fns:
+      fns[row] = make_purify_fn(config, params, lpips_variables, row)
+    out, seconds = purified_set(
+      config, workdir, row, set_name, images, fns[row], mesh
+    )
+    quality[row, set_name] = {
+      "input_psnr_to_clean_db": mean_psnr(images, clean),
+      "psnr_to_clean_db": mean_psnr(out, clean),
+      "psnr_to_input_db": mean_psnr(out, images),
+      "seconds": seconds,
+    }
+    writer.write(
+      0,
+      {
+        f"purify/{row}/{set_name}/{k}": v
+        for k, v in quality[row, set_name].items()
+      },
+    )
+    return out
+
+  return purify_set, quality
+
+
+def contrastive_results(config, workdir, run: UpstreamRun, purify_set, mesh):
+  """Linear-probe accuracy of each learner in `contrastive_methods` on the
+  CP run's sets as they are (that run's own encoders, read back) and after
+  each purifier: {(set, row, learner): result}."""
+  results = {}
+  for set_name, images in run.sets.items():
+    rows = ["none"] if set_name == "clean" else ["none", *config.purifiers]
+    for row in rows:
+      if row == "none":
+        root, x = os.path.join(run.path, "encoders", set_name), images
+      else:
+        root = os.path.join(workdir, "encoders", row, set_name)
+        x = purify_set(row, f"cp/{set_name}", images, run.sets["clean"])
+      for method in config.contrastive_methods:
+        results[set_name, row, method] = cp.train_encoder(
+          run.config,
+          os.path.join(root, method),
+          x,
+          method,
+          run.train_set,
+          run.test_set,
+          mesh,
+        )
+  return results
+
+
+def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
+  """The UDP run's evaluation (a fresh DDPM trained on the set, its samples
+  scored by that run's classifier) of its clean and protected sets as they
+  are (that run's results, read back) and after each purifier:
+  {(set, row): result}."""
+  c = run.config
+  *classifier, _ = train_classifier.trained_classifier(
+    c.eval.classifier, os.path.join(run.path, "classifier")
+  )
+  x_test = data.to_model_range(run.test_set.images)
+  real = train_classifier.predict_logits(
+    *classifier, x_test, 1000, mesh, return_features=True
+  )
+  results = {}
+  for set_name, images in run.sets.items():
+    slug = udp.set_slug(set_name)
+    for row in ("none", *config.purifiers):
+      if row == "none":
+        root, x = os.path.join(run.path, "eval", slug), images
+      else:
+        root = os.path.join(workdir, "udp_eval", row, slug)
+        x = purify_set(row, f"udp/{slug}", images, run.sets["clean"])
+      results[set_name, row] = udp.evaluate_training_set(
+        c, root, x, classifier, real, x_test, mesh
+      )
+  return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_config(config, mesh)
   train_set, test_set = train_classifier.load_train_test(config)
+  like = train_set.images
+  cp_run = udp_run = None
+  if config.contrastive_from:
+    cp_run = load_upstream_run(
+      config.contrastive_from, "cp.py", cp_set_paths, like
+    )
+    missing = set(config.contrastive_methods) - set(cp_run.config.methods)
+    if missing:
+      raise ValueError(
+        f"contrastive_methods {sorted(missing)} were not trained by the run "
+        f"in {config.contrastive_from} (methods {cp_run.config.methods}); "
+        "choose among those, so that the unpurified rows are that run's."
+      )
+  if config.udp_from:
+    udp_run = load_upstream_run(config.udp_from, "udp.py", udp_set_paths, like)
   writer = record.MetricWriter(workdir)
   start = time.time()
   protected, infos = load_protections(config, workdir, train_set, mesh)
   sets = {"clean": train_set.images, **protected}
 
-  manifold = manifold_images(config, train_set)
+  originals = [r.train_set.images for r in (cp_run, udp_run) if r]
+  manifold = manifold_images(config, np.concatenate([like, *originals]))
   ddpm_start = time.time()
   state = train_ddpm.train_ddpm(
     config.ddpm, os.path.join(workdir, "ddpm"), manifold, mesh, desc="ddpm"
   )
   ddpm_seconds = round(time.time() - ddpm_start, 1)
-  lpips_variables = models.load_lpips(config.purify.lpips)
-  purified, quality, results, purify_fns = {}, {}, {}, {}
+  purify_set, quality = make_purifier(
+    config,
+    workdir,
+    state.ema_params,
+    models.load_lpips(config.purify.lpips),
+    mesh,
+    writer,
+  )
+  results = {}
   for set_name, row in victim_cells(config):
     images = sets[set_name]
     if row in PURIFIERS:
-      if (row, set_name) not in purified:
-        if row not in purify_fns:
-          purify_fns[row] = make_purify_fn(
-            config, state.ema_params, lpips_variables, row
-          )
-        purified[row, set_name], seconds = purified_set(
-          config, workdir, row, set_name, images, purify_fns[row], mesh
-        )
-        quality[row, set_name] = {
-          "input_psnr_to_clean_db": mean_psnr(images, train_set.images),
-          "psnr_to_clean_db": mean_psnr(
-            purified[row, set_name], train_set.images
-          ),
-          "psnr_to_input_db": mean_psnr(purified[row, set_name], images),
-          "seconds": seconds,
-        }
-        writer.write(
-          0,
-          {
-            f"purify/{row}/{set_name}/{k}": v
-            for k, v in quality[row, set_name].items()
-          },
-        )
-      images = purified[row, set_name]
+      images = purify_set(row, set_name, images, train_set.images)
     results[set_name, row] = unlearnable.train_victim(
       config,
       os.path.join(workdir, "victims", set_name, row),
@@ -289,35 +466,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         for k, v in results[set_name, row].items()
       },
     )
+  cp_results = udp_eval = None
+  if cp_run:
+    cp_results = contrastive_results(config, workdir, cp_run, purify_set, mesh)
+    writer.write(
+      0,
+      {
+        f"contrastive/{s}/{r}/{m}/probe_accuracy": v["probe_accuracy"]
+        for (s, r, m), v in cp_results.items()
+      },
+    )
+  if udp_run:
+    udp_eval = udp_results(config, workdir, udp_run, purify_set, mesh)
+    writer.write(
+      0,
+      {
+        f"udp/{s}/{r}/{k}": v
+        for (s, r), result in udp_eval.items()
+        for k, v in result.items()
+      },
+    )
   total = round(time.time() - start, 1)
   rows = [*config.countermeasures, *config.purifiers, *config.ablations]
-  record.write_report(
+  report = le_report(
+    config,
     workdir,
-    le_report(
-      config,
-      workdir,
-      results,
-      rows,
-      quality,
-      infos,
-      len(manifold),
-      ddpm_seconds,
-      total,
-    ),
+    results,
+    rows,
+    quality,
+    infos,
+    len(manifold),
+    ddpm_seconds,
+    total,
   )
-  return {
+  if cp_results:
+    report += contrastive_report(config, cp_results)
+  if udp_eval:
+    report += udp_survival_report(config, udp_eval)
+  record.write_report(workdir, report)
+  out = {
     "accuracy": {
       f"{s}/{r}": v["test_accuracy"] for (s, r), v in results.items()
     },
     "purification": {f"{n}/{s}": q for (n, s), q in quality.items()},
     "seconds": total,
   }
+  if cp_results:
+    out["probe_accuracy"] = {
+      f"{s}/{r}/{m}": v["probe_accuracy"] for (s, r, m), v in cp_results.items()
+    }
+  if udp_eval:
+    out["udp"] = {f"{s}/{r}": v for (s, r), v in udp_eval.items()}
+  return out
 
 
 def row_label(config, row: str) -> str:
   if row in PURIFIER_LABELS:
     return PURIFIER_LABELS[row]
   return unlearnable.countermeasure_label(config, row)
+
+
+def set_label(name: str) -> str:
+  """A purified set's name in the report: "cp/cp_class" is a set of the
+  cp.py run, "udp/eudp_snr" one of the udp.py run."""
+  kind, _, rest = name.rpartition("/")
+  if kind == "cp":
+    return f"{cp.LABELS[rest]} (cp.py run)"
+  if kind == "udp":
+    return f"{rest} (udp.py run)"
+  return unlearnable.LABELS[name]
 
 
 def le_report(
@@ -331,6 +548,8 @@ def le_report(
     ["countermeasure"] + [labels[s] for s in sets],
     [[row_label(config, r)] + [cell(s, r) for s in sets] for r in rows],
   )
+  if not results:
+    table = "(No classifier victims: no `protections`, no `clean_rows`.)\n"
   verdicts = []
   if "le" in rows and infos and ("clean", "none") in results:
     clean = acc("clean", "none")
@@ -361,7 +580,7 @@ def le_report(
     [
       [
         row_label(config, n),
-        labels[s],
+        set_label(s),
         f"{quality[n, s]['input_psnr_to_clean_db']:.2f}",
         f"{quality[n, s]['psnr_to_clean_db']:.2f}",
         f"{quality[n, s]['psnr_to_input_db']:.2f}",
@@ -400,6 +619,88 @@ protection) and to the purifier's own input. Grids:
 `purified/<purifier>/<set>_grid.png` (input above, purified below).
 
 {qtable}"""
+
+
+def contrastive_report(config, results) -> str:
+  """The seed's CP table: linear-probe accuracy per learner and set."""
+  sets = list(dict.fromkeys(s for s, _, _ in results))
+  columns = [("clean", "none")] + [
+    (s, r) for s in sets[1:] for r in ("none", *config.purifiers)
+  ]
+  acc = lambda s, r, m: 100 * results[s, r, m]["probe_accuracy"]
+  table = record.markdown_table(
+    ["learner"] + [cp.LABELS[s] + SHORT_LABELS[r] for s, r in columns],
+    [
+      [cp.METHOD_LABELS[m]] + [f"{acc(s, r, m):.1f}" for s, r in columns]
+      for m in config.contrastive_methods
+    ],
+  )
+  recovered = []
+  for m in config.contrastive_methods:
+    clean = acc("clean", "none", m)
+    for s in sets[1:]:
+      for r in config.purifiers:
+        lost = clean - acc(s, "none", m)
+        back = acc(s, r, m) - acc(s, "none", m)
+        recovered.append(
+          f"- {cp.METHOD_LABELS[m]}, {cp.LABELS[s]}{SHORT_LABELS[r]}: "
+          f"{back:+.1f} points of the {lost:.1f} that CP took"
+        )
+  return f"""
+## CP (unsupervised unlearnable examples) and LE
+
+Linear-probe accuracy (%) on the clean test set of a contrastive encoder
+trained with the recipe of the cp.py run in `{config.contrastive_from}` on
+each of its sets, as they are (that run's own encoders) and purified here.
+The seed's CIFAR-10 SimCLR: clean 90.4, CP 44.9, CP + LE 86.6.
+
+{table}
+{chr(10).join(recovered)}
+"""
+
+
+def udp_survival_report(config, results) -> str:
+  """How much of each UDP protection's effect on a DDPM trained on the data
+  survives purification: the protected set's Fréchet distance above the
+  clean set's, after purification over before."""
+  sets = list(dict.fromkeys(s for s, _ in results))
+  rows = ("none", *config.purifiers)
+  fd = lambda s, r: results[s, r]["frechet_distance"]
+  table = record.markdown_table(
+    ["training set"]
+    + [f"FD{SHORT_LABELS[r]}" for r in rows]
+    + [f"confident share{SHORT_LABELS[r]}" for r in rows],
+    [
+      [s]
+      + [f"{fd(s, r):.3f}" for r in rows]
+      + [f"{results[s, r]['confident_share']:.3f}" for r in rows]
+      for s in sets
+    ],
+  )
+  survival = []
+  for s in sets[1:]:
+    before = fd(s, "none") - fd("clean", "none")
+    for r in config.purifiers:
+      after = fd(s, r) - fd("clean", r)
+      share = f"{after / before:.0%}" if before > 0 else "n/a (no effect)"
+      survival.append(
+        f"- {s}{SHORT_LABELS[r]}: FD above clean {before:+.3f} before, "
+        f"{after:+.3f} after: {share} survives"
+      )
+  return f"""
+## LE against UDP: how much protection survives purification
+
+Each set of the udp.py run in `{config.udp_from}` (its clean set and its
+protections) trained a fresh DDPM with that run's recipe, as it is (that
+run's own results) and after purification here; the samples are scored by
+that run's classifier (Fréchet distance to the clean test set in its
+feature space, lower is closer to real data; share of samples classified
+with confidence). The clean set is purified too, so that the degradation
+purification causes by itself is told apart from the protection's.
+
+{table}
+{chr(10).join(survival)}
+"""
 
 
 if __name__ == "__main__":

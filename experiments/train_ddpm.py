@@ -20,6 +20,7 @@ else:
   from experiments import launch, train_classifier
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -52,6 +53,34 @@ def training_policy(config, schedule) -> diffusion.TimestepPolicy:
   return diffusion.window_policy(schedule.num_timesteps, 0, max_t)
 
 
+def start_from_pretrained(state, path: str, mesh):
+  """`state` with the EMA weights of the DDPM run in `path` as its weights
+  and EMA (fine-tuning, the LE paper's FT ablation); step and optimiser
+  start afresh, so warm-up and the step count are the fine-tuning run's."""
+  checkpointer = checkpoint.Checkpointer(os.path.join(path, "ckpt"))
+  if checkpointer.latest_step() is None:
+    raise FileNotFoundError(
+      f"{path}/ckpt holds no checkpoint: train.init_from must be the workdir "
+      "of a DDPM run (experiments/train_ddpm.py's, or <workdir>/ddpm of "
+      "experiments/le.py)."
+    )
+  rep = parallel.replicated(mesh)
+  try:
+    pretrained = checkpointer.restore(checkpoint.abstract_state(state, rep))
+  except (ValueError, KeyError) as e:
+    raise ValueError(
+      f"The DDPM in {path} does not fit this config's model ({e}); set "
+      "ddpm.model to the architecture it was trained with."
+    ) from e
+  finally:
+    checkpointer.close()
+  # Two copies: params and EMA must not share buffers (steps donate both).
+  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=rep)
+  return state._replace(
+    params=copy(pretrained.ema_params), ema_params=pretrained.ema_params
+  )
+
+
 def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
   """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
   x = data.to_model_range(images)
@@ -62,7 +91,10 @@ def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
     train.init_ddpm_state, model, optimizer, init_key, x.shape[1:]
   )
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  fresh = checkpointer.latest_step() is None
   state = train.init_or_restore(init_fn, mesh, checkpointer)
+  if fresh and config.train.get("init_from", ""):
+    state = start_from_pretrained(state, config.train.init_from, mesh)
   step_fn = lambda s, batch: train.ddpm_train_step(
     s,
     batch,

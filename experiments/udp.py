@@ -211,6 +211,11 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
   return protect.quantize_protected(images, np.concatenate(deltas), b)
 
 
+def set_slug(name: str) -> str:
+  """The directory name of a training set ("eudp:snr" -> "eudp_snr")."""
+  return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
 def perturbation_table_row(clean, protected, config) -> dict:
   """Imperceptibility of a protection: L∞, L2 (in /255), PSNR, SSIM."""
   a, b = data.to_model_range(clean), data.to_model_range(protected)
@@ -386,7 +391,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   steps = protection_steps(config, mesh)
   for method in config.protect.methods:
     t0 = time.time()
-    mdir = os.path.join(workdir, "protect", method.replace(":", "_"))
+    mdir = os.path.join(workdir, "protect", set_slug(method))
     protected = protect_dataset(
       config, mdir, method, clean, surrogate, mesh, steps
     )
@@ -425,10 +430,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = {}
   for name, images in sets.items():
-    slug = "".join(ch if ch.isalnum() else "_" for ch in name)
     results[name] = evaluate_training_set(
       config,
-      os.path.join(workdir, "eval", slug),
+      os.path.join(workdir, "eval", set_slug(name)),
       images,
       classifier,
       real,

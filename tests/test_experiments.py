@@ -52,6 +52,35 @@ def test_train_ddpm_smoke_and_resume(tmp_path):
   assert again["confident_share"] == result["confident_share"]
 
 
+def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
+  import jax
+
+  from aigc_jax import parallel
+
+  config = ddpm_configs.get_config("smoke")
+  _, pretrained = _run(train_ddpm, config, tmp_path / "pre")
+  images = train_classifier.load_train_test(config)[0].images[:64]
+  mesh = parallel.make_mesh()
+  pre = train_ddpm.train_ddpm(config, pretrained, images, mesh)  # read back
+  config.train.update(init_from=pretrained, num_steps=0)
+  ft = train_ddpm.train_ddpm(config, str(tmp_path / "ft"), images, mesh)
+  assert int(ft.step) == 0
+  for a, b, c in zip(
+    jax.tree.leaves(ft.params),
+    jax.tree.leaves(ft.ema_params),
+    jax.tree.leaves(pre.ema_params),
+    strict=True,
+  ):
+    np.testing.assert_array_equal(a, c)
+    np.testing.assert_array_equal(b, c)
+  config.model.ch *= 2
+  with pytest.raises(ValueError, match="does not fit this config's model"):
+    train_ddpm.train_ddpm(config, str(tmp_path / "wide"), images, mesh)
+  config.train.init_from = str(tmp_path / "nothing")
+  with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
+    train_ddpm.train_ddpm(config, str(tmp_path / "none"), images, mesh)
+
+
 def test_udp_smoke(tmp_path):
   from experiments import udp
   from experiments.configs import udp as udp_configs
@@ -70,6 +99,29 @@ def test_udp_smoke(tmp_path):
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
   assert "eudp:early" in report and "Verdict" in report
+  # LE purifies the clean and the protected set; the unpurified cells are
+  # this run's own results, read back.
+  le_result, le_dir = _le_on_upstream(tmp_path, udp_from=workdir)
+  assert set(le_result["udp"]) == {
+    f"{s}/{r}" for s in ("clean", "eudp:early") for r in ("none", "le")
+  }
+  for s in ("clean", "eudp:early"):
+    assert le_result["udp"][f"{s}/none"] == result["results"][s]
+    assert le_result["udp"][f"{s}/le"]["frechet_distance"] > 0
+  with open(os.path.join(le_dir, "report.md")) as f:
+    assert "survives" in f.read()
+
+
+def _le_on_upstream(tmp_path, **upstream):
+  """experiments/le.py's smoke variant on another run's sets only."""
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  config.update(
+    protections=(), clean_rows=(), purifiers=("le",), ablations=(), **upstream
+  )
+  return _run(le, config, tmp_path / "le")
 
 
 def test_udp_rejects_an_empty_dataset(tmp_path):
@@ -244,6 +296,26 @@ def test_cp_smoke_saves_poisons_and_resumes(tmp_path):
     assert "| MoCo v2 |" in f.read()
   again, _ = _run(cp, config, tmp_path / "cp")
   assert again["probe_accuracy"] == result["probe_accuracy"]
+  # LE purifies this run's sets and trains its recipe on them; the
+  # unpurified cells are this run's own encoders, read back.
+  le_result, le_dir = _le_on_upstream(tmp_path, contrastive_from=workdir)
+  probe = le_result["probe_accuracy"]
+  assert set(probe) == {
+    "clean/none/simclr",
+    *(
+      f"{s}/{r}/simclr"
+      for s in ("cp_class", "cp_sample")
+      for r in ("none", "le")
+    ),
+  }
+  for s in ("clean", "cp_class", "cp_sample"):
+    assert probe[f"{s}/none/simclr"] == result["probe_accuracy"][f"{s}/simclr"]
+  with np.load(
+    os.path.join(le_dir, "purified", "le", "cp", "cp_class.npz")
+  ) as f:
+    assert f["images"].shape == clean.shape
+  with open(os.path.join(le_dir, "report.md")) as f:
+    assert "| SimCLR |" in f.read()
 
 
 def test_cp_rejects_unknown_methods_before_any_work(tmp_path):
@@ -295,6 +367,14 @@ def test_le_names_missing_protections_and_unknown_purifiers(tmp_path):
   config.protections_from = str(tmp_path / "no_run")
   with pytest.raises(FileNotFoundError, match=r"experiments/unlearnable\.py"):
     le.train_and_evaluate(config, str(tmp_path / "le"))
+  config = le_configs.get_config("smoke")
+  config.udp_from = str(tmp_path / "no_run")
+  with pytest.raises(FileNotFoundError, match=r"experiments/udp\.py"):
+    le.train_and_evaluate(config, str(tmp_path / "le"))
+  config = le_configs.get_config("smoke")
+  config.contrastive_methods = ("swav",)
+  with pytest.raises(ValueError, match="Unknown contrastive method 'swav'"):
+    le.train_and_evaluate(config, str(tmp_path / "le"))
 
 
 def test_le_manifold_leaves_out_the_protected_images():
@@ -307,7 +387,7 @@ def test_le_manifold_leaves_out_the_protected_images():
   config = le_configs.get_config("smoke")
   config.manifold.update(source="digits:all", crop=0, limit=0)
   train_set = train_classifier.load_train_test(config)[0]
-  manifold = le.manifold_images(config, train_set)
+  manifold = le.manifold_images(config, train_set.images)
   digest = lambda x: hashlib.sha1(x.tobytes()).digest()
   protected = {digest(x) for x in train_set.images}
   everything = data.load_dataset("digits", "all").images
@@ -317,7 +397,9 @@ def test_le_manifold_leaves_out_the_protected_images():
   config.manifold.source = config.data.train  # nothing left to learn from
   config.data.limit = 0
   with pytest.raises(ValueError, match="has no images left"):
-    le.manifold_images(config, train_classifier.load_train_test(config)[0])
+    le.manifold_images(
+      config, train_classifier.load_train_test(config)[0].images
+    )
 
 
 def test_le_purification_is_the_same_on_one_and_four_devices():

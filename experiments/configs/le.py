@@ -16,6 +16,12 @@ constant guidance, MSE-only and LPIPS-only guidance):
 with a small DDPM trained on a disjoint part of the local CIFAR-10 archive,
 for a CPU; `:cifar10` is the paper's setting (Ho et al.'s UNet, purify_step
 20, 4 rounds) for accelerators; `:smoke` is for tests.
+
+Other runs' sets: `--config.contrastive_from=<cp.py workdir>` adds the seed's
+CP table (contrastive learners on purified CP sets),
+`--config.udp_from=<udp.py workdir>` asks how much of UDP survives
+purification; `--config.ddpm.train.init_from=<DDPM workdir>` fine-tunes the
+purifying DDPM instead of training it from scratch (the seed's FT ablation).
 """
 
 import ml_collections
@@ -47,6 +53,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ablation_sets = ("emn_sample",)
   # The rows also measured on clean data (the seed's table has one).
   c.clean_rows = ("none",)
+  # An experiments/cp.py workdir: its CP sets are purified by `purifiers`
+  # and an encoder of each of `contrastive_methods` (among that run's
+  # methods) is trained on them with that run's recipe (the seed's CP
+  # table). Empty: no CP rows.
+  c.contrastive_from = ""
+  c.contrastive_methods = ("simclr",)
+  # An experiments/udp.py workdir: its clean and protected sets are purified
+  # by `purifiers` and a DDPM is trained and scored on each with that run's
+  # evaluation (how much of UDP survives purification). Empty: none.
+  c.udp_from = ""
   # The learnable manifold: other, clean, unlabelled data. `crop` pixels are
   # cut from each side before resizing to the protected images' size; images
   # equal to one of the protected training images are dropped.
@@ -76,13 +92,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Under 20 minutes on 2 CPU cores: a narrower DDPM trained only on the
     # timesteps purification queries (t < 100, with t* = 20), one round
     # instead of 4 (LPIPS guidance costs ~4x the denoiser on 8x8 digits),
-    # one ablation, and REMN with 60 instead of 300 generator steps
-    # (unlearnable.py's default runs the full 300).
+    # one ablation, REMN with 30 instead of 300 generator steps, AT with
+    # PGD-3 and AA with 5 of its 30 epochs on K = 5 views (unlearnable.py's
+    # default: REMN 300, PGD-10, 20 of 60). Measured: with REMN 60, PGD-10,
+    # AA 20/60 and 1,500 DDPM steps 24.4 min, 40% of it in AT and AA; with
+    # REMN 30, PGD-5 and AA 10/40 20.5 min.
     c.ddpm.model.ch = 16
-    c.ddpm.train.update(batch_size=64, num_steps=1500, max_timestep=100)
+    c.ddpm.train.update(batch_size=64, num_steps=1000, max_timestep=100)
     c.purify.rounds = 1
     c.ablations = ("le_mse",)
-    c.protect.remn.model_steps = 60
+    c.protect.remn.model_steps = 30
+    c.counter.update(
+      at_steps=3, at_step_size=3.0, aa_max_epochs=5, aa_epochs=30
+    )
   elif variant in ("cifar10", "cifar10_small"):
     c.manifold.update(source="cifar10:train", crop=0)
     if variant == "cifar10":
@@ -91,17 +113,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.manifold.limit = 10_000
       c.purify.update(batch_size=500, lpips_size=0)
     else:
+      # For 2 CPU cores (about an hour): a ch-16 DDPM (1.4 s a step at
+      # 32x32 and batch 64; ch 32 takes 8.2 s) trained 400 steps on t < 100,
+      # one round, no ablations, and no AA, whose victim does not train at
+      # this scale (unlearnable.py's note: it stays at 10%).
       local = "../shared/data/cifar10/"
       c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
       c.ddpm = _ddpm(
         "digits",
-        num_steps=4000,
+        num_steps=400,
         batch_size=64,
-        checkpoint_every=1000,
-        log_every=200,
+        max_timestep=100,
+        checkpoint_every=200,
+        log_every=50,
       )
-      c.ddpm.model.update(ch=32, ch_mult=(1, 2, 2), attn_resolutions=(8,))
-      c.purify.update(lpips_size=0, batch_size=250)
+      c.ddpm.model.update(ch=16, ch_mult=(1, 2, 2), attn_resolutions=(8,))
+      c.purify.update(rounds=1, lpips_size=0, batch_size=250)
+      c.countermeasures = ("none", "iss_grayscale", "iss_jpeg", "at")
+      c.ablations = ()
   elif variant == "smoke":
     c.protections = ("emn_class", "lsp")
     c.countermeasures = ("none",)

@@ -51,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # > 0: train on t < max_timestep only (for a model that is only
       # queried there, e.g. by a purifier); 0: all timesteps.
       "max_timestep": 0,
+      # The workdir of a DDPM run (same model) to fine-tune from; empty:
+      # train from scratch.
+      "init_from": "",
     }
   )
   c.sample = ml_collections.ConfigDict(
