@@ -682,10 +682,13 @@ def udp_survival_report(config, results) -> str:
     before = fd(s, "none") - fd("clean", "none")
     for r in config.purifiers:
       after = fd(s, r) - fd("clean", r)
-      share = f"{after / before:.0%}" if before > 0 else "n/a (no effect)"
+      if before > 0:
+        verdict = f"{after / before:.0%} of it survives"
+      else:
+        verdict = "the protection did not raise FD, nothing to survive"
       survival.append(
         f"- {s}{SHORT_LABELS[r]}: FD above clean {before:+.3f} before, "
-        f"{after:+.3f} after: {share} survives"
+        f"{after:+.3f} after: {verdict}"
       )
   return f"""
 ## LE against UDP: how much protection survives purification

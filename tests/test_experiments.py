@@ -109,7 +109,7 @@ def test_udp_smoke(tmp_path):
     assert le_result["udp"][f"{s}/none"] == result["results"][s]
     assert le_result["udp"][f"{s}/le"]["frechet_distance"] > 0
   with open(os.path.join(le_dir, "report.md")) as f:
-    assert "survives" in f.read()
+    assert "eudp:early + LE: FD above clean" in f.read()
 
 
 def _le_on_upstream(tmp_path, **upstream):
