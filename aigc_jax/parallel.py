@@ -9,6 +9,7 @@ global batch, and `jax.make_array_from_process_local_data` assembles them.
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -90,6 +91,15 @@ def shard_batch(mesh: Mesh, tree):
 def replicate(mesh: Mesh, tree):
   """Places a pytree on every device of the mesh."""
   return jax.device_put(tree, replicated(mesh))
+
+
+def replicated_copy(mesh: Mesh, tree):
+  """A copy of a pytree of arrays in new buffers on every device: for
+  state that a step will donate while the original is still needed, or
+  two leaves that must not share a buffer."""
+  return jax.jit(
+    lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh)
+  )(tree)
 
 
 def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):

@@ -20,7 +20,6 @@ else:
   from experiments import launch, train_classifier
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -75,9 +74,9 @@ def start_from_pretrained(state, path: str, mesh):
   finally:
     checkpointer.close()
   # Two copies: params and EMA must not share buffers (steps donate both).
-  copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=rep)
   return state._replace(
-    params=copy(pretrained.ema_params), ema_params=pretrained.ema_params
+    params=parallel.replicated_copy(mesh, pretrained.ema_params),
+    ema_params=pretrained.ema_params,
   )
 
 

@@ -156,9 +156,7 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(target)
   else:  # a copy: the inner steps donate their state
-    state = jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=rep)(
-      surrogate
-    )
+    state = parallel.replicated_copy(mesh, surrogate)
   x = data.to_model_range(images)
   # Equal chunks, padded to a multiple of the device count: one compiled shape.
   num_chunks = -(-len(x) // p.chunk_size)

@@ -33,6 +33,16 @@ def test_batched_apply_pads_and_trims():
   np.testing.assert_array_equal(out, 2 * np.arange(10.0))
 
 
+def test_replicated_copy_survives_donating_the_original():
+  mesh = parallel.make_mesh()
+  tree = {"w": parallel.replicate(mesh, jnp.arange(6.0))}
+  copy = parallel.replicated_copy(mesh, tree)
+  assert copy["w"].sharding.is_equivalent_to(parallel.replicated(mesh), 1)
+  jax.jit(lambda t: t["w"] + 1, donate_argnums=0)(tree)
+  assert tree["w"].is_deleted()
+  np.testing.assert_array_equal(np.asarray(copy["w"]), np.arange(6.0))
+
+
 def test_checkpoint_saved_on_four_devices_restores_on_one(tmp_path):
   mesh4, mesh1 = parallel.make_mesh(4), parallel.make_mesh(1)
   state = {"w": jnp.arange(8.0).reshape(4, 2), "step": jnp.array(7)}
