@@ -16,7 +16,29 @@ from experiments.configs import train_ddpm as ddpm_configs
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _run(module, config, workdir):
+@pytest.fixture(scope="module", autouse=True)
+def _optimized_xla():
+  """Full XLA optimisation for these end-to-end runs.
+
+  conftest turns most optimisations off, which makes the unit tests compile
+  faster; a smoke run executes hundreds of steps, and unoptimised it runs
+  five times slower (the LE smoke run: 165 s against 27 s).
+  """
+  import jax
+
+  jax.config.update("jax_disable_most_optimizations", False)
+  yield
+  jax.config.update("jax_disable_most_optimizations", True)
+
+
+def _run(module, config, workdir, *, num_devices=1):
+  """Runs an experiment in `workdir`, on one device unless told otherwise.
+
+  One device because four forced CPU devices on two cores make a smoke run
+  three times slower; sharded agreement has its own tests, and
+  `test_unlearnable_smoke_saves_protections_and_resumes` runs on four.
+  """
+  config.num_devices = num_devices
   workdir = record.prepare_workdir(str(workdir), config.to_json())
   return module.train_and_evaluate(config, workdir), workdir
 
@@ -241,7 +263,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
 
   config = ul_configs.get_config("smoke")
   config.countermeasures = ("none", "at", "aa")
-  result, workdir = _run(unlearnable, config, tmp_path / "ul")
+  result, workdir = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
   assert len(result["accuracy"]) == 5 * 3
   assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
   clean = np.asarray(  # the class-balanced 200-image subset
@@ -260,7 +282,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
     report = f.read()
   assert "| vanilla (no countermeasure) |" in report and "EMN (C)" in report
   # Same command again: every protection and classifier is read back.
-  again, _ = _run(unlearnable, config, tmp_path / "ul")
+  again, _ = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
   assert again["accuracy"] == result["accuracy"]
 
 

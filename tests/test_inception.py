@@ -2,43 +2,17 @@
 and the loader's errors."""
 
 import importlib
-import importlib.metadata
-import importlib.util
-import sys
-import types
 
 import numpy as np
 import pytest
+from torch_support import import_torchvision
 
 from aigc_jax.models import fid_features, load_fid_inception
 
 torch = pytest.importorskip("torch")
 
 
-def _import_torchvision():
-  """torchvision, or its pure-Python part when its compiled ops do not load.
-
-  PyPI's torchvision wheel links the CUDA build of torch, so next to the CPU
-  build its C extension fails to load; the model definitions pytorch-fid
-  builds on are plain Python, so the package is loaded without the ops.
-  """
-  try:
-    import torchvision
-
-    return torchvision
-  except (ImportError, OSError, RuntimeError):
-    for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
-      del sys.modules[name]
-    spec = importlib.util.find_spec("torchvision")
-    package = types.ModuleType("torchvision")
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__version__ = importlib.metadata.version("torchvision")
-    sys.modules["torchvision"] = package
-    importlib.import_module("torchvision.models")
-    return package
-
-
-torchvision = _import_torchvision()
+torchvision = import_torchvision()
 pytorch_fid_inception = importlib.import_module("pytorch_fid.inception")
 
 

@@ -226,9 +226,16 @@ def ddim_sample(
   eta: float | jax.Array = 0.0,
   clip_x0: bool = True,
   spacing: str = "leading",
+  offset: int = 0,
 ) -> jax.Array:
-  """DDIM sampling from pure noise in `num_steps` steps (static)."""
-  steps = ddim_timesteps(schedule.num_timesteps, num_steps, spacing=spacing)
+  """DDIM sampling from pure noise in `num_steps` steps (static).
+
+  `spacing` and `offset` (a scheduler's `steps_offset`) pick the visited
+  timesteps as `ddim_timesteps` does.
+  """
+  steps = ddim_timesteps(
+    schedule.num_timesteps, num_steps, spacing=spacing, offset=offset
+  )
   prev = np.append(steps[1:], -1).astype(np.int32)
 
   def body(x, ts):

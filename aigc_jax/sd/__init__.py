@@ -1,0 +1,51 @@
+"""Stable Diffusion in JAX: diffusers' Flax classes from PyTorch folders.
+
+`load_stable_diffusion` reads a diffusers-layout folder; `text` encodes
+prompts; `sample` draws images with classifier-free guidance; and
+`cross_attention` reads and writes the key/value projections that concept
+editors (aigc_jax.unlearn) rewrite.
+"""
+
+from aigc_jax.sd.cross_attention import (
+  projection_names,
+  read_projections,
+  write_projections,
+)
+from aigc_jax.sd.load import (
+  StableDiffusion,
+  check_unet_config,
+  load_stable_diffusion,
+  read_state_dict,
+)
+from aigc_jax.sd.sample import (
+  decode_latents,
+  encode_images,
+  guided_eps_fn,
+  sample_latents,
+  text_to_image,
+)
+from aigc_jax.sd.text import (
+  encode_ids,
+  encode_prompts,
+  last_word_index,
+  tokenize,
+)
+
+__all__ = [
+  "StableDiffusion",
+  "check_unet_config",
+  "decode_latents",
+  "encode_ids",
+  "encode_images",
+  "encode_prompts",
+  "guided_eps_fn",
+  "last_word_index",
+  "load_stable_diffusion",
+  "projection_names",
+  "read_projections",
+  "read_state_dict",
+  "sample_latents",
+  "text_to_image",
+  "tokenize",
+  "write_projections",
+]

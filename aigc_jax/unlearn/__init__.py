@@ -1,0 +1,25 @@
+"""Edits a model owner makes to unlearn: closed-form concept erasure.
+
+`closed_form` holds the one ridge solve every editor shares and UCE; `rece`
+derives adversarial embeddings and erases them too.
+"""
+
+from aigc_jax.unlearn.closed_form import (
+  gram,
+  ridge_edit,
+  uce_edit,
+  uce_keys,
+  uce_token_blocks,
+)
+from aigc_jax.unlearn.rece import adversarial_embedding, output_gap, rece_edit
+
+__all__ = [
+  "adversarial_embedding",
+  "gram",
+  "output_gap",
+  "rece_edit",
+  "ridge_edit",
+  "uce_edit",
+  "uce_keys",
+  "uce_token_blocks",
+]

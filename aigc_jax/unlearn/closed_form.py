@@ -1,0 +1,200 @@
+"""Closed-form edits of cross-attention projections: the ridge solve and UCE.
+
+Every closed-form concept editor (UCE, RECE's re-erasure, MACE's refinement
+and fusion) solves the same TIME/MEMIT-style ridge regression for each
+key/value kernel K (Flax orientation, (d, out); a token embedding row c maps
+to c K):
+
+  min_K' s_e Σ_i ‖c_i K' − v_i‖² + s_p Σ_j ‖p_j K' − p_j K_p‖² + λ‖K' − K_a‖²_F
+
+  K' = (λ I + s_e Cᵀ C + s_p Pᵀ P)⁻¹ (λ K_a + s_e Cᵀ V + s_p Pᵀ P K_p)
+
+which is UCE's W' = (λW + Σ v cᵀ + …)(λI + Σ c cᵀ + …)⁻¹ (Gandikota et al.
+2024, Eq. 7) transposed. The left matrix depends on the embeddings only, so
+one LU factorisation serves every kernel of the UNet: `ridge_edit` solves for
+all of them at once. Matrix products run at HIGHEST precision, since TF32 or
+bf16 Gram matrices visibly change the edit.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _mm(a: jax.Array, b: jax.Array) -> jax.Array:
+  return jnp.matmul(a, b, precision=_HIGHEST)
+
+
+def gram(keys: jax.Array) -> jax.Array:
+  """Cᵀ C of embedding rows C (n, d)."""
+  return _mm(keys.T, keys)
+
+
+def ridge_edit(
+  kernels: dict[str, jax.Array],
+  keys: jax.Array,
+  values: dict[str, jax.Array],
+  *,
+  lam: float | jax.Array,
+  erase_scale: float | jax.Array = 1.0,
+  preserve_keys: jax.Array | None = None,
+  preserve_scale: float | jax.Array = 1.0,
+  anchor: dict[str, jax.Array] | None = None,
+  preserve_from: dict[str, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
+  """The closed-form ridge edit above, for every kernel at once (pure).
+
+  Args:
+    kernels: {name: K (d, out)}; only their names and shapes are used when
+      `anchor` and `preserve_from` are both given.
+    keys: C (n, d), the embeddings whose outputs are rewritten.
+    values: {name: V (n, out)}, the new outputs of `keys` per kernel.
+    lam: λ, the pull toward `anchor` (must be > 0 unless the other terms
+      make the system non-singular).
+    erase_scale: s_e.
+    preserve_keys: P (m, d), embeddings whose outputs must not move.
+    preserve_scale: s_p.
+    anchor: K_a of the λ term; default `kernels`.
+    preserve_from: K_p whose outputs P K_p are kept; default `anchor`.
+
+  Returns:
+    {name: K'} with the shapes of `kernels`.
+  """
+  anchor = kernels if anchor is None else anchor
+  preserve_from = anchor if preserve_from is None else preserve_from
+  names = list(kernels)
+  d = kernels[names[0]].shape[0]
+  lhs = lam * jnp.eye(d, dtype=jnp.float32) + erase_scale * gram(keys)
+  rhs = [lam * anchor[n] + erase_scale * _mm(keys.T, values[n]) for n in names]
+  if preserve_keys is not None:
+    p_gram = gram(preserve_keys)
+    lhs = lhs + preserve_scale * p_gram
+    rhs = [
+      r + preserve_scale * _mm(p_gram, preserve_from[n])
+      for r, n in zip(rhs, names, strict=True)
+    ]
+  widths = np.cumsum([kernels[n].shape[1] for n in names])[:-1]
+  solved = jnp.linalg.solve(lhs, jnp.concatenate(rhs, axis=1))
+  return dict(zip(names, jnp.split(solved, widths, axis=1), strict=True))
+
+
+def uce_edit(
+  kernels: dict[str, jax.Array],
+  erase_keys: jax.Array,
+  target_keys: jax.Array,
+  preserve_keys: jax.Array | None = None,
+  *,
+  lam: float | jax.Array = 0.5,
+  erase_scale: float | jax.Array = 1.0,
+  preserve_scale: float | jax.Array = 1.0,
+) -> dict[str, jax.Array]:
+  """Unified Concept Editing (Gandikota et al. 2024, Eq. 7), "replace".
+
+  Each erased embedding c_i is sent where the original kernel sends its
+  target c*_i (v*_i = c*_i K_old); preserved embeddings keep their original
+  outputs; λ anchors every kernel to its original. Erase, moderate and
+  debias are this function with different (erase, target) pairs.
+
+  Args:
+    kernels: the original projections {name: K (d, out)}.
+    erase_keys: rows c_i (n, d) to erase (n may be 0: no edit).
+    target_keys: rows c*_i (n, d), paired with `erase_keys`.
+    preserve_keys: rows (m, d) to keep, or None.
+    lam, erase_scale, preserve_scale: λ, s_e, s_p (may be traced: the
+      function composes with `jax.vmap` over them).
+  """
+  if erase_keys.shape != target_keys.shape:
+    raise ValueError(
+      f"erase_keys {erase_keys.shape} and target_keys {target_keys.shape} "
+      "must pair row by row (see `uce_token_blocks`)."
+    )
+  values = {n: _mm(target_keys, k) for n, k in kernels.items()}
+  return ridge_edit(
+    kernels,
+    erase_keys,
+    values,
+    lam=lam,
+    erase_scale=erase_scale,
+    preserve_keys=preserve_keys,
+    preserve_scale=preserve_scale,
+  )
+
+
+def uce_token_blocks(
+  erase_embedding: jax.Array,
+  erase_last: int,
+  target_embedding: jax.Array,
+  target_last: int,
+) -> tuple[jax.Array, jax.Array]:
+  """The token rows UCE's original code pairs for one (concept, target).
+
+  The last word token and every EOS/pad position after it, aligned at the
+  last word (old last word ↔ new last word, EOS ↔ EOS, pad ↔ pad) and cut
+  to equal length 77 − max(i_old, i_new). Earlier words of the prompt are
+  not used. An empty target's "last word" is BOS (index 0).
+
+  Args:
+    erase_embedding, target_embedding: (77, d) text embeddings.
+    erase_last, target_last: last-word indices (`sd.last_word_index`).
+  """
+  length = erase_embedding.shape[0]
+  far = max(int(erase_last), int(target_last))
+  rows = length - far
+  return (
+    erase_embedding[erase_last : erase_last + rows],
+    target_embedding[target_last : target_last + rows],
+  )
+
+
+def uce_keys(
+  model,
+  params: dict,
+  erase: list[str],
+  targets: list[str],
+  preserve: list[str] = (),
+):
+  """Erase, target and preserve rows from prompts, as UCE's original code.
+
+  Args:
+    model, params: a loaded `StableDiffusion` and its parameters.
+    erase: concept prompts to erase.
+    targets: one target prompt per erased prompt (" " erases toward the
+      unconditional, "art" for styles).
+    preserve: prompts whose outputs are kept; the empty prompt is always
+      preserved, all 77 tokens of each.
+
+  Returns:
+    `(erase_keys, target_keys, preserve_keys, preserve_scale)`, the last
+    being UCE's default max(0.1, 1 / #preserved prompts).
+  """
+  from aigc_jax import sd
+
+  if len(erase) != len(targets):
+    raise ValueError(
+      f"{len(erase)} erase prompts but {len(targets)} targets: give one "
+      "target per erased prompt."
+    )
+  d = model.text_encoder.config.hidden_size
+  erase_rows, target_rows = (
+    [np.zeros((0, d), np.float32)],
+    [np.zeros((0, d), np.float32)],
+  )
+  if erase:
+    old = sd.encode_prompts(model, params, erase)
+    new = sd.encode_prompts(model, params, targets)
+    old_last = sd.last_word_index(model.tokenizer, erase)
+    new_last = sd.last_word_index(model.tokenizer, targets)
+    for i in range(len(erase)):
+      a, b = uce_token_blocks(old[i], old_last[i], new[i], new_last[i])
+      erase_rows.append(np.asarray(a))
+      target_rows.append(np.asarray(b))
+  retain = ["", *preserve]
+  preserve_keys = sd.encode_prompts(model, params, retain).reshape(-1, d)
+  return (
+    jnp.asarray(np.concatenate(erase_rows)),
+    jnp.asarray(np.concatenate(target_rows)),
+    preserve_keys,
+    max(0.1, 1.0 / len(retain)),
+  )

@@ -1,0 +1,245 @@
+"""The Stable Diffusion bridge: PyTorch parity of the loaded models on a tiny
+random checkpoint saved in diffusers' layout, the Orbax cache, the refusals,
+the cross-attention projections and the sampler."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from torch_support import import_torchvision
+
+from aigc_jax import parallel, sd
+
+torch = pytest.importorskip("torch")
+import_torchvision()  # diffusers' model code imports it
+
+PROMPTS = ["a handwritten digit three", "a handwritten digit eight", ""]
+
+
+def save_tiny_stable_diffusion(path: str, *, norm_num_groups: int = 32):
+  """A random SD-shaped checkpoint, saved as diffusers' PyTorch classes do."""
+  from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+  from transformers import CLIPTextConfig, CLIPTextModel
+
+  from aigc_jax.sd.vocabulary import write_clip_tokenizer
+
+  torch.manual_seed(0)
+  tokenizer = write_clip_tokenizer(PROMPTS[:2], os.path.join(path, "tokenizer"))
+  UNet2DConditionModel(
+    sample_size=8,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=norm_num_groups,
+  ).save_pretrained(os.path.join(path, "unet"))
+  AutoencoderKL(
+    down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2,
+    block_out_channels=(32, 64),
+    norm_num_groups=32,
+    sample_size=16,
+  ).save_pretrained(os.path.join(path, "vae"))
+  CLIPTextModel(
+    CLIPTextConfig(
+      hidden_size=32,
+      intermediate_size=37,
+      num_attention_heads=4,
+      num_hidden_layers=2,
+      vocab_size=len(tokenizer),
+      bos_token_id=tokenizer.bos_token_id,
+      eos_token_id=tokenizer.eos_token_id,
+      pad_token_id=tokenizer.pad_token_id,
+    )
+  ).save_pretrained(os.path.join(path, "text_encoder"))
+  DDIMScheduler(
+    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
+  ).save_pretrained(os.path.join(path, "scheduler"))
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tmp_path_factory):
+  path = str(tmp_path_factory.mktemp("sd") / "tiny")
+  save_tiny_stable_diffusion(path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_sd):
+  return sd.load_stable_diffusion(tiny_sd)
+
+
+def test_loaded_models_match_pytorch(tiny_sd, loaded):
+  from diffusers import AutoencoderKL, UNet2DConditionModel
+  from transformers import CLIPTextModel
+
+  model, params = loaded
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 4, 8, 8)).astype(np.float32)
+  ctx = rng.normal(size=(2, 77, 32)).astype(np.float32)
+  t = np.array([10, 500])
+  unet = UNet2DConditionModel.from_pretrained(f"{tiny_sd}/unet").eval()
+  with torch.no_grad():
+    ref = unet(torch.tensor(x), torch.tensor(t), torch.tensor(ctx)).sample
+  out = model.unet.apply({"params": params["unet"]}, x, jnp.asarray(t), ctx)
+  np.testing.assert_allclose(out.sample, ref.numpy(), atol=1e-4)
+
+  ids = sd.tokenize(model.tokenizer, PROMPTS)
+  assert (
+    ids.shape == (3, 77) and (ids[:, 0] == model.tokenizer.bos_token_id).all()
+  )
+  encoder = CLIPTextModel.from_pretrained(f"{tiny_sd}/text_encoder").eval()
+  with torch.no_grad():
+    ref = encoder(torch.tensor(ids, dtype=torch.long)).last_hidden_state
+  out = sd.encode_prompts(model, params, PROMPTS)
+  np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
+  assert list(sd.last_word_index(model.tokenizer, PROMPTS)) == [4, 4, 0]
+
+  vae = AutoencoderKL.from_pretrained(f"{tiny_sd}/vae").eval()
+  images = rng.uniform(-1, 1, size=(2, 3, 16, 16)).astype(np.float32)
+  with torch.no_grad():
+    mean = vae.encode(torch.tensor(images)).latent_dist.mean
+    decoded = vae.decode(mean).sample.numpy()
+  latents = sd.encode_images(
+    model, params["vae"], np.transpose(images, (0, 2, 3, 1))
+  )
+  np.testing.assert_allclose(
+    latents / model.scaling_factor, mean.numpy(), atol=1e-4
+  )
+  out = sd.decode_latents(model, params["vae"], latents)
+  np.testing.assert_allclose(
+    out, np.clip(np.transpose(decoded, (0, 2, 3, 1)), -1, 1), atol=1e-4
+  )
+
+
+def test_bin_weights_and_the_orbax_cache(tiny_sd, loaded, tmp_path):
+  from diffusers import UNet2DConditionModel
+
+  _, params = loaded
+  folder = str(tmp_path / "bin")
+  shutil.copytree(tiny_sd, folder)
+  unet_dir = os.path.join(folder, "unet")
+  unet = UNet2DConditionModel.from_pretrained(unet_dir)
+  os.remove(os.path.join(unet_dir, "diffusion_pytorch_model.safetensors"))
+  unet.save_pretrained(unet_dir, safe_serialization=False)  # a .bin pickle
+  cache = str(tmp_path / "cache")
+  _, from_bin = sd.load_stable_diffusion(folder, cache_dir=cache)
+  _assert_trees_equal(from_bin, params)
+  # A folder of configs only (what a pod ships) restores from the cache,
+  # onto the sharding asked for.
+  for component in ("unet", "vae", "text_encoder"):
+    for name in os.listdir(os.path.join(folder, component)):
+      if not name.endswith(".json"):
+        os.remove(os.path.join(folder, component, name))
+  mesh = parallel.make_mesh()
+  _, restored = sd.load_stable_diffusion(
+    folder, cache_dir=cache, sharding=parallel.replicated(mesh)
+  )
+  _assert_trees_equal(restored, params)
+  leaf = jax.tree.leaves(restored)[0]
+  assert leaf.sharding.is_equivalent_to(parallel.replicated(mesh), leaf.ndim)
+  with pytest.raises(FileNotFoundError, match="No weights"):
+    sd.load_stable_diffusion(folder)
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_configs_the_flax_unet_gets_wrong_are_refused(tmp_path):
+  with pytest.raises(ValueError, match="norm_num_groups"):
+    sd.check_unet_config({"norm_num_groups": 8, "act_fn": "silu"})
+  sd.check_unet_config({"norm_num_groups": 32, "cross_attention_dim": 768})
+  with pytest.raises(FileNotFoundError, match="nothing is downloaded"):
+    sd.load_stable_diffusion(str(tmp_path / "no_such_model"))
+
+
+def test_weights_of_another_architecture_are_refused(tiny_sd, tmp_path):
+  folder = str(tmp_path / "wide")
+  shutil.copytree(tiny_sd, folder)
+  config_file = os.path.join(folder, "unet", "config.json")
+  with open(config_file) as f:
+    config = json.load(f)
+  config["cross_attention_dim"] = 48
+  with open(config_file, "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match=r"do not fit its config\.json"):
+    sd.load_stable_diffusion(folder)
+
+
+def test_projections_are_listed_read_and_written(loaded):
+  _, params = loaded
+  names = sd.projection_names(params["unet"])
+  # Cross-attention in down block 0 (1), the mid block (1), up block 1 (2).
+  assert len(names) == 8 and names[0].startswith("down_blocks_0/")
+  assert names[2].startswith("mid_block/") and names[-1].endswith("to_v")
+  kernels = sd.read_projections(params["unet"])
+  assert all(k.shape[0] == 32 for k in kernels.values())
+  doubled = {n: 2 * k for n, k in kernels.items()}
+  edited = sd.write_projections(params["unet"], doubled)
+  for n, k in sd.read_projections(edited).items():
+    np.testing.assert_array_equal(k, doubled[n])
+  # Pure: the input tree is untouched; the other parameters are shared.
+  for n, k in sd.read_projections(params["unet"]).items():
+    np.testing.assert_array_equal(k, kernels[n])
+  with pytest.raises(KeyError, match="not a cross-attention projection"):
+    sd.write_projections(params["unet"], {"conv_in": jnp.zeros((3, 3))})
+  with pytest.raises(ValueError, match="pass the UNet's params"):
+    sd.projection_names(params)
+
+
+def test_text_to_image_is_jittable_and_the_same_sharded(loaded):
+  model, params = loaded
+  cond = sd.encode_prompts(model, params, PROMPTS[:2] * 2)
+  uncond = sd.encode_prompts(model, params, [""])
+  sample = jax.jit(
+    lambda p, c, k: sd.text_to_image(model, p, c, uncond, k, num_steps=3)
+  )
+  key = jax.random.key(0)
+  images = sample(params, cond, key)
+  assert images.shape == (4, 16, 16, 3)
+  assert float(jnp.abs(images).max()) <= 1.0
+  mesh = parallel.make_mesh()
+  sharded = sample(
+    parallel.replicate(mesh, params), parallel.shard_batch(mesh, cond), key
+  )
+  np.testing.assert_allclose(sharded, images, atol=1e-5)
+  # Guidance scale 1 is the conditional model alone.
+  eps = sd.guided_eps_fn(model, params["unet"], cond, uncond, 1.0)
+  x = jax.random.normal(key, (4, 4, 8, 8))
+  t = jnp.full((4,), 10)
+  plain = model.unet.apply({"params": params["unet"]}, x, t, cond).sample
+  np.testing.assert_allclose(eps(x, t), plain, atol=1e-5)
+
+
+def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
+  from aigc_jax import unlearn
+
+  model, params = loaded
+  erase, target, keep, s_p = unlearn.uce_keys(
+    model, params, [PROMPTS[0]], [" "], preserve=[PROMPTS[1]]
+  )
+  # "three" is token 4: rows 4..76 of the concept, rows 0..72 of " ".
+  assert erase.shape == target.shape == (73, 32)
+  concept = sd.encode_prompts(model, params, [PROMPTS[0], " "])
+  np.testing.assert_allclose(erase, concept[0, 4:], atol=1e-6)
+  np.testing.assert_allclose(target, concept[1, :73], atol=1e-6)
+  assert keep.shape == (2 * 77, 32) and s_p == 0.5  # "" and the kept prompt
+  kernels = sd.read_projections(params["unet"])
+  edited = unlearn.uce_edit(
+    kernels, erase, target, keep, lam=0.5, preserve_scale=s_p
+  )
+  unet = sd.write_projections(params["unet"], edited)
+  for name, k in sd.read_projections(unet).items():
+    before = jnp.linalg.norm(erase @ kernels[name] - target @ kernels[name])
+    assert jnp.linalg.norm(erase @ k - target @ kernels[name]) < before
+  with pytest.raises(ValueError, match="one target per erased prompt"):
+    unlearn.uce_keys(model, params, [PROMPTS[0]], [" ", "art"])

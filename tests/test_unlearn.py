@@ -1,0 +1,150 @@
+"""Closed-form concept editing: UCE's ridge solve and RECE's derivation, on
+random kernels shaped like a small UNet's cross-attention projections."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from aigc_jax import parallel, unlearn
+
+D = 32  # text-embedding width
+
+
+def random_projections(seed: int = 0, widths=(64, 64, 128, 128, 64)):
+  """{name: K (D, out)}: to_k and to_v of a few cross-attention layers."""
+  rng = np.random.default_rng(seed)
+  return {
+    f"block_{i}/attn2/{kv}": jnp.asarray(
+      rng.normal(size=(D, w)) / np.sqrt(D), jnp.float32
+    )
+    for i, w in enumerate(widths)
+    for kv in ("to_k", "to_v")
+  }
+
+
+def rows(seed: int, n: int) -> jax.Array:
+  return jnp.asarray(
+    np.random.default_rng(seed).normal(size=(n, D)), jnp.float32
+  )
+
+
+def test_uce_without_concepts_returns_the_original_kernels():
+  kernels = random_projections()
+  empty = jnp.zeros((0, D))
+  edited = unlearn.uce_edit(
+    kernels, empty, empty, rows(1, 20), lam=0.5, preserve_scale=0.1
+  )
+  for name, k in kernels.items():
+    np.testing.assert_allclose(edited[name], k, atol=1e-5)
+
+
+def test_uce_sends_each_erased_embedding_to_its_target():
+  with jax.enable_x64(True):
+    kernels = jax.tree.map(
+      lambda k: k.astype(jnp.float64), random_projections()
+    )
+    erase = rows(1, 5).astype(jnp.float64)
+    target = rows(2, 5).astype(jnp.float64)
+    preserve = rows(3, 8).astype(jnp.float64)
+    edited = unlearn.uce_edit(
+      kernels, erase, target, preserve, lam=1e-9, preserve_scale=1.0
+    )
+    for name, k in kernels.items():
+      # Erased rows land on their targets, preserved rows stay put: with
+      # λ → 0 and 13 ≤ D independent rows both hold to solver precision.
+      np.testing.assert_allclose(erase @ edited[name], target @ k, atol=1e-6)
+      np.testing.assert_allclose(
+        preserve @ edited[name], preserve @ k, atol=1e-6
+      )
+  # With the default λ, the edit moves erased outputs most of the way.
+  kernels = random_projections()
+  erase, target = rows(1, 5), rows(2, 5)
+  edited = unlearn.uce_edit(kernels, erase, target, lam=0.5)
+  for name, k in kernels.items():
+    before = jnp.linalg.norm(erase @ k - target @ k)
+    after = jnp.linalg.norm(erase @ edited[name] - target @ k)
+    assert after < 0.3 * before
+
+
+def test_uce_composes_with_vmap_over_lambdas_and_jit():
+  kernels = random_projections()
+  erase, target, preserve = rows(1, 4), rows(2, 4), rows(3, 10)
+  edit = lambda lam, s_p: unlearn.uce_edit(
+    kernels, erase, target, preserve, lam=lam, preserve_scale=s_p
+  )
+  lams = jnp.array([0.1, 0.5, 10.0])
+  batched = jax.jit(jax.vmap(edit, in_axes=(0, None)))(lams, 0.1)
+  for i, lam in enumerate(lams):
+    one = edit(lam, 0.1)
+    for name in kernels:  # batched and single LU solves round differently
+      np.testing.assert_allclose(batched[name][i], one[name], atol=1e-4)
+  # A larger λ stays closer to the original kernels.
+  moved = [
+    sum(float(jnp.linalg.norm(batched[n][i] - kernels[n])) for n in kernels)
+    for i in range(3)
+  ]
+  assert moved[0] > moved[1] > moved[2]
+
+
+def test_uce_is_the_same_sharded_and_on_one_device():
+  kernels = random_projections()
+  erase, target, preserve = rows(1, 8), rows(2, 8), rows(3, 16)
+  edit = jax.jit(
+    lambda k, e, t, p: unlearn.uce_edit(k, e, t, p, lam=0.5, preserve_scale=0.1)
+  )
+  single = edit(kernels, erase, target, preserve)
+  mesh = parallel.make_mesh()
+  sharded = edit(
+    parallel.replicate(mesh, kernels),
+    parallel.shard_batch(mesh, erase),
+    parallel.shard_batch(mesh, target),
+    parallel.shard_batch(mesh, preserve),
+  )
+  for name in kernels:
+    np.testing.assert_allclose(sharded[name], single[name], atol=1e-5)
+
+
+def test_uce_refuses_unpaired_rows():
+  with pytest.raises(ValueError, match="pair row by row"):
+    unlearn.uce_edit(random_projections(), rows(1, 3), rows(2, 4))
+
+
+def test_uce_token_blocks_align_at_the_last_word():
+  old = jnp.arange(77 * 2, dtype=jnp.float32).reshape(77, 2)
+  new = -old
+  erase, target = unlearn.uce_token_blocks(old, 4, new, 0)
+  assert erase.shape == target.shape == (73, 2)
+  np.testing.assert_array_equal(erase[0], old[4])  # last word ↔ BOS
+  np.testing.assert_array_equal(target[0], new[0])
+  np.testing.assert_array_equal(erase[-1], old[76])
+
+
+def test_rece_embedding_regenerates_the_erased_output():
+  original = random_projections()
+  concept = rows(1, 6).reshape(2, 3, D)  # two prompts, three tokens each
+  guide = rows(2, 3)
+  edited = unlearn.uce_edit(
+    original,
+    concept.reshape(-1, D),
+    jnp.tile(guide, (2, 1)),
+    rows(3, 10),
+    lam=0.5,
+  )
+  derived = unlearn.adversarial_embedding(edited, original, concept, lam=1e-3)
+  assert derived.shape == concept.shape
+  gap = lambda emb: float(unlearn.output_gap(edited, emb, original, concept))
+  # The erased concept no longer reaches its old outputs; c' does.
+  assert gap(derived) < 0.1 * gap(concept)
+  assert float(unlearn.output_gap(original, concept, original, concept)) == 0.0
+  # RECE's re-erasure closes that door again, epoch after epoch.
+  history = unlearn.rece_edit(
+    edited, original, concept, guide, rows(3, 10), epochs=2, derive_lam=1e-3
+  )
+  assert len(history) == 2
+  for after in history:
+    again = unlearn.adversarial_embedding(after, original, concept, lam=1e-3)
+    assert float(
+      unlearn.output_gap(after, derived, original, concept)
+    ) > 2 * gap(derived)
+    assert again.shape == concept.shape
