@@ -4,10 +4,7 @@ The flag must be set before JAX creates its CPU backend, i.e. before any test
 module runs JAX code.
 """
 
-import atexit
 import os
-import shutil
-import tempfile
 
 # Four device threads share two cores under `pytest -n 2`; XLA:CPU's default
 # 40 s limit between devices reaching a collective is too tight there.
@@ -24,20 +21,6 @@ import pytest
 # Tests run tiny models for a few steps, where XLA's compile time dominates:
 # skipping most optimisations compiles the test UNet several times faster.
 jax.config.update("jax_disable_most_optimizations", True)
-
-# The experiments' smoke runs compile the same small programs many times over
-# (a DDPM step, a purifier, a victim's step), each time from a fresh closure
-# that JAX's in-memory cache does not recognise. A persistent compilation
-# cache, new for every pytest run (CI sees no warm cache either) and shared
-# by the xdist workers, compiles each program once. The controller creates
-# it before it starts the workers, which inherit the variable.
-if "AIGC_JAX_TEST_CACHE" not in os.environ:
-  os.environ["AIGC_JAX_TEST_CACHE"] = tempfile.mkdtemp(prefix="aigc_jax_jit_")
-  atexit.register(shutil.rmtree, os.environ["AIGC_JAX_TEST_CACHE"], True)
-jax.config.update(
-  "jax_compilation_cache_dir", os.environ["AIGC_JAX_TEST_CACHE"]
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 SHARED_DATA = os.path.join(
   os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data"
