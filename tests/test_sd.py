@@ -243,3 +243,72 @@ def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
     assert jnp.linalg.norm(erase @ k - target @ kernels[name]) < before
   with pytest.raises(ValueError, match="one target per erased prompt"):
     unlearn.uce_keys(model, params, [PROMPTS[0]], [" ", "art"])
+
+
+def test_cross_attention_maps_are_distributions_with_gradients(loaded):
+  model, params = loaded
+  context = sd.encode_prompts(model, params, PROMPTS[:2])
+  x = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
+  t = jnp.array([100, 300])
+  maps = sd.cross_attention_maps(model, params["unet"], x, t, context)
+  assert len(maps) == 4  # attn2 blocks: down 0, mid, up 1 (2)
+  for a in maps.values():
+    assert a.shape[0] == 2 and a.shape[1] == 8 and a.shape[3] == 77
+    np.testing.assert_allclose(a.sum(-1), 1.0, atol=1e-5)
+  name = sd.projection_names(params["unet"])[0]  # down block 0's to_k
+
+  def first_token_attention(kernel):
+    unet = sd.write_projections(params["unet"], {name: kernel})
+    maps = sd.cross_attention_maps(model, unet, x, t, context)
+    return sum(a[..., 1].sum() for a in maps.values())
+
+  grad = jax.grad(first_token_attention)(
+    sd.read_projections(params["unet"])[name]
+  )
+  assert float(jnp.abs(grad).max()) > 0
+
+
+def test_mace_lora_suppresses_the_concept_and_fuses(loaded):
+  from aigc_jax.unlearn import mace
+
+  model, params = loaded
+  prompts = [PROMPTS[0], "a handwritten three"]
+  contexts = sd.encode_prompts(model, params, prompts)
+  token_masks = jnp.asarray(
+    np.stack(
+      [mace.concept_token_mask(model.tokenizer, p, "three") for p in prompts]
+    )
+  )
+  assert token_masks[0, 4] == 1 and token_masks[0, 3] == 0
+  assert token_masks[0, 5:].all()  # EOS and padding (use_pooler)
+  latents = jax.random.normal(jax.random.key(1), (3, 4, 8, 8))
+  masks = jnp.ones((3, 16, 16))
+  lora, losses = jax.jit(
+    lambda k: mace.train_concept_lora(
+      model,
+      params["unet"],
+      latents,
+      masks,
+      contexts,
+      token_masks,
+      k,
+      steps=40,
+      learning_rate=0.1,
+      policy=None,
+    )
+  )(jax.random.key(2))
+  assert losses.shape == (40,)
+  assert float(losses[-5:].mean()) < 0.8 * float(losses[:5].mean())
+  base = sd.read_projections(params["unet"])
+  tuned = mace.merge_lora(base, lora)
+  # Stage 1 on the co-existing words, then the fusion of this one LoRA.
+  keys, mapped = mace.refinement_keys(
+    model, params, [PROMPTS[0]], ["a handwritten digit"]
+  )
+  # BOS a handwritten digit … EOS (5 rows), then 77 - 6 padding rows.
+  assert keys.shape == mapped.shape and keys.shape[0] == 5 + 71
+  refined = mace.refine(base, keys, mapped, lam=1.0)
+  fused = mace.fuse(refined, [tuned], [contexts.reshape(-1, 32)], lam=0.1)
+  assert set(fused) == set(base)
+  with pytest.raises(ValueError, match="does not contain the concept"):
+    mace.concept_token_mask(model.tokenizer, PROMPTS[1], "three")

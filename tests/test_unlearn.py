@@ -148,3 +148,60 @@ def test_rece_embedding_regenerates_the_erased_output():
       unlearn.output_gap(after, derived, original, concept)
     ) > 2 * gap(derived)
     assert again.shape == concept.shape
+
+
+def test_mace_pairs_the_co_existing_tokens_and_the_padding():
+  from aigc_jax.unlearn import mace
+
+  # BOS a photo of [bill gates] EOS  vs  BOS a photo of [man] EOS
+  old, new = mace.matching_token_positions(
+    [0, 1, 2, 3, 7, 8, 9], [0, 1, 2, 3, 10, 9]
+  )
+  assert list(old[:5]) == [0, 1, 2, 3, 6] and list(new[:5]) == [0, 1, 2, 3, 5]
+  assert list(old[5:]) == list(range(7, 77))
+  assert list(new[5:]) == list(range(6, 76))
+
+
+def test_mace_refinement_and_fusion_hit_their_targets():
+  from aigc_jax.unlearn import mace
+
+  with jax.enable_x64(True):
+    f64 = lambda tree: jax.tree.map(lambda x: x.astype(jnp.float64), tree)
+    original = f64(random_projections())
+    keys, mapped = f64(rows(1, 6)), f64(rows(2, 6))
+    refined = mace.refine(original, keys, mapped, lam=1e-9)
+    for n, k in original.items():
+      np.testing.assert_allclose(keys @ refined[n], mapped @ k, atol=1e-6)
+    # Fusion keeps each concept's tuned outputs on its own prompts only.
+    tuned = [f64(random_projections(seed)) for seed in (5, 6)]
+    concept_keys = [f64(rows(3, 4)), f64(rows(4, 4))]
+    fused = mace.fuse(refined, tuned, concept_keys, lam=1e-9)
+    for n in original:
+      for k, t in zip(concept_keys, tuned, strict=True):
+        np.testing.assert_allclose(k @ fused[n], k @ t[n], atol=1e-6)
+  # One concept whose LoRA changed nothing: fusion leaves K' as it is.
+  refined = random_projections()
+  fused = mace.fuse(
+    refined,
+    [refined],
+    [rows(3, 10)],
+    lam=1.0,
+    preserve_gram=gram_of(rows(5, 40)),
+  )
+  for n, k in refined.items():
+    np.testing.assert_allclose(fused[n], k, atol=1e-5)
+  with pytest.raises(ValueError, match="one of each per concept"):
+    mace.fuse(refined, [refined], [rows(3, 4), rows(4, 4)])
+  with pytest.raises(ValueError, match="not both"):
+    unlearn.ridge_edit(
+      refined,
+      rows(1, 2),
+      {n: rows(2, 2) @ k for n, k in refined.items()},
+      lam=1.0,
+      preserve_keys=rows(3, 4),
+      preserve_gram=gram_of(rows(3, 4)),
+    )
+
+
+def gram_of(x: jax.Array) -> jax.Array:
+  return unlearn.gram(x)

@@ -36,6 +36,7 @@ from aigc_jax.diffusion.schedules import (
 )
 from aigc_jax.diffusion.timesteps import (
   TimestepPolicy,
+  concept_focal_policy,
   sample_timesteps,
   signal_policy,
   snr_weight_policy,
@@ -49,6 +50,7 @@ __all__ = [
   "EpsFn",
   "NoiseSchedule",
   "TimestepPolicy",
+  "concept_focal_policy",
   "cosine_schedule",
   "ddim_sample",
   "ddim_timesteps",

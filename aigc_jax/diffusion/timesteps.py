@@ -65,3 +65,19 @@ def snr_weight_policy(schedule: NoiseSchedule) -> TimestepPolicy:
   return TimestepPolicy(
     jnp.full((t,), 1.0 / t, jnp.float32), root_snr / root_snr.mean()
   )
+
+
+def concept_focal_policy(
+  num_timesteps: int,
+  t1: float = 200.0,
+  t2: float = 400.0,
+  gamma: float = 0.05,
+) -> TimestepPolicy:
+  """MACE's concept-focal importance sampling (Lu et al. 2024, Eq. 5).
+
+  p(t) ∝ σ(γ(t − t1)) − σ(γ(t − t2)): most mass on t1 ≤ t ≤ t2, where the
+  cross-attention maps settle the layout of the concept; w(t) = 1.
+  """
+  t = jnp.arange(num_timesteps, dtype=jnp.float32)
+  density = jax.nn.sigmoid(gamma * (t - t1)) - jax.nn.sigmoid(gamma * (t - t2))
+  return TimestepPolicy(density / density.sum(), jnp.ones_like(density))

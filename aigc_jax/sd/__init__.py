@@ -3,9 +3,11 @@
 `load_stable_diffusion` reads a diffusers-layout folder; `text` encodes
 prompts; `sample` draws images with classifier-free guidance; and
 `cross_attention` reads and writes the key/value projections that concept
-editors (aigc_jax.unlearn) rewrite.
+editors (aigc_jax.unlearn) rewrite; `attention` recomputes their maps.
 """
 
+from aigc_jax.sd import attention
+from aigc_jax.sd.attention import cross_attention_maps
 from aigc_jax.sd.cross_attention import (
   projection_names,
   read_projections,
@@ -33,7 +35,9 @@ from aigc_jax.sd.text import (
 
 __all__ = [
   "StableDiffusion",
+  "attention",
   "check_unet_config",
+  "cross_attention_maps",
   "decode_latents",
   "encode_ids",
   "encode_images",

@@ -1,9 +1,12 @@
 """Edits a model owner makes to unlearn: closed-form concept erasure.
 
 `closed_form` holds the one ridge solve every editor shares and UCE; `rece`
-derives adversarial embeddings and erases them too.
+derives adversarial embeddings and erases them too; `mace` refines the
+co-existing words, trains a LoRA per concept against its attention maps and
+fuses the LoRAs in closed form.
 """
 
+from aigc_jax.unlearn import mace
 from aigc_jax.unlearn.closed_form import (
   gram,
   ridge_edit,
@@ -16,6 +19,7 @@ from aigc_jax.unlearn.rece import adversarial_embedding, output_gap, rece_edit
 __all__ = [
   "adversarial_embedding",
   "gram",
+  "mace",
   "output_gap",
   "rece_edit",
   "ridge_edit",

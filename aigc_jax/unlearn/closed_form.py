@@ -43,6 +43,7 @@ def ridge_edit(
   preserve_scale: float | jax.Array = 1.0,
   anchor: dict[str, jax.Array] | None = None,
   preserve_from: dict[str, jax.Array] | None = None,
+  preserve_gram: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """The closed-form ridge edit above, for every kernel at once (pure).
 
@@ -58,6 +59,9 @@ def ridge_edit(
     preserve_scale: s_p.
     anchor: K_a of the λ term; default `kernels`.
     preserve_from: K_p whose outputs P K_p are kept; default `anchor`.
+    preserve_gram: PᵀP (d, d) given directly instead of `preserve_keys`,
+      for preserved sets too large to hold as rows (MACE's cached sums over
+      MS-COCO captions).
 
   Returns:
     {name: K'} with the shapes of `kernels`.
@@ -68,8 +72,10 @@ def ridge_edit(
   d = kernels[names[0]].shape[0]
   lhs = lam * jnp.eye(d, dtype=jnp.float32) + erase_scale * gram(keys)
   rhs = [lam * anchor[n] + erase_scale * _mm(keys.T, values[n]) for n in names]
-  if preserve_keys is not None:
-    p_gram = gram(preserve_keys)
+  if preserve_keys is not None and preserve_gram is not None:
+    raise ValueError("Give preserve_keys or preserve_gram, not both.")
+  p_gram = gram(preserve_keys) if preserve_keys is not None else preserve_gram
+  if p_gram is not None:
     lhs = lhs + preserve_scale * p_gram
     rhs = [
       r + preserve_scale * _mm(p_gram, preserve_from[n])
