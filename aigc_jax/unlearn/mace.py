@@ -11,6 +11,8 @@ general knowledge preserved. Both are `ridge_edit` with their own keys and
 values.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -237,7 +239,12 @@ def attention_suppression_loss(
   """
   total = 0.0
   for a in maps.values():
-    side = int(round(a.shape[2] ** 0.5))
+    side = math.isqrt(a.shape[2])
+    if side * side != a.shape[2]:
+      raise ValueError(
+        f"Attention over {a.shape[2]} pixels is not a square map; MACE's "
+        "masks assume square latents."
+      )
     m = jax.image.resize(
       pixel_mask, (pixel_mask.shape[0], side, side), "nearest"
     )
