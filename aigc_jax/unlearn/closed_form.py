@@ -95,6 +95,7 @@ def uce_edit(
   lam: float | jax.Array = 0.5,
   erase_scale: float | jax.Array = 1.0,
   preserve_scale: float | jax.Array = 1.0,
+  preserve_gram: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
   """Unified Concept Editing (Gandikota et al. 2024, Eq. 7), "replace".
 
@@ -110,6 +111,7 @@ def uce_edit(
     preserve_keys: rows (m, d) to keep, or None.
     lam, erase_scale, preserve_scale: λ, s_e, s_p (may be traced: the
       function composes with `jax.vmap` over them).
+    preserve_gram: Σ p pᵀ instead of `preserve_keys` (see `ridge_edit`).
   """
   if erase_keys.shape != target_keys.shape:
     raise ValueError(
@@ -125,6 +127,7 @@ def uce_edit(
     erase_scale=erase_scale,
     preserve_keys=preserve_keys,
     preserve_scale=preserve_scale,
+    preserve_gram=preserve_gram,
   )
 
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aigc_jax.unlearn.closed_form import _mm, ridge_edit
+from aigc_jax.unlearn.closed_form import _mm, ridge_edit, uce_edit
 
 
 def matching_token_positions(
@@ -107,11 +107,11 @@ def refine(
       knowledge); with λ = 0 something must keep the system non-singular.
     preserve_scale: its weight s.
   """
-  values = {n: _mm(mapped, k) for n, k in kernels.items()}
-  return ridge_edit(
+  # UCE's "replace" edit with MACE's keys: e_f goes where e_g went.
+  return uce_edit(
     kernels,
     keys,
-    values,
+    mapped,
     lam=lam,
     preserve_gram=preserve_gram,
     preserve_scale=preserve_scale,
@@ -258,7 +258,7 @@ def train_concept_lora(
   model,
   unet_params: dict,
   latents: jax.Array,
-  pixel_masks: jax.Array,
+  pixel_masks: jax.Array | None,
   contexts: jax.Array,
   token_masks: jax.Array,
   key: jax.Array,
@@ -276,7 +276,8 @@ def train_concept_lora(
     model: a `StableDiffusion`.
     unet_params: the stage-1 (refined) UNet parameters, frozen.
     latents: (n, C, h, w) scaled VAE latents of the concept's images.
-    pixel_masks: (n, H, W) their concept masks (ones without a segmenter).
+    pixel_masks: (n, H, W) their concept masks; None: all ones, MACE's
+      fallback when the segmenter finds nothing (and its setting for art).
     contexts: (m, 77, d) embeddings of the concept's prompts.
     token_masks: (m, 77) the positions to suppress in each prompt.
     key: randomness (image, prompt, timestep, noise per step).
@@ -296,6 +297,8 @@ def train_concept_lora(
   policy = policy or diffusion.concept_focal_policy(
     model.schedule.num_timesteps
   )
+  if pixel_masks is None:
+    pixel_masks = jnp.ones((latents.shape[0], *latents.shape[2:]))
   base = sd.read_projections(unet_params)
   init_key, key = jax.random.split(key)
   lora = init_lora(init_key, base, rank)
