@@ -311,3 +311,30 @@ def test_mace_lora_suppresses_the_concept_and_fuses(loaded):
   assert set(fused) == set(base)
   with pytest.raises(ValueError, match="does not contain the concept"):
     mace.concept_token_mask(model.tokenizer, PROMPTS[1], "three")
+
+
+def test_saved_parameters_load_back_unchanged(tiny_sd, loaded, tmp_path):
+  from transformers import CLIPTextConfig
+
+  from aigc_jax.sd.export import save_stable_diffusion
+  from aigc_jax.sd.load import read_config, read_scheduler_config
+
+  model, params = loaded
+  # A visible change, so that the test cannot pass by re-reading tiny_sd.
+  params = jax.tree.map(lambda x: x + 0.5, params)
+  out = str(tmp_path / "saved")
+  save_stable_diffusion(
+    out,
+    params,
+    unet_config=read_config(f"{tiny_sd}/unet"),
+    vae_config=read_config(f"{tiny_sd}/vae"),
+    text_encoder_config=CLIPTextConfig.from_pretrained(
+      f"{tiny_sd}/text_encoder"
+    ),
+    tokenizer=model.tokenizer,
+    scheduler_config=read_scheduler_config(f"{tiny_sd}/scheduler"),
+  )
+  again, reloaded = sd.load_stable_diffusion(out)
+  _assert_trees_equal(reloaded, params)
+  assert again.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+  assert again.steps_offset == model.steps_offset

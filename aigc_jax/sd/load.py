@@ -306,7 +306,7 @@ def load_stable_diffusion(
   vae_config = read_config(part("vae"))
   vae = build_vae(vae_config, dtype)
   text_encoder = build_text_encoder(part("text_encoder"), dtype)
-  scheduler = _read_scheduler_config(part("scheduler"))
+  scheduler = read_scheduler_config(part("scheduler"))
   model = StableDiffusion(
     unet=unet,
     vae=vae,
@@ -347,7 +347,8 @@ def load_stable_diffusion(
   return model, params
 
 
-def _read_scheduler_config(directory: str) -> dict:
+def read_scheduler_config(directory: str) -> dict:
+  """The scheduler folder's `scheduler_config.json`, as a dict."""
   for name in ("scheduler_config.json", "config.json"):
     file = os.path.join(directory, name)
     if os.path.exists(file):

@@ -1,0 +1,114 @@
+"""Flax parameters -> a diffusers-layout PyTorch folder (needs torch).
+
+The inverse of `load.py`, for models this project trains itself: they are
+saved exactly as a downloaded Stable Diffusion is, so that they load through
+the same path (`load_stable_diffusion`) and open in diffusers' PyTorch
+pipelines too. The UNet's and VAE's renaming is inverted from the forward
+rules rather than with diffusers' `load_flax_weights_in_pytorch_model`,
+whose `_1` -> `.1` rewriting also renames `time_embedding.linear_1`.
+"""
+
+import json
+import os
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from aigc_jax.sd.load import abstract_params, build_unet, build_vae
+
+
+def _flax_to_torch_state_dict(pt_model, flax_params: dict, target: dict):
+  """{PyTorch key: tensor} for `pt_model` from Flax params (forward rules
+  applied to each PyTorch key, then the tensor transposed back)."""
+  import torch
+  from diffusers.models.modeling_flax_pytorch_utils import (
+    rename_key,
+    rename_key_and_reshape_tensor,
+  )
+
+  flat_target = traverse_util.flatten_dict(target)
+  flat_params = traverse_util.flatten_dict(flax_params)
+  state = {}
+  for pt_key, pt_tensor in pt_model.state_dict().items():
+    shape_only = np.zeros(pt_tensor.shape, np.float32)
+    key, _ = rename_key_and_reshape_tensor(
+      tuple(rename_key(pt_key).split(".")), shape_only, flat_target
+    )
+    value = np.asarray(flat_params[key], np.float32)
+    if key[-1] == "kernel" and value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
+    elif key[-1] == "kernel" and value.ndim == 2:
+      value = value.T
+    if tuple(value.shape) != tuple(pt_tensor.shape):
+      raise ValueError(
+        f"{pt_key}: the Flax parameter {'.'.join(key)} has shape "
+        f"{value.shape} after transposition, PyTorch wants "
+        f"{tuple(pt_tensor.shape)}."
+      )
+    state[pt_key] = torch.from_numpy(value.copy())  # writable, C order
+  return state
+
+
+def save_stable_diffusion(
+  path: str,
+  params: dict,
+  *,
+  unet_config: dict,
+  vae_config: dict,
+  text_encoder_config,
+  tokenizer,
+  scheduler_config: dict,
+) -> None:
+  """Writes unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (safetensors).
+
+  Args:
+    path: the folder to write.
+    params: {"unet", "vae", "text_encoder"} Flax parameters.
+    unet_config, vae_config: diffusers config dicts of the two models.
+    text_encoder_config: a transformers `CLIPTextConfig`.
+    tokenizer: the `CLIPTokenizer`.
+    scheduler_config: the DDPM/DDIM scheduler config (betas, steps_offset).
+  """
+  from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+  from transformers import CLIPTextModel
+  from transformers.modeling_flax_pytorch_utils import (
+    load_flax_weights_in_pytorch_model,
+  )
+
+  for cls, config, name, build in (
+    (UNet2DConditionModel, unet_config, "unet", build_unet),
+    (AutoencoderKL, vae_config, "vae", build_vae),
+  ):
+    pt_model = cls.from_config(config)
+    state = _flax_to_torch_state_dict(
+      pt_model, params[name], abstract_params(build(dict(config)))
+    )
+    pt_model.load_state_dict(state, strict=True)
+    pt_model.save_pretrained(os.path.join(path, name))
+  encoder = CLIPTextModel(text_encoder_config)
+  # Writable numpy copies: torch warns on the read-only views of jax arrays.
+  load_flax_weights_in_pytorch_model(
+    encoder, jax.tree.map(np.array, params["text_encoder"])
+  )
+  encoder.save_pretrained(os.path.join(path, "text_encoder"))
+  tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+  DDIMScheduler.from_config(scheduler_config).save_pretrained(
+    os.path.join(path, "scheduler")
+  )
+  with open(os.path.join(path, "model_index.json"), "w") as f:
+    json.dump(
+      {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "safety_checker": [None, None],
+        "feature_extractor": [None, None],
+        "requires_safety_checker": False,
+      },
+      f,
+      indent=1,
+    )
