@@ -25,6 +25,7 @@ def denoising_loss(
   schedule: NoiseSchedule,
   *,
   policy: TimestepPolicy | None = None,
+  latents: bool = False,
 ) -> jax.Array:
   """Per-example w(t) ‖ε - ε_θ(√ᾱ_t x_0 + √(1-ᾱ_t) ε, t)‖², t ~ p(t).
 
@@ -38,11 +39,14 @@ def denoising_loss(
     key: randomness for t and ε.
     schedule: the noise schedule.
     policy: p(t) and w(t); uniform with unit weights when None.
+    latents: x0 are latents of any shape and range (latent diffusion), not
+      images, so they are not checked as images.
 
   Returns:
     The loss of each example, shape (B,).
   """
-  check_model_images(x0, "x0")
+  if not latents:
+    check_model_images(x0, "x0")
   if policy is None:
     policy = uniform_policy(schedule.num_timesteps)
   t_key, noise_key = jax.random.split(key)

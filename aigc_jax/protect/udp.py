@@ -71,14 +71,24 @@ def denoising_objective(
   *,
   policy: TimestepPolicy | None = None,
   num_draws: int = 1,
+  encode: Callable[[jax.Array], jax.Array] | None = None,
 ) -> Callable[[jax.Array, jax.Array], jax.Array]:
   """The per-example denoising loss of protected images, averaged over
-  `num_draws` Monte-Carlo draws of (t, ε) to steady the PGD gradient."""
+  `num_draws` Monte-Carlo draws of (t, ε) to steady the PGD gradient.
+
+  With `encode` (e.g. a latent-diffusion VAE encoder,
+  `aigc_jax.sd.encode_images`) the loss is that of the latents of the
+  protected images: the perturbation still lives on the pixels, and its
+  gradient passes through the encoder (the latent-diffusion setting of UDP).
+  """
 
   def objective(x_adv, key):
+    x0 = x_adv if encode is None else encode(x_adv)
     keys = jax.random.split(key, num_draws)
     losses = jax.vmap(
-      lambda k: denoising_loss(eps_fn, x_adv, k, schedule, policy=policy)
+      lambda k: denoising_loss(
+        eps_fn, x0, k, schedule, policy=policy, latents=encode is not None
+      )
     )(keys)
     return losses.mean(axis=0)
 
@@ -98,6 +108,7 @@ def udp_perturbation(
   policy: TimestepPolicy | None = None,
   num_draws: int = 1,
   unroll: int | bool = 1,
+  encode: Callable[[jax.Array], jax.Array] | None = None,
 ) -> jax.Array:
   """The outer max: PGD ascent of the denoising loss on δ for a fixed model.
 
@@ -117,12 +128,13 @@ def udp_perturbation(
     policy: p(t), w(t) (uniform: UDP).
     num_draws: (t, ε) draws per gradient.
     unroll: `lax.scan` unrolling of the PGD steps (see `pgd`).
+    encode: images -> what `eps_fn` denoises (see `denoising_objective`).
 
   Returns:
     The new δ.
   """
   objective = denoising_objective(
-    eps_fn, schedule, policy=policy, num_draws=num_draws
+    eps_fn, schedule, policy=policy, num_draws=num_draws, encode=encode
   )
   delta, _ = pgd(
     objective,
