@@ -5,9 +5,9 @@ import importlib
 
 import numpy as np
 import pytest
-from torch_support import import_torchvision
 
 from aigc_jax.models import fid_features, load_fid_inception
+from aigc_jax.sd.torchvision_fallback import import_torchvision
 
 torch = pytest.importorskip("torch")
 

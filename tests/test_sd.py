@@ -10,12 +10,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_support import import_torchvision
 
 from aigc_jax import parallel, sd
+from aigc_jax.sd.torchvision_fallback import import_torchvision
 
 torch = pytest.importorskip("torch")
-import_torchvision()  # diffusers' model code imports it
+import_torchvision()  # for diffusers' PyTorch reference models
 
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight", ""]
 

@@ -16,12 +16,15 @@ import numpy as np
 from flax import traverse_util
 
 from aigc_jax.sd.load import abstract_params, build_unet, build_vae
+from aigc_jax.sd.torchvision_fallback import import_torchvision
 
 
 def _flax_to_torch_state_dict(pt_model, flax_params: dict, target: dict):
   """{PyTorch key: tensor} for `pt_model` from Flax params (forward rules
   applied to each PyTorch key, then the tensor transposed back)."""
   import torch
+
+  import_torchvision()
   from diffusers.models.modeling_flax_pytorch_utils import (
     rename_key,
     rename_key_and_reshape_tensor,
@@ -70,6 +73,7 @@ def save_stable_diffusion(
     tokenizer: the `CLIPTokenizer`.
     scheduler_config: the DDPM/DDIM scheduler config (betas, steps_offset).
   """
+  import_torchvision()
   from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
   from transformers import CLIPTextModel
   from transformers.modeling_flax_pytorch_utils import (

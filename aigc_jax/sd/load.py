@@ -29,6 +29,7 @@ from flax import traverse_util
 
 from aigc_jax import checkpoint
 from aigc_jax.diffusion.schedules import NoiseSchedule, make_schedule
+from aigc_jax.sd.torchvision_fallback import import_torchvision
 
 _DIFFUSERS_WEIGHTS = (
   "diffusion_pytorch_model.safetensors",
@@ -160,6 +161,7 @@ def _flax_class_kwargs(cls, config: dict) -> dict:
 
 def build_unet(config: dict, dtype=jnp.float32):
   """A `FlaxUNet2DConditionModel` from a diffusers UNet `config.json`."""
+  import_torchvision()
   from diffusers import FlaxUNet2DConditionModel
 
   check_unet_config(config)
@@ -171,6 +173,7 @@ def build_unet(config: dict, dtype=jnp.float32):
 
 def build_vae(config: dict, dtype=jnp.float32):
   """A `FlaxAutoencoderKL` from a diffusers VAE `config.json`."""
+  import_torchvision()
   from diffusers import FlaxAutoencoderKL
 
   kwargs = _flax_class_kwargs(FlaxAutoencoderKL, config)
@@ -210,6 +213,7 @@ def convert_diffusers_weights(
   Uses diffusers' own renaming and reshaping rules; every weight must land
   on a parameter of the right shape and every parameter must be filled.
   """
+  import_torchvision()
   from diffusers.models.modeling_flax_pytorch_utils import (
     rename_key,
     rename_key_and_reshape_tensor,

@@ -1,4 +1,12 @@
-"""Importing torch-side reference code next to the CPU build of torch."""
+"""Lets diffusers import next to a torchvision whose compiled ops fail.
+
+With torch installed, importing any diffusers model class (Flax ones too)
+imports diffusers' PyTorch models, and through them torchvision. PyPI's
+torchvision wheel links the CUDA build of torch, so next to the CPU build
+(this project's `[torch]` extra) its C extension fails to load and diffusers
+cannot be imported at all. The model code diffusers and pytorch-fid use is
+plain Python, so the package is loaded without its ops instead.
+"""
 
 import importlib
 import importlib.metadata
@@ -10,11 +18,10 @@ import types
 def import_torchvision():
   """torchvision, or its pure-Python part when its compiled ops do not load.
 
-  PyPI's torchvision wheel links the CUDA build of torch, so next to the CPU
-  build its C extension fails to load; the model definitions pytorch-fid
-  builds on, and that diffusers and transformers import, are plain Python,
-  so the package is loaded without the ops.
+  Returns None when torchvision is not installed (diffusers then skips it).
   """
+  if importlib.util.find_spec("torchvision") is None:
+    return None
   try:
     import torchvision
 

@@ -1,0 +1,109 @@
+"""The embedded text-to-image model's training steps on tiny modules."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from aigc_jax import sd
+from aigc_jax.diffusion import scaled_linear_schedule
+from aigc_jax.sd.vocabulary import write_clip_tokenizer
+from aigc_jax.train import text_to_image as t2i
+
+
+def test_captions_use_the_templates():
+  captions = t2i.digit_captions(np.array([3, 8]), np.random.default_rng(0))
+  assert "three" in captions[0] and "eight" in captions[1]
+  held_out = t2i.digit_captions(
+    np.array([3]), np.random.default_rng(0), t2i.PARAPHRASE_TEMPLATES
+  )
+  assert held_out[0] not in {t.format("three") for t in t2i.CAPTION_TEMPLATES}
+
+
+def test_vae_and_text_to_image_losses_fall(tmp_path):
+  from transformers import CLIPTextConfig
+
+  captions = [
+    t.format(w) for t in t2i.CAPTION_TEMPLATES for w in t2i.DIGIT_WORDS
+  ]
+  tokenizer = write_clip_tokenizer(captions, str(tmp_path / "tokenizer"))
+  vae = sd.load.build_vae(
+    {
+      "in_channels": 1,
+      "out_channels": 1,
+      "down_block_types": ["DownEncoderBlock2D"] * 2,
+      "up_block_types": ["UpDecoderBlock2D"] * 2,
+      "block_out_channels": [32, 32],
+      "latent_channels": 4,
+      "norm_num_groups": 32,
+      "sample_size": 16,
+    }
+  )
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(
+    np.clip(rng.normal(size=(8, 16, 16, 1)) * 0.5, -1, 1), jnp.float32
+  )
+  optimizer = optax.adam(1e-3)
+  params = vae.init_weights(jax.random.key(0))
+  state = t2i.DDPMState(
+    jnp.zeros((), jnp.int32), params, params, optimizer.init(params)
+  )
+  step = jax.jit(
+    functools.partial(t2i.vae_train_step, vae=vae, optimizer=optimizer)
+  )
+  losses = []
+  for _ in range(30):
+    state, metrics = step(state, images, jax.random.key(1))
+    losses.append(float(metrics["mse"]))
+  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+
+  unet = sd.load.build_unet(
+    {
+      "sample_size": 8,
+      "in_channels": 4,
+      "out_channels": 4,
+      "block_out_channels": [32, 64],
+      "layers_per_block": 1,
+      "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+      "cross_attention_dim": 32,
+      "attention_head_dim": 4,
+    }
+  )
+  from transformers import FlaxCLIPTextModel
+
+  text_encoder = FlaxCLIPTextModel(
+    CLIPTextConfig(
+      hidden_size=32,
+      intermediate_size=64,
+      num_attention_heads=4,
+      num_hidden_layers=1,
+      vocab_size=len(tokenizer),
+    ),
+    _do_init=False,
+  )
+  optimizer = optax.adam(1e-3)
+  state = t2i.init_text_to_image_state(
+    unet, text_encoder, optimizer, jax.random.key(2)
+  )
+  labels = np.arange(8) % 10
+  ids = jnp.asarray(sd.tokenize(tokenizer, t2i.digit_captions(labels, rng)))
+  latents = jnp.asarray(rng.normal(size=(8, 4, 8, 8)), jnp.float32) * 0.5
+  step = jax.jit(
+    functools.partial(
+      t2i.text_to_image_train_step,
+      unet=unet,
+      text_encoder=text_encoder,
+      optimizer=optimizer,
+      schedule=scaled_linear_schedule(),
+      uncond_ids=jnp.asarray(sd.tokenize(tokenizer, [""])[0]),
+    )
+  )
+  losses = []
+  for _ in range(40):
+    state, metrics = step(state, (latents, ids), jax.random.key(3))
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+  assert set(state.params) == {"unet", "text_encoder"}
