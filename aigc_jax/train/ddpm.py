@@ -97,6 +97,18 @@ def ddpm_train_step(
     ).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return apply_gradients(state, loss, grads, optimizer, ema_decay)
+
+
+def apply_gradients(
+  state: DDPMState,
+  loss: jax.Array,
+  grads: Any,
+  optimizer: optax.GradientTransformation,
+  ema_decay: float,
+) -> tuple[DDPMState, dict[str, jax.Array]]:
+  """The optimiser step, the EMA update and the metrics every diffusion
+  trainer ends its step with."""
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from aigc_jax.diffusion import NoiseSchedule, TimestepPolicy, denoising_loss
-from aigc_jax.train.ddpm import DDPMState
+from aigc_jax.train.ddpm import DDPMState, apply_gradients
 
 DIGIT_WORDS = (
   "zero",
@@ -113,11 +113,7 @@ def text_to_image_train_step(
     ).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  ema = optax.incremental_update(params, state.ema_params, 1.0 - ema_decay)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
-  return DDPMState(state.step + 1, params, ema, opt_state), metrics
+  return apply_gradients(state, loss, grads, optimizer, ema_decay)
 
 
 def vae_loss(vae, params: Any, images: jax.Array, key: jax.Array, kl_weight):
