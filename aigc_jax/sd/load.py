@@ -192,16 +192,17 @@ def build_text_encoder(directory: str, dtype=jnp.float32):
 
 def abstract_params(model) -> dict:
   """Shapes and dtypes of a Flax model's parameters, without computing them."""
-  if hasattr(model, "init_weights") and hasattr(model, "module"):
-    # transformers: init_weights(rng, input_shape) of the wrapped module.
+  if hasattr(model, "module"):
+    # transformers' Flax models wrap a linen module and take an input shape;
+    # diffusers' Flax models are linen modules with init_weights(rng).
     shapes = jax.eval_shape(
       lambda k: model.init_weights(k, model.input_shape), jax.random.key(0)
     )
   else:
     shapes = jax.eval_shape(model.init_weights, jax.random.key(0))
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-    traverse_util.unflatten_dict(traverse_util.flatten_dict(shapes)),
+  plain = traverse_util.unflatten_dict(traverse_util.flatten_dict(shapes))
+  return jax.tree.map(  # a plain dict, whatever FrozenDict init returned
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), plain
   )
 
 
