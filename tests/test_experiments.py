@@ -446,3 +446,22 @@ def test_le_purification_is_the_same_on_one_and_four_devices():
   }
   np.testing.assert_allclose(out[1], out[4], atol=1e-5)
   assert not np.allclose(out[1], images, atol=1e-3)
+
+
+def test_text_to_image_smoke_saves_a_loadable_sd_folder(tmp_path):
+  from aigc_jax import sd
+  from experiments import train_text_to_image
+  from experiments.configs import train_text_to_image as t2i_configs
+
+  config = t2i_configs.get_config("smoke")
+  result, workdir = _run(train_text_to_image, config, tmp_path / "t2i")
+  for name in ("accuracy/train_captions", "accuracy/paraphrases"):
+    assert 0.0 <= result[name] <= 1.0
+  model, params = sd.load_stable_diffusion(os.path.join(workdir, "model"))
+  assert len(sd.projection_names(params["unet"])) == 4 * 2
+  assert model.scaling_factor == pytest.approx(result["scaling_factor"])
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "accuracy/paraphrases" in f.read()
+  # Same command again: both stages restore their final checkpoints.
+  again, _ = _run(train_text_to_image, config, tmp_path / "t2i")
+  assert again["accuracy/train_captions"] == result["accuracy/train_captions"]
