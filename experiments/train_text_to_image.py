@@ -51,9 +51,11 @@ def padded_images(config) -> tuple[np.ndarray, np.ndarray]:
   return x, np.asarray(train_set.labels)
 
 
-def run_stage(state, step_fn, batch_fn, config_train, workdir, name, mesh):
+def run_stage(init_fn, step_fn, batch_fn, config_train, workdir, name, mesh):
+  """Trains one stage in `<workdir>/<name>`, resuming from its checkpoint
+  (`init_fn` runs only when there is none)."""
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, name))
-  state = train.init_or_restore(lambda: state, mesh, checkpointer)
+  state = train.init_or_restore(init_fn, mesh, checkpointer)
   state = train.train_loop(
     state,
     step_fn,
@@ -73,9 +75,8 @@ def run_stage(state, step_fn, batch_fn, config_train, workdir, name, mesh):
 def train_vae(config, workdir, images, mesh):
   vae = sd.load.build_vae(config.vae.to_dict())
   optimizer = optax.adam(config.vae_train.learning_rate)
-  params = vae.init_weights(jax.random.key(config.seed))
-  state = train.DDPMState(
-    jnp.zeros((), jnp.int32), params, params, optimizer.init(params)
+  init_fn = functools.partial(
+    t2i.init_vae_state, vae, optimizer, jax.random.key(config.seed)
   )
   step_fn = functools.partial(
     t2i.vae_train_step,
@@ -90,8 +91,8 @@ def train_vae(config, workdir, images, mesh):
     )
   ]
   state = run_stage(
-    state,
-    lambda s, b: step_fn(s, b),
+    init_fn,
+    step_fn,
     batch_fn,
     config.vae_train,
     workdir,
@@ -152,8 +153,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   optimizer = optax.chain(
     optax.clip_by_global_norm(1.0), optax.adamw(config.train.learning_rate)
   )
-  state = t2i.init_text_to_image_state(
-    unet, text_encoder, optimizer, jax.random.key(config.seed + 2)
+  init_fn = functools.partial(
+    t2i.init_text_to_image_state,
+    unet,
+    text_encoder,
+    optimizer,
+    jax.random.key(config.seed + 2),
   )
   ids = sd.tokenize(tokenizer, captions)
   step_fn = functools.partial(
@@ -176,8 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   start = time.time()
   state = run_stage(
-    state,
-    lambda s, b: step_fn(s, b),
+    init_fn,
+    step_fn,
     batch_fn,
     config.train,
     workdir,

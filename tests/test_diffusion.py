@@ -147,8 +147,13 @@ def test_timestep_policies():
     dm.window_policy(1000, 0, 200),
     dm.signal_policy(s),
     dm.snr_weight_policy(s),
+    dm.concept_focal_policy(1000),
   ):
     np.testing.assert_allclose(policy.probs.sum(), 1.0, rtol=1e-5)
+  # MACE's density puts most of its mass between t1 = 200 and t2 = 400.
+  focal = dm.concept_focal_policy(1000).probs
+  assert float(focal[200:401].sum()) > 0.8
+  assert 200 <= int(focal.argmax()) <= 400
   t = dm.sample_timesteps(
     jax.random.key(0), dm.window_policy(1000, 10, 20), (500,)
   )

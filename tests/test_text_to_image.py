@@ -46,10 +46,7 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     np.clip(rng.normal(size=(8, 16, 16, 1)) * 0.5, -1, 1), jnp.float32
   )
   optimizer = optax.adam(1e-3)
-  params = vae.init_weights(jax.random.key(0))
-  state = t2i.DDPMState(
-    jnp.zeros((), jnp.int32), params, params, optimizer.init(params)
-  )
+  state = t2i.init_vae_state(vae, optimizer, jax.random.key(0))
   step = jax.jit(
     functools.partial(t2i.vae_train_step, vae=vae, optimizer=optimizer)
   )

@@ -116,6 +116,18 @@ def text_to_image_train_step(
   return apply_gradients(state, loss, grads, optimizer, ema_decay)
 
 
+def init_vae_state(vae, optimizer, key: jax.Array) -> DDPMState:
+  """Fresh VAE parameters; the EMA field is an (unused) copy, not an alias,
+  so the state can be donated to a jitted step."""
+  params = vae.init_weights(key)
+  return DDPMState(
+    jnp.zeros((), jnp.int32),
+    params,
+    jax.tree.map(jnp.copy, params),
+    optimizer.init(params),
+  )
+
+
 def vae_loss(vae, params: Any, images: jax.Array, key: jax.Array, kl_weight):
   """‖x − D(z)‖² + β KL(q(z|x) ‖ N(0, I)), z ~ q(z|x) (Kingma & Welling
   2014, with a small β as latent diffusion uses); images NHWC in [-1, 1]."""

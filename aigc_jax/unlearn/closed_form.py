@@ -186,10 +186,8 @@ def uce_keys(
       "target per erased prompt."
     )
   d = model.text_encoder.config.hidden_size
-  erase_rows, target_rows = (
-    [np.zeros((0, d), np.float32)],
-    [np.zeros((0, d), np.float32)],
-  )
+  empty = np.zeros((0, d), np.float32)  # keeps concatenate defined
+  erase_rows, target_rows = [empty], [empty]
   if erase:
     old = sd.encode_prompts(model, params, erase)
     new = sd.encode_prompts(model, params, targets)

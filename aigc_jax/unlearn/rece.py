@@ -61,11 +61,9 @@ def output_gap(
   d = next(iter(kernels.values())).shape[0]
   rows = embeddings.reshape(-1, d)
   ref_rows = reference_embeddings.reshape(-1, d)
-  gap = sum(
-    jnp.sum((_mm(rows, kernels[n]) - _mm(ref_rows, reference[n])) ** 2)
-    for n in kernels
-  )
-  norm = sum(jnp.sum(_mm(ref_rows, reference[n]) ** 2) for n in kernels)
+  targets = {n: _mm(ref_rows, reference[n]) for n in kernels}
+  gap = sum(jnp.sum((_mm(rows, kernels[n]) - targets[n]) ** 2) for n in kernels)
+  norm = sum(jnp.sum(y**2) for y in targets.values())
   return gap / norm
 
 
