@@ -201,6 +201,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       text_encoder_config=text_config,
       tokenizer=tokenizer,
       scheduler_config=SCHEDULER,
+      dtype=config.export_dtype,
     )
   result = {
     "vae_seconds": round(vae_seconds, 1),
@@ -215,25 +216,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def sample_digits(model, params, prompts, config, key) -> np.ndarray:
-  """`per_digit` images per prompt, NHWC in [-1, 1]."""
-  n = config.sample.per_digit
-  cond = sd.encode_prompts(
-    model, params, [p for p in prompts for _ in range(n)]
-  )
-  uncond = sd.encode_prompts(model, params, [""])
-  fn = jax.jit(
-    lambda p, c, k: sd.text_to_image(
+def make_sampler(model, num_steps: int, guidance_scale: float):
+  """A jitted `sample(params, cond, uncond, key)` -> NHWC images in [-1, 1]:
+  one compilation serves every edit of the same model."""
+  return jax.jit(
+    lambda params, cond, uncond, key: sd.text_to_image(
       model,
-      p,
-      c,
+      params,
+      cond,
       uncond,
-      k,
-      num_steps=config.sample.num_steps,
-      guidance_scale=config.sample.guidance_scale,
+      key,
+      num_steps=num_steps,
+      guidance_scale=guidance_scale,
     )
   )
-  return np.asarray(fn(params, cond, key))
+
+
+def predict_digits(classifier, images, mesh) -> np.ndarray:
+  """The classifier's digit for each image, center-cropped to MNIST's 28."""
+  crop = (images.shape[1] - 28) // 2
+  images = np.asarray(images)[:, crop : crop + 28, crop : crop + 28]
+  logits = train_classifier.predict_logits(*classifier[:3], images, 500, mesh)
+  return np.asarray(logits).argmax(-1)
 
 
 def evaluate_model(config, folder, workdir, mesh) -> dict:
@@ -242,26 +246,29 @@ def evaluate_model(config, folder, workdir, mesh) -> dict:
   classifier = train_classifier.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
+  sample = make_sampler(
+    model, config.sample.num_steps, config.sample.guidance_scale
+  )
+  uncond = sd.encode_prompts(model, params, [""])
+  n = config.sample.per_digit
   scores = {}
-  for name, templates in (
-    ("train_captions", t2i.CAPTION_TEMPLATES[:1]),
-    ("paraphrases", t2i.PARAPHRASE_TEMPLATES[:1]),
+  for name, template in (
+    ("train_captions", t2i.CAPTION_TEMPLATES[0]),
+    ("paraphrases", t2i.PARAPHRASE_TEMPLATES[0]),
   ):
-    prompts = [templates[0].format(w) for w in t2i.DIGIT_WORDS]
-    images = sample_digits(
-      model, params, prompts, config, jax.random.key(config.seed + 4)
+    prompts = [template.format(w) for w in t2i.DIGIT_WORDS for _ in range(n)]
+    cond = sd.encode_prompts(model, params, prompts)
+    images = np.asarray(
+      sample(params, cond, uncond, jax.random.key(config.seed + 4))
     )
-    crop = (images.shape[1] - 28) // 2
-    images = images[:, crop : crop + 28, crop : crop + 28]
-    logits = train_classifier.predict_logits(*classifier[:3], images, 500, mesh)
-    wanted = np.repeat(np.arange(10), config.sample.per_digit)
+    wanted = np.repeat(np.arange(10), n)
     scores[f"accuracy/{name}"] = float(
-      (np.asarray(logits).argmax(-1) == wanted).mean()
+      (predict_digits(classifier, images, mesh) == wanted).mean()
     )
     data.save_image_grid(
       os.path.join(workdir, f"samples_{name}.png"),
       data.to_uint8(images),
-      ncol=config.sample.per_digit,
+      ncol=n,
     )
   scores["classifier_test_accuracy"] = classifier[3]
   return scores

@@ -83,10 +83,15 @@ class ProtectionSteps(NamedTuple):
       (donates `state`).
     outer_max: `(params, x, delta, key, policy) -> delta`, `pgd_steps` PGD
       ascent steps of the policy's denoising loss.
+    schedule: the surrogate's noise schedule.
+
+  With conditions (a text-to-image surrogate, `udp_latent`), the batch of
+  both halves is `(images, conditions)` instead of images.
   """
 
   inner_min: Callable
   outer_max: Callable
+  schedule: diffusion.NoiseSchedule
 
 
 def _protection_key(config) -> jax.Array:
@@ -129,10 +134,18 @@ def protection_steps(config, mesh) -> ProtectionSteps:
     ),
     out_shardings=shard,
   )
-  return ProtectionSteps(inner_min, outer_max)
+  return ProtectionSteps(inner_min, outer_max, schedule)
 
 
-def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
+def _padded_chunk(a: np.ndarray, lo: int, hi: int, size: int) -> np.ndarray:
+  """Rows lo:hi, padded to `size` by repeating the last one."""
+  tail = np.repeat(a[hi - 1 : hi], size - (hi - lo), 0)
+  return np.concatenate([a[lo:hi], tail])
+
+
+def protect_dataset(
+  config, workdir, method, images, surrogate, mesh, steps, conditions=None
+):
   """Protects uint8 `images` with `method`, chunk by chunk; resumable.
 
   Per chunk, `rounds` alternations of the max-min problem: `inner_steps`
@@ -142,12 +155,12 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
   the device count. Each finished chunk's δ is written to chunk_XXXX.npy and
   the surrogate's state after it to ckpt/ (step = chunks done), so an
   interrupted run restarts at the first unfinished chunk with the surrogate
-  it had there.
+  it had there. `conditions` (one row per image, e.g. caption embeddings)
+  go with their images into both halves.
   """
   p = config.protect
   os.makedirs(workdir, exist_ok=True)
-  schedule = train_ddpm.build_ddpm(config.surrogate)[1]
-  trains, policy = method_settings(method, schedule)
+  trains, policy = method_settings(method, steps.schedule)
   b = protect.budget(p.eps, p.norm)
   rep = parallel.replicated(mesh)
   key = _protection_key(config)
@@ -175,10 +188,13 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
       deltas.append(np.load(path))
       bar.update(p.rounds)
       continue
-    # Pad the last chunk to `size` by repeating its last image.
     n = hi - lo
-    chunk = np.concatenate([x[lo:hi], np.repeat(x[hi - 1 : hi], size - n, 0)])
+    chunk = _padded_chunk(x, lo, hi, size)
     xs = parallel.shard_batch(mesh, chunk)
+    cond = None
+    if conditions is not None:
+      cond = _padded_chunk(conditions, lo, hi, size)
+      xs = (xs, parallel.shard_batch(mesh, cond))
     chunk_key = jax.random.fold_in(key, 100 + c)
     delta = protect.init_perturbation(
       chunk_key, chunk.shape, b, random_start=p.random_start
@@ -192,8 +208,11 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
         for m in range(p.inner_steps):
           seed = [config.seed, c, r, m]
           idx = np.random.default_rng(seed).choice(n, batch, replace=batch > n)
+          minibatch = (
+            protected[idx] if cond is None else (protected[idx], cond[idx])
+          )
           state, _ = steps.inner_min(
-            state, parallel.shard_batch(mesh, protected[idx])
+            state, parallel.shard_batch(mesh, minibatch)
           )
       delta = steps.outer_max(
         state.params, xs, delta, jax.random.fold_in(chunk_key, r), policy
@@ -207,6 +226,38 @@ def protect_dataset(config, workdir, method, images, surrogate, mesh, steps):
   bar.close()
   checkpointer.close()
   return protect.quantize_protected(images, np.concatenate(deltas), b)
+
+
+def protect_methods(
+  config, workdir, clean, labels, surrogate, mesh, steps, writer, **kwargs
+):
+  """Every method of `config.protect.methods` on `clean` (uint8), each in
+  `workdir/protect/<method>/` with its lossless `protected.npz` and noise
+  grid. Returns the training sets (clean first), the perturbation table
+  rows and the seconds per method; `kwargs` go to `protect_dataset`."""
+  sets, perturbations, seconds = {"clean": clean}, {}, {}
+  for method in config.protect.methods:
+    start = time.time()
+    mdir = os.path.join(workdir, "protect", set_slug(method))
+    protected = protect_dataset(
+      config, mdir, method, clean, surrogate, mesh, steps, **kwargs
+    )
+    seconds[method] = round(time.time() - start, 1)
+    if jax.process_index() == 0:
+      np.savez_compressed(
+        os.path.join(mdir, "protected.npz"), images=protected, labels=labels
+      )
+    noise_grid(mdir, clean, protected, config.protect.eps)
+    sets[method] = protected
+    perturbations[method] = perturbation_table_row(clean, protected, config)
+    writer.write(
+      0,
+      {
+        f"perturbation/{method}/{k}": v
+        for k, v in perturbations[method].items()
+      },
+    )
+  return sets, perturbations, seconds
 
 
 def set_slug(name: str) -> str:
@@ -340,6 +391,12 @@ def evaluate_training_set(
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  if "sd" in config:  # the latent-diffusion setting (:sd)
+    if __package__ in (None, ""):
+      import udp_latent
+    else:
+      from experiments import udp_latent
+    return udp_latent.train_and_evaluate(config, workdir)
   mesh = parallel.make_mesh(config.num_devices or None)
   for batch in (
     config.surrogate.train.batch_size,
@@ -385,31 +442,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     desc="surrogate",
   )
 
-  sets, perturbations, protect_seconds = {"clean": clean}, {}, {}
   steps = protection_steps(config, mesh)
-  for method in config.protect.methods:
-    t0 = time.time()
-    mdir = os.path.join(workdir, "protect", set_slug(method))
-    protected = protect_dataset(
-      config, mdir, method, clean, surrogate, mesh, steps
-    )
-    protect_seconds[method] = round(time.time() - t0, 1)
-    if jax.process_index() == 0:
-      np.savez_compressed(
-        os.path.join(mdir, "protected.npz"),
-        images=protected,
-        labels=train_set.labels,
-      )
-    noise_grid(mdir, clean, protected, config.protect.eps)
-    sets[method] = protected
-    perturbations[method] = perturbation_table_row(clean, protected, config)
-    writer.write(
-      0,
-      {
-        f"perturbation/{method}/{k}": v
-        for k, v in perturbations[method].items()
-      },
-    )
+  sets, perturbations, protect_seconds = protect_methods(
+    config, workdir, clean, train_set.labels, surrogate, mesh, steps, writer
+  )
 
   if robust:
     sets[f"{robust} + JPEG {config.eval.jpeg_quality}"] = jpeg_compress(

@@ -448,7 +448,7 @@ def test_le_purification_is_the_same_on_one_and_four_devices():
   assert not np.allclose(out[1], images, atol=1e-3)
 
 
-def test_text_to_image_smoke_saves_a_loadable_sd_folder(tmp_path):
+def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   from aigc_jax import sd
   from experiments import train_text_to_image
   from experiments.configs import train_text_to_image as t2i_configs
@@ -465,3 +465,79 @@ def test_text_to_image_smoke_saves_a_loadable_sd_folder(tmp_path):
   # Same command again: both stages restore their final checkpoints.
   again, _ = _run(train_text_to_image, config, tmp_path / "t2i")
   assert again["accuracy/train_captions"] == result["accuracy/train_captions"]
+
+  # The folder is what erase.py edits: every method, scored and attacked.
+  from experiments import erase
+  from experiments.configs import erase as erase_configs
+
+  config = erase_configs.get_config("smoke")
+  config.model = os.path.join(workdir, "model")
+  result, erase_dir = _run(erase, config, tmp_path / "erase")
+  names = ["original", "uce", "rece epoch 1", "mace refinement only", "mace"]
+  assert list(result["scores"]) == names
+  for scores in result["scores"].values():
+    for key in ("captions/erased", "captions/kept", "paraphrases/erased"):
+      assert 0.0 <= scores[key] <= 1.0
+    assert "captions/lookalike/eight" in scores
+  assert len(result["attack_success"]) == 3
+  assert set(result["mace_lora_loss_first_last"]) == {"three", "five"}
+  with open(os.path.join(erase_dir, "report.md")) as f:
+    text = f.read()
+  assert "| rece epoch 1 attacked (derived against uce) |" in text
+  assert os.path.exists(os.path.join(erase_dir, "samples", "uce_captions.png"))
+
+  # ... and udp.py's latent-diffusion variant protects through it.
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("sd_smoke")
+  config.sd.model = os.path.join(workdir, "model")
+  result, udp_dir = _run(udp, config, tmp_path / "udp_sd")
+  assert list(result["results"]) == ["clean", "advdm", "udp", "eudp:early"]
+  for row in result["perturbations"].values():
+    assert 0 < row["linf_255"] <= config.protect.eps
+  for r in result["results"].values():
+    assert 0.0 <= r["prompt_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
+  saved = np.load(os.path.join(udp_dir, "protect", "udp", "protected.npz"))
+  assert saved["images"].shape == (16, 32, 32, 1)
+
+
+def test_erase_refuses_bad_configs_before_any_work(tmp_path):
+  from experiments import erase
+  from experiments.configs import erase as erase_configs
+
+  config = erase_configs.get_config("uce")
+  config.model = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match=r"--config\.model"):
+    erase.train_and_evaluate(config, str(tmp_path))
+  config.model = ""
+  with pytest.raises(ValueError, match=r"--config\.model=PATH"):
+    erase.train_and_evaluate(config, str(tmp_path))
+  config.methods = ("uce", "esd")
+  with pytest.raises(ValueError, match="Unknown methods"):
+    erase.train_and_evaluate(config, str(tmp_path))
+  config.methods = ("rece",)
+  with pytest.raises(ValueError, match="starts from the UCE edit"):
+    erase.train_and_evaluate(config, str(tmp_path))
+  config.methods = ("uce",)
+  config.erase = ("eleven",)
+  with pytest.raises(ValueError, match="not in concepts"):
+    erase.train_and_evaluate(config, str(tmp_path))
+
+
+def test_erase_scores_and_harmonic_mean():
+  from experiments import erase
+  from experiments.configs import erase as erase_configs
+
+  config = erase_configs.get_config("uce")
+  config.sample.per_prompt = 2
+  pairs = [(c, c) for c in config.concepts]
+  class_of = {c: i for i, c in enumerate(config.concepts)}
+  # Both samples of every digit right, except "three" (erased): one of two.
+  predicted = np.repeat(np.arange(10), 2)
+  predicted[6] = 0
+  s = erase.score_samples(config, predicted, pairs, class_of)
+  assert s == {"erased": 0.5, "kept": 1.0, "lookalike/eight": 1.0}
+  assert erase.harmonic_mean(0.0, 1.0, 0.0) == pytest.approx(1.0)
+  assert erase.harmonic_mean(0.5, 1.0, 0.5) == pytest.approx(3 / 5)
+  assert erase.harmonic_mean(1.0, 1.0, 0.0) == 0.0

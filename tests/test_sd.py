@@ -374,3 +374,25 @@ def test_udp_through_the_vae_raises_the_latent_denoising_loss(loaded):
   grad = jax.grad(loss)(x)
   assert float(jnp.abs(grad).max()) > 0
   assert float(loss(x + 1e-3 * jnp.sign(grad))) > float(loss(x))
+
+
+def test_the_embedded_digits_model_loads_and_samples():
+  """checkpoints/t2i_digits/model, what erase.py and udp.py:sd use, loads as
+  any Stable Diffusion folder does and draws images."""
+  from experiments.configs.erase import EMBEDDED_MODEL
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  model, params = sd.load_stable_diffusion(os.path.join(root, EMBEDDED_MODEL))
+  assert len(sd.projection_names(params["unet"])) == 4 * 2
+  for word in ("three", "eight"):  # each caption word is one token
+    assert len(model.tokenizer(word, add_special_tokens=False).input_ids) == 1
+  prompts = ["a handwritten digit three", "the digit eight"]
+  cond = sd.encode_prompts(model, params, prompts)
+  uncond = sd.encode_prompts(model, params, [""])
+  images = jax.jit(
+    lambda p, c: sd.text_to_image(
+      model, p, c, uncond, jax.random.key(0), num_steps=2
+    )
+  )(params, cond)
+  assert images.shape == (2, 32, 32, 1)
+  assert np.isfinite(np.asarray(images)).all()

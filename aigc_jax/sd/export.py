@@ -62,6 +62,7 @@ def save_stable_diffusion(
   text_encoder_config,
   tokenizer,
   scheduler_config: dict,
+  dtype: str = "float32",
 ) -> None:
   """Writes unet/, vae/, text_encoder/, tokenizer/ and scheduler/ (safetensors).
 
@@ -72,7 +73,11 @@ def save_stable_diffusion(
     text_encoder_config: a transformers `CLIPTextConfig`.
     tokenizer: the `CLIPTokenizer`.
     scheduler_config: the DDPM/DDIM scheduler config (betas, steps_offset).
+    dtype: the stored weights' dtype ("float16" halves the folder, as SD's
+      fp16 variants do; the loader computes in float32 either way).
   """
+  import torch
+
   import_torchvision()
   from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
   from transformers import CLIPTextModel
@@ -89,13 +94,15 @@ def save_stable_diffusion(
       pt_model, params[name], abstract_params(build(dict(config)))
     )
     pt_model.load_state_dict(state, strict=True)
-    pt_model.save_pretrained(os.path.join(path, name))
+    pt_model.to(getattr(torch, dtype)).save_pretrained(os.path.join(path, name))
   encoder = CLIPTextModel(text_encoder_config)
   # Writable numpy copies: torch warns on the read-only views of jax arrays.
   load_flax_weights_in_pytorch_model(
     encoder, jax.tree.map(np.array, params["text_encoder"])
   )
-  encoder.save_pretrained(os.path.join(path, "text_encoder"))
+  encoder.to(getattr(torch, dtype)).save_pretrained(
+    os.path.join(path, "text_encoder")
+  )
   tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
   DDIMScheduler.from_config(scheduler_config).save_pretrained(
     os.path.join(path, "scheduler")

@@ -105,14 +105,52 @@ def text_to_image_train_step(
 
   def loss_fn(params):
     context = text_encoder(ids, params=params["text_encoder"]).last_hidden_state
-    eps_fn = lambda z, t: (
-      unet.apply({"params": params["unet"]}, z, t, context).sample
+    return latent_denoising_loss(
+      unet, params["unet"], latents, context, loss_key, schedule, policy
     )
-    return denoising_loss(
-      eps_fn, latents, loss_key, schedule, policy=policy, latents=True
-    ).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return apply_gradients(state, loss, grads, optimizer, ema_decay)
+
+
+def latent_denoising_loss(
+  unet, unet_params, latents, context, key, schedule, policy=None
+) -> jax.Array:
+  """E_{t,ε} ‖ε − ε_θ(z_t, t, c)‖² over a batch of latents (NCHW) and their
+  text embeddings `context` (B, 77, d) (Rombach et al. 2022, Eq. 2)."""
+  eps_fn = lambda z, t: (
+    unet.apply({"params": unet_params}, z, t, context).sample
+  )
+  return denoising_loss(
+    eps_fn, latents, key, schedule, policy=policy, latents=True
+  ).mean()
+
+
+def finetune_unet_step(
+  state: DDPMState,
+  batch: tuple[jax.Array, jax.Array],
+  key: jax.Array,
+  *,
+  unet,
+  optimizer: optax.GradientTransformation,
+  schedule: NoiseSchedule,
+  ema_decay: float = 0.999,
+) -> tuple[DDPMState, dict[str, jax.Array]]:
+  """One fine-tuning step of a text-to-image UNet, text encoder frozen (the
+  usual Stable Diffusion fine-tuning recipe).
+
+  Args:
+    state: the UNet's params and EMA.
+    batch: (latents (B, C, h, w), text embeddings (B, 77, d)).
+    key: the run's key; the step uses `fold_in(key, state.step)`.
+    unet, optimizer, schedule, ema_decay: as `text_to_image_train_step`.
+  """
+  latents, context = batch
+  loss, grads = jax.value_and_grad(
+    lambda p: latent_denoising_loss(
+      unet, p, latents, context, jax.random.fold_in(key, state.step), schedule
+    )
+  )(state.params)
   return apply_gradients(state, loss, grads, optimizer, ema_decay)
 
 

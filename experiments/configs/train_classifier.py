@@ -60,11 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       checkpoint_every=2000,
       log_every=100,
     )
-  elif variant == "smoke":
+  elif variant in ("smoke", "mnist5k_smoke"):
     c.train.update(num_epochs=1, batch_size=32, checkpoint_every=5, log_every=5)
     c.model.width = 8
+    if variant == "mnist5k_smoke":  # for smoke runs that score 28x28 digits
+      c.data.train, c.data.test = "mnist5k:train", "mnist5k:test"
+      c.data.limit = 64
   else:
     raise ValueError(
-      f"Unknown variant {variant!r}; choose digits, mnist5k, cifar10 or smoke."
+      f"Unknown variant {variant!r}; choose digits, mnist5k, cifar10, smoke "
+      "or mnist5k_smoke."
     )
   return c

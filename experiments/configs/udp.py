@@ -25,6 +25,7 @@ from ../shared/data). `:smoke` is a few steps for tests.
 
 import ml_collections
 
+from aigc_jax.train.text_to_image import DIGIT_WORDS
 from experiments.configs import train_classifier, train_ddpm
 from experiments.configs.base import base_config
 
@@ -147,6 +148,44 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.protect.update(
         chunk_size=500, rounds=4, inner_steps=25, pgd_steps=5, batch_size=64
       )
+  elif variant in ("sd", "sd_smoke"):
+    # The latent-diffusion setting: the embedded text-to-image model is the
+    # surrogate and what the unauthorised trainer fine-tunes.
+    del c["surrogate"], c["ddpm"]
+    c.data.train, c.data.test = "mnist5k:train", "mnist5k:test"
+    c.data.limit = 256
+    c.sd = ml_collections.ConfigDict(
+      {
+        "model": "checkpoints/t2i_digits/model",
+        "caption": "a handwritten digit {}",
+        "class_words": DIGIT_WORDS,
+      }
+    )
+    c.protect.update(
+      chunk_size=256, rounds=4, inner_steps=10, pgd_steps=5, batch_size=32
+    )
+    c.finetune = ml_collections.ConfigDict(
+      {
+        "num_steps": 300,
+        "batch_size": 32,
+        "learning_rate": 1e-4,
+        "weight_decay": 1e-2,
+        "ema_decay": 0.99,
+      }
+    )
+    c.sample = ml_collections.ConfigDict(
+      {"per_class": 20, "num_steps": 25, "guidance_scale": 4.0}
+    )
+    c.eval.classifier = train_classifier.get_config("mnist5k")
+    c.eval.robust_method = ""
+    if variant == "sd_smoke":
+      c.sd.model = ""  # set by the test
+      c.data.limit = 16
+      c.protect.update(chunk_size=8, rounds=1, inner_steps=1, pgd_steps=1)
+      c.protect.batch_size = 4
+      c.finetune.update(num_steps=2, batch_size=4)
+      c.sample.update(per_class=1, num_steps=2)
+      c.eval.classifier = train_classifier.get_config("mnist5k_smoke")
   elif variant == "smoke":
     c.protect.update(chunk_size=64, rounds=1, inner_steps=2, pgd_steps=2)
     for d in (c.surrogate, c.ddpm):
@@ -160,7 +199,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   else:
     raise ValueError(
       f"Unknown variant {variant!r}; choose digits, strong, policies, "
-      "cifar10, cifar10_small or smoke."
+      "cifar10, cifar10_small, sd, sd_smoke or smoke."
     )
   if "limit" not in c.data:
     c.data.limit = 0  # 0: all training images
