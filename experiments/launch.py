@@ -39,14 +39,16 @@ from aigc_jax import parallel, record  # noqa: E402
 
 # Experiments train several identical models (clean vs protected data); the
 # persistent cache is keyed on the compiled program, so they compile once.
-jax.config.update(
-  "jax_compilation_cache_dir",
-  os.environ.get(
-    "AIGC_JAX_CACHE",
-    os.path.join(os.path.expanduser("~"), ".cache", "aigc_jax"),
-  ),
-)
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+# A cache the caller has set is kept.
+if jax.config.jax_compilation_cache_dir is None:
+  jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get(
+      "AIGC_JAX_CACHE",
+      os.path.join(os.path.expanduser("~"), ".cache", "aigc_jax"),
+    ),
+  )
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def main(train_and_evaluate, script: str) -> None:

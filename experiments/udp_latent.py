@@ -126,6 +126,13 @@ def latent_steps(config, model, params, optimizer, mesh) -> udp.ProtectionSteps:
   return udp.ProtectionSteps(inner_min, outer_max, model.schedule)
 
 
+def finetune_optimizer(config) -> optax.GradientTransformation:
+  """AdamW of `config.finetune`: the unauthorised trainer's, and the
+  surrogate's in UDP's inner min."""
+  f = config.finetune
+  return optax.adamw(f.learning_rate, weight_decay=f.weight_decay)
+
+
 def unet_state(unet_params, optimizer):
   """A fine-tuning state that starts at the pretrained UNet (built directly,
   not through a jitted init: SD's weights would become program constants).
@@ -136,21 +143,14 @@ def unet_state(unet_params, optimizer):
   )
 
 
-def finetune(config, workdir, model, params, images, contexts, mesh):
-  """The unauthorised trainer: the pretrained UNet fine-tuned on `images`
-  (uint8) with their caption embeddings; resumable. Returns EMA params."""
+def fine_tuner(config, model, params, mesh):
+  """`finetune(workdir, images, contexts) -> EMA UNet params`: the
+  unauthorised trainer, the pretrained UNet fine-tuned on `images` (uint8)
+  with their caption embeddings; resumable. Its encoder and step are built
+  once, so every training set reuses one compilation."""
   f = config.finetune
-  optimizer = optax.adamw(f.learning_rate, weight_decay=f.weight_decay)
-  # The encoder is deterministic (posterior mean): encode every image once.
-  latents = np.asarray(
-    vae_encoder(model, params["vae"], mesh)(data.to_model_range(images))
-  )
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = unet_state(params["unet"], optimizer)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(
-      checkpoint.abstract_state(state, parallel.replicated(mesh))
-    )
+  optimizer = finetune_optimizer(config)
+  encode = vae_encoder(model, params["vae"], mesh)
   step_fn = functools.partial(
     t2i.finetune_unet_step,
     key=jax.random.key(config.seed + 5),
@@ -160,56 +160,74 @@ def finetune(config, workdir, model, params, images, contexts, mesh):
     ema_decay=f.ema_decay,
   )
 
-  def batch_fn(step):
-    idx = data.batch_indices(config.seed, step, len(latents), f.batch_size)
-    return latents[idx], contexts[idx]
+  def finetune(workdir, images, contexts):
+    # The encoder is deterministic (posterior mean): encode every image once.
+    latents = np.asarray(encode(data.to_model_range(images)))
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+    state = unet_state(params["unet"], optimizer)
+    if checkpointer.latest_step() is not None:
+      state = checkpointer.restore(
+        checkpoint.abstract_state(state, parallel.replicated(mesh))
+      )
 
-  state = train.train_loop(
-    state,
-    step_fn,
-    batch_fn,
-    num_steps=f.num_steps,
-    mesh=mesh,
-    checkpointer=checkpointer,
-    checkpoint_every=f.num_steps,
-    log_every=max(f.num_steps // 5, 1),
-    desc=f"finetune {os.path.basename(workdir)}",
+    def batch_fn(step):
+      idx = data.batch_indices(config.seed, step, len(latents), f.batch_size)
+      return latents[idx], contexts[idx]
+
+    state = train.train_loop(
+      state,
+      step_fn,
+      batch_fn,
+      num_steps=f.num_steps,
+      mesh=mesh,
+      checkpointer=checkpointer,
+      checkpoint_every=f.num_steps,
+      log_every=max(f.num_steps // 5, 1),
+      desc=f"finetune {os.path.basename(workdir)}",
+    )
+    checkpointer.close()
+    return state.ema_params
+
+  return finetune
+
+
+def class_prompt_sampler(config, model, params):
+  """`sample(unet_params) -> images`: `per_class` samples of every class
+  prompt (class-major), the same noise for every UNet; the prompts are
+  encoded and the sampler compiled once."""
+  s = config.sample
+  prompts = [config.sd.caption.format(w) for w in config.sd.class_words]
+  cond = sd.encode_prompts(
+    model, params, [p for p in prompts for _ in range(s.per_class)]
   )
-  checkpointer.close()
-  return state.ema_params
+  uncond = sd.encode_prompts(model, params, [""])
+  sample = train_text_to_image.make_sampler(
+    model, s.num_steps, s.guidance_scale
+  )
+  key = jax.random.key(config.seed + 6)
+  return lambda unet: np.asarray(
+    sample({**params, "unet": unet}, cond, uncond, key)
+  )
 
 
 def evaluate_finetuning(
-  config, workdir, model, params, images, contexts, classifier, real, mesh
+  config, workdir, finetune, sample, images, contexts, classifier, real, mesh
 ) -> dict:
-  """Fine-tunes on `images`, samples every class prompt, scores the samples;
-  cached in `workdir/result.json`."""
+  """Fine-tunes on `images` (`fine_tuner`'s `finetune`), samples every class
+  prompt (`class_prompt_sampler`'s `sample`) and scores the samples; cached
+  in `workdir/result.json`."""
 
   def compute():
     start = time.time()
-    unet = finetune(config, workdir, model, params, images, contexts, mesh)
-    s = config.sample
-    words = config.sd.class_words
-    prompts = [config.sd.caption.format(w) for w in words]
-    cond = sd.encode_prompts(
-      model, params, [p for p in prompts for _ in range(s.per_class)]
-    )
-    sample = train_text_to_image.make_sampler(
-      model, s.num_steps, s.guidance_scale
-    )
-    uncond = sd.encode_prompts(model, params, [""])
-    samples = np.asarray(
-      sample(
-        {**params, "unet": unet}, cond, uncond, jax.random.key(config.seed + 6)
-      )
-    )
+    samples = sample(finetune(workdir, images, contexts))
+    per_class = config.sample.per_class
     data.save_image_grid(
       os.path.join(workdir, "samples.png"),
       data.to_uint8(samples),
-      ncol=s.per_class,
+      ncol=per_class,
     )
     logits, features = classify(classifier, samples, mesh)
-    wanted = np.repeat(np.arange(len(words)), s.per_class)
+    wanted = np.repeat(np.arange(len(config.sd.class_words)), per_class)
     return {
       "prompt_accuracy": float((logits.argmax(-1) == wanted).mean()),
       "confident_share": float(confident_share(logits, config.eval.confidence)),
@@ -256,8 +274,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return_features=True,
   )
 
-  f = config.finetune
-  optimizer = optax.adamw(f.learning_rate, weight_decay=f.weight_decay)
+  optimizer = finetune_optimizer(config)
   steps = latent_steps(config, model, params, optimizer, mesh)
   sets, perturbations, protect_seconds = udp.protect_methods(
     config,
@@ -271,13 +288,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
     conditions=contexts,
   )
 
+  finetune = fine_tuner(config, model, params, mesh)
+  sample = class_prompt_sampler(config, model, params)
   results = {}
   for name, images in sets.items():
     results[name] = evaluate_finetuning(
       config,
       os.path.join(workdir, "eval", udp.set_slug(name)),
-      model,
-      params,
+      finetune,
+      sample,
       images,
       contexts,
       classifier,

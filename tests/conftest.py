@@ -14,6 +14,11 @@ os.environ.setdefault(
   " --xla_cpu_collective_call_terminate_timeout_seconds=3600",
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# No compilation cache on disk (experiments/launch.py sets one), here and in
+# the experiments tests start as subprocesses: XLA:CPU rejects its own cached
+# executables on reload (jax-ml/jax#38445), so it only adds writes, and two
+# suite runs that wrote a cold cache from both xdist workers hung.
+os.environ.setdefault("JAX_ENABLE_COMPILATION_CACHE", "false")
 
 import jax
 import pytest
@@ -21,6 +26,7 @@ import pytest
 # Tests run tiny models for a few steps, where XLA's compile time dominates:
 # skipping most optimisations compiles the test UNet several times faster.
 jax.config.update("jax_disable_most_optimizations", True)
+
 
 SHARED_DATA = os.path.join(
   os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data"

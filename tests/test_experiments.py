@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -35,8 +36,9 @@ def _run(module, config, workdir, *, num_devices=1):
   """Runs an experiment in `workdir`, on one device unless told otherwise.
 
   One device because four forced CPU devices on two cores make a smoke run
-  three times slower; sharded agreement has its own tests, and
-  `test_unlearnable_smoke_saves_protections_and_resumes` runs on four.
+  three times slower, and because compiling the unlearnable smoke run's
+  victim step for four devices twice ran for over 10 minutes under
+  `pytest -n 2`; sharded agreement has its own tests.
   """
   config.num_devices = num_devices
   workdir = record.prepare_workdir(str(workdir), config.to_json())
@@ -263,7 +265,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
 
   config = ul_configs.get_config("smoke")
   config.countermeasures = ("none", "at", "aa")
-  result, workdir = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
+  result, workdir = _run(unlearnable, config, tmp_path / "ul")
   assert len(result["accuracy"]) == 5 * 3
   assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
   clean = np.asarray(  # the class-balanced 200-image subset
@@ -282,7 +284,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
     report = f.read()
   assert "| vanilla (no countermeasure) |" in report and "EMN (C)" in report
   # Same command again: every protection and classifier is read back.
-  again, _ = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
+  again, _ = _run(unlearnable, config, tmp_path / "ul")
   assert again["accuracy"] == result["accuracy"]
 
 
@@ -472,6 +474,9 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
 
   config = erase_configs.get_config("smoke")
   config.model = os.path.join(workdir, "model")
+  # The same classifier config: its finished run is reused, not retrained.
+  shared_classifier = os.path.join(workdir, "classifier")
+  shutil.copytree(shared_classifier, tmp_path / "erase" / "classifier")
   result, erase_dir = _run(erase, config, tmp_path / "erase")
   names = ["original", "uce", "rece epoch 1", "mace refinement only", "mace"]
   assert list(result["scores"]) == names
@@ -492,6 +497,7 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
 
   config = udp_configs.get_config("sd_smoke")
   config.sd.model = os.path.join(workdir, "model")
+  shutil.copytree(shared_classifier, tmp_path / "udp_sd" / "classifier")
   result, udp_dir = _run(udp, config, tmp_path / "udp_sd")
   assert list(result["results"]) == ["clean", "advdm", "udp", "eudp:early"]
   for row in result["perturbations"].values():

@@ -2,6 +2,7 @@
 
 import functools
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -263,8 +264,6 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   ]
   # Interrupted during the last chunk: its δ and checkpoint never landed.
   os.remove(os.path.join(workdir, "chunk_0002.npy"))
-  import shutil
-
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
   done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npy"))
   again = udp.protect_dataset(

@@ -69,6 +69,9 @@ def train_loop(
   """
   rep = parallel.replicated(mesh)
   jstep = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+  # Placed as the steps return it: a fresh, uncommitted state would compile
+  # the step once for itself and again for every later step's input.
+  state = jax.device_put(state, rep)
   start = int(state.step)
   bar = tqdm(
     total=num_steps,
