@@ -36,9 +36,8 @@ def _run(module, config, workdir, *, num_devices=1):
   """Runs an experiment in `workdir`, on one device unless told otherwise.
 
   One device because four forced CPU devices on two cores make a smoke run
-  three times slower, and because compiling the unlearnable smoke run's
-  victim step for four devices twice ran for over 10 minutes under
-  `pytest -n 2`; sharded agreement has its own tests.
+  three times slower; sharded agreement has its own tests, and
+  `test_unlearnable_smoke_saves_protections_and_resumes` runs on four.
   """
   config.num_devices = num_devices
   workdir = record.prepare_workdir(str(workdir), config.to_json())
@@ -265,7 +264,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
 
   config = ul_configs.get_config("smoke")
   config.countermeasures = ("none", "at", "aa")
-  result, workdir = _run(unlearnable, config, tmp_path / "ul")
+  result, workdir = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
   assert len(result["accuracy"]) == 5 * 3
   assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
   clean = np.asarray(  # the class-balanced 200-image subset
@@ -284,7 +283,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
     report = f.read()
   assert "| vanilla (no countermeasure) |" in report and "EMN (C)" in report
   # Same command again: every protection and classifier is read back.
-  again, _ = _run(unlearnable, config, tmp_path / "ul")
+  again, _ = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
   assert again["accuracy"] == result["accuracy"]
 
 
