@@ -446,18 +446,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer,
   )
   results = {}
+  train_victim = unlearnable.victim_trainer(config, test_set, mesh)
   for set_name, row in victim_cells(config):
     images = sets[set_name]
     if row in PURIFIERS:
       images = purify_set(row, set_name, images, train_set.images)
-    results[set_name, row] = unlearnable.train_victim(
-      config,
+    results[set_name, row] = train_victim(
       os.path.join(workdir, "victims", set_name, row),
       images,
       train_set.labels,
-      test_set,
       "none" if row in PURIFIERS else row,
-      mesh,
     )
     writer.write(
       0,

@@ -160,12 +160,23 @@ def predict_logits(
 ):
   """Evaluation-mode logits (and features) for host images, in sharded
   chunks."""
-  fn = jax.jit(
-    lambda x: train.classifier_logits(
-      model, params, batch_stats, x, return_features=return_features
-    )
+  fn = functools.partial(
+    _jitted_logits,
+    params,
+    batch_stats,
+    model=model,
+    return_features=return_features,
   )
   return parallel.batched_apply(fn, images, batch_size=batch_size, mesh=mesh)
+
+
+# The parameters are arguments, not constants folded into the program, so
+# every classifier of one architecture shares a compilation.
+@functools.partial(jax.jit, static_argnames=("model", "return_features"))
+def _jitted_logits(params, batch_stats, images, *, model, return_features):
+  return train.classifier_logits(
+    model, params, batch_stats, images, return_features=return_features
+  )
 
 
 def trained_classifier(config, workdir: str):

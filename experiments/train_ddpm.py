@@ -12,6 +12,8 @@ samples.png (the first 100 samples), samples.npz (all, uint8) and real.png.
 import functools
 import os
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 if __package__ in (None, ""):
   import launch
@@ -80,36 +82,89 @@ def start_from_pretrained(state, path: str, mesh):
   )
 
 
-def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
-  """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
-  x = data.to_model_range(images)
+class DDPMProgram(NamedTuple):
+  """A DDPM config's model and its jittable functions, built once per config
+  so that every training set of a run shares their traces and compilations
+  (udp.py trains one DDPM per set; a fresh closure per set was traced,
+  lowered and compiled again)."""
+
+  model: DDPMUNet
+  init: Callable[[tuple[int, ...]], Callable[[], train.DDPMState]]
+  step: Callable
+  sample: Callable  # jitted (params, key, indices, image_shape) -> images
+
+
+_PROGRAMS: dict[str, DDPMProgram] = {}
+
+
+def ddpm_program(config) -> DDPMProgram:
+  """The `DDPMProgram` of `config` (the same object for an equal config)."""
+  key = config.to_json()
+  if key not in _PROGRAMS:
+    _PROGRAMS[key] = _build_program(config)
+  return _PROGRAMS[key]
+
+
+def _build_program(config) -> DDPMProgram:
   model, schedule, optimizer = build_ddpm(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   policy = training_policy(config, schedule)
-  init_fn = functools.partial(
-    train.init_ddpm_state, model, optimizer, init_key, x.shape[1:]
-  )
+
+  @functools.cache
+  def init(image_shape):
+    return functools.partial(
+      train.init_ddpm_state, model, optimizer, init_key, image_shape
+    )
+
+  def step(state, batch):
+    return train.ddpm_train_step(
+      state,
+      batch,
+      train_key,
+      model=model,
+      optimizer=optimizer,
+      schedule=schedule,
+      ema_decay=config.train.ema_decay,
+      policy=policy,
+    )
+
+  s = config.sample
+  if s.sampler not in ("ddim", "ddpm"):
+    raise ValueError(f"Unknown sampler {s.sampler!r}; use 'ddim' or 'ddpm'.")
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def sample(params, key, indices, image_shape):
+    eps_fn = train.ddpm_eps_fn(model, params)
+    noise = jax.vmap(
+      lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape)
+    )(indices)
+    chunk_key = jax.random.fold_in(key, indices[0] + s.num_samples)
+    if s.sampler == "ddim":
+      out = diffusion.ddim_sample(
+        eps_fn, noise, chunk_key, schedule, num_steps=s.num_steps, eta=s.eta
+      )
+    else:
+      out = diffusion.ddpm_sample(eps_fn, noise, chunk_key, schedule)
+    return out.clip(-1.0, 1.0)
+
+  return DDPMProgram(model, init, step, sample)
+
+
+def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
+  """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
+  x = data.to_model_range(images)
+  program = ddpm_program(config)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
   fresh = checkpointer.latest_step() is None
-  state = train.init_or_restore(init_fn, mesh, checkpointer)
+  state = train.init_or_restore(program.init(x.shape[1:]), mesh, checkpointer)
   if fresh and config.train.get("init_from", ""):
     state = start_from_pretrained(state, config.train.init_from, mesh)
-  step_fn = lambda s, batch: train.ddpm_train_step(
-    s,
-    batch,
-    train_key,
-    model=model,
-    optimizer=optimizer,
-    schedule=schedule,
-    ema_decay=config.train.ema_decay,
-    policy=policy,
-  )
   batch_fn = lambda step: x[
     data.batch_indices(config.seed, step, len(x), config.train.batch_size)
   ]
   state = train.train_loop(
     state,
-    step_fn,
+    program.step,
     batch_fn,
     num_steps=config.train.num_steps,
     mesh=mesh,
@@ -130,29 +185,11 @@ def sample_ddpm(config, params, image_shape, mesh, key) -> np.ndarray:
   deterministic DDIM sampler (eta = 0) each sample is independent of the
   batch it is drawn in.
   """
-  model, schedule, _ = build_ddpm(config)
-  eps_fn = train.ddpm_eps_fn(model, params)
-  s = config.sample
-
-  def sample(indices):
-    noise = jax.vmap(
-      lambda i: jax.random.normal(jax.random.fold_in(key, i), image_shape)
-    )(indices)
-    chunk_key = jax.random.fold_in(key, indices[0] + s.num_samples)
-    if s.sampler == "ddim":
-      out = diffusion.ddim_sample(
-        eps_fn, noise, chunk_key, schedule, num_steps=s.num_steps, eta=s.eta
-      )
-    elif s.sampler == "ddpm":
-      out = diffusion.ddpm_sample(eps_fn, noise, chunk_key, schedule)
-    else:
-      raise ValueError(f"Unknown sampler {s.sampler!r}; use 'ddim' or 'ddpm'.")
-    return out.clip(-1.0, 1.0)
-
+  program = ddpm_program(config)
   out = parallel.batched_apply(
-    jax.jit(sample),
-    np.arange(s.num_samples, dtype=np.int32),
-    batch_size=s.batch_size,
+    lambda indices: program.sample(params, key, indices, tuple(image_shape)),
+    np.arange(config.sample.num_samples, dtype=np.int32),
+    batch_size=config.sample.batch_size,
     mesh=mesh,
   )
   return data.to_uint8(out)
