@@ -106,6 +106,7 @@ def ddpm_program(config) -> DDPMProgram:
 
 
 def _build_program(config) -> DDPMProgram:
+  config = config.copy_and_resolve_references()  # later edits stay out
   model, schedule, optimizer = build_ddpm(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   policy = training_policy(config, schedule)

@@ -469,6 +469,7 @@ def victim_trainer(config, test_set, mesh):
   that cell finished. Recipes are shared between calls, so each
   countermeasure compiles once per run (on a CPU, fifteen digits victims
   spent three of their four minutes compiling identical steps)."""
+  config = config.copy_and_resolve_references()  # later edits stay out
   recipe = functools.cache(functools.partial(victim_recipe, config))
 
   def train_one(workdir, images, labels, name):
