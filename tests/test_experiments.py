@@ -55,6 +55,43 @@ def test_train_classifier_smoke(tmp_path):
   assert model.num_classes == 10 and params
 
 
+def test_programs_are_built_once_per_config():
+  """Equal configs share one DDPM program (so its step compiles once for
+  every training set), a changed config gets its own, and a caller's later
+  edit does not reach the program already built."""
+  config = ddpm_configs.get_config("smoke")
+  program = train_ddpm.ddpm_program(config)
+  assert train_ddpm.ddpm_program(config.copy_and_resolve_references()) is (
+    program
+  )
+  assert program.init((8, 8, 1)) is program.init((8, 8, 1))
+  config.train.ema_decay = 0.5
+  assert train_ddpm.ddpm_program(config) is not program
+  config.sample.sampler = "euler"
+  with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
+    train_ddpm.ddpm_program(config)
+
+
+def test_victim_recipes_follow_the_countermeasure():
+  from experiments import unlearnable
+  from experiments.configs import unlearnable as ul_configs
+
+  config = ul_configs.get_config("smoke")
+  recipe = unlearnable.victim_recipe(config, "aa", 200, 10, (8, 8, 1))
+  # UEraser: K views for aa_max_epochs epochs, then one view to aa_epochs.
+  per_epoch = 200 // config.train.batch_size  # full batches
+  assert [until for _, until in recipe.phases] == [
+    config.counter.aa_max_epochs * per_epoch,
+    config.counter.aa_epochs * per_epoch,
+  ]
+  plain = unlearnable.victim_recipe(config, "none", 200, 10, (8, 8, 1))
+  assert [until for _, until in plain.phases] == [
+    config.train.num_epochs * per_epoch
+  ]
+  with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
+    unlearnable.victim_recipe(config, "cutout", 200, 10, (8, 8, 1))
+
+
 def test_train_ddpm_smoke_and_resume(tmp_path):
   config = ddpm_configs.get_config("smoke")
   result, workdir = _run(train_ddpm, config, tmp_path / "ddpm")
