@@ -393,8 +393,7 @@ def cp_report(config, workdir, results, infos, total) -> str:
 
 Command:
 
-    python experiments/cp.py \\
-      --config=experiments/configs/cp.py:{config.variant} --workdir={workdir}
+{launch.command_line("cp", config, workdir)}
 
 Linear-probe accuracy (%) on the clean test set of a {config.model.name}
 encoder trained for {config.train.num_epochs} epochs on each set (columns)

@@ -417,9 +417,7 @@ def report(config, workdir, r) -> str:
     "",
     "Command:",
     "",
-    "    python experiments/erase.py \\",
-    f"      --config=experiments/configs/erase.py:{config.variant} \\",
-    f"      --workdir={workdir}",
+    launch.command_line("erase", config, workdir),
     "",
     f"Model: `{config.model}`. Erased: {erase}, toward "
     f'"{config.target}". Methods: {", ".join(config.methods)}.',

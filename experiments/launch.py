@@ -2,7 +2,9 @@
 start-up. A launcher module defines `train_and_evaluate(config, workdir)` and
 ends with `launch.main(train_and_evaluate, __file__)`."""
 
+import importlib
 import os
+import shlex
 import sys
 
 # Launchers run as scripts (`python experiments/x.py`); make the repository
@@ -73,3 +75,46 @@ def main(train_and_evaluate, script: str) -> None:
     train_and_evaluate(config, workdir)
 
   app.run(run)
+
+
+def _leaves(tree, prefix: str = "") -> dict:
+  """A nested dict's leaves by dotted path."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict) and value:
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _shell_word(text: str) -> str:
+  """`text` quoted for a shell, in double quotes where that reads better."""
+  if shlex.quote(text) == text or any(c in text for c in '"$`\\!'):
+    return shlex.quote(text)
+  return f'"{text}"'
+
+
+def command_line(name: str, config, workdir: str) -> str:
+  """The command that reruns `config`, indented as a Markdown code block.
+
+  `name` is the launcher (`experiments/{name}.py`, config file
+  `experiments/configs/{name}.py`). Every value that differs from the
+  variant's defaults is written as a `--config.` override, so a report's
+  command reproduces the run it reports, not just its variant.
+  """
+  module = importlib.import_module(f"experiments.configs.{name}")
+  defaults = _leaves(module.get_config(config.variant).to_dict())
+  overrides = [
+    f"--config.{key}={_shell_word(str(value))}"
+    for key, value in _leaves(config.to_dict()).items()
+    if key not in defaults or defaults[key] != value
+  ]
+  args = [
+    f"--config=experiments/configs/{name}.py:{config.variant}",
+    *overrides,
+    f"--workdir={workdir}",
+  ]
+  return " \\\n".join(
+    [f"    python experiments/{name}.py", *(f"      {a}" for a in args)]
+  )

@@ -592,9 +592,7 @@ def le_report(
 
 Command:
 
-    python experiments/le.py \\
-      --config=experiments/configs/le.py:{config.variant} \\
-      --workdir={workdir}
+{launch.command_line("le", config, workdir)}
 
 Clean test accuracy (%) of a {config.model.name} trained for
 {config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each

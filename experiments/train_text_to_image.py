@@ -281,9 +281,7 @@ def report(config, workdir, r) -> str:
 
 Command:
 
-    python experiments/train_text_to_image.py \\
-      --config=experiments/configs/train_text_to_image.py:{config.variant} \\
-      --workdir={workdir}
+{launch.command_line("train_text_to_image", config, workdir)}
 
 The model is in `{workdir}/model` (diffusers layout). Accuracy: share of
 {config.sample.per_digit} samples per digit prompt ("a handwritten digit …";

@@ -28,11 +28,18 @@ from aigc_jax.train import text_to_image as t2i
 
 if __package__ in (None, ""):
   import erase
+  import launch
   import train_classifier
   import train_text_to_image
   import udp
 else:
-  from experiments import erase, train_classifier, train_text_to_image, udp
+  from experiments import (
+    erase,
+    launch,
+    train_classifier,
+    train_text_to_image,
+    udp,
+  )
 
 
 def pixel_size(model) -> int:
@@ -364,9 +371,7 @@ def report(
 
 Command:
 
-    python experiments/udp.py \\
-      --config=experiments/configs/udp.py:{config.variant} \\
-      --workdir={workdir}
+{launch.command_line("udp", config, workdir)}
 
 Model: `{config.sd.model}`; {num_images} training images captioned
 "{config.sd.caption}". The perturbation ({config.protect.eps}/255,

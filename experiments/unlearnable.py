@@ -660,9 +660,7 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
 
 Command:
 
-    python experiments/unlearnable.py \\
-      --config=experiments/configs/unlearnable.py:{config.variant} \\
-      --workdir={workdir}
+{launch.command_line("unlearnable", config, workdir)}
 
 Clean test accuracy (%) of a {config.model.name} trained for
 {config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each

@@ -224,6 +224,38 @@ def test_unknown_variant_lists_choices():
     ddpm_configs.get_config("imagenet")
 
 
+def test_report_command_reruns_the_reported_config(monkeypatch):
+  """The command in a report parses back to the config it reports."""
+  import shlex
+
+  from absl import flags
+  from ml_collections import config_flags
+
+  from experiments import launch
+  from experiments.configs import erase as erase_configs
+
+  config = erase_configs.get_config("mace")
+  config.erase = ("three", "five")
+  config.target = "a blank"
+  config.uce.erase_scale = 3.0
+  config.preserve_kept = True
+  command = launch.command_line("erase", config, "runs/x")
+  argv = shlex.split(command.replace("\\\n", " "))
+  assert argv[:2] == ["python", "experiments/erase.py"]
+  assert argv[-1] == "--workdir=runs/x" and len(argv) == 8
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+    "config",
+    os.path.join(ROOT, "experiments", "configs", "erase.py"),
+    flag_values=flag_values,
+    lock_config=True,
+  )
+  args = [argv[1], argv[2].replace("=", f"={ROOT}/", 1), *argv[3:-1]]
+  monkeypatch.setattr(sys, "argv", args)  # config_flags reads overrides here
+  flag_values(args)
+  assert flag_values.config.to_json() == config.to_json()
+
+
 def _launch(*args):
   return subprocess.run(
     [
