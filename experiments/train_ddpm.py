@@ -92,6 +92,7 @@ class DDPMProgram(NamedTuple):
   init: Callable[[tuple[int, ...]], Callable[[], train.DDPMState]]
   step: Callable
   sample: Callable  # jitted (params, key, indices, image_shape) -> images
+  denoising_losses: Callable  # jitted (params, x, keys) -> per-image loss
 
 
 _PROGRAMS: dict[str, DDPMProgram] = {}
@@ -148,7 +149,15 @@ def _build_program(config) -> DDPMProgram:
       out = diffusion.ddpm_sample(eps_fn, noise, chunk_key, schedule)
     return out.clip(-1.0, 1.0)
 
-  return DDPMProgram(model, init, step, sample)
+  @jax.jit
+  def denoising_losses(params, x, keys):
+    eps_fn = train.ddpm_eps_fn(model, params)
+    per_draw = jax.vmap(
+      lambda k: diffusion.denoising_loss(eps_fn, x, k, schedule)
+    )(keys)
+    return per_draw.mean(axis=0)
+
+  return DDPMProgram(model, init, step, sample, denoising_losses)
 
 
 def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
@@ -308,8 +317,7 @@ def ddpm_report(config, workdir, r, clf_dir) -> str:
 
 Command:
 
-    python experiments/train_ddpm.py \\
-      --config=experiments/configs/train_ddpm.py:{c.variant} --workdir={workdir}
+{launch.command_line("train_ddpm", c, workdir)}
 
 {table}
 Confident samples per class: {r["confident_per_class"]}

@@ -292,20 +292,12 @@ def noise_grid(workdir, clean, protected, eps):
 
 def heldout_loss(config, params, x_test, mesh) -> float:
   """Mean denoising loss of a DDPM on clean held-out images (fixed draws)."""
-  model, schedule, _ = train_ddpm.build_ddpm(config.ddpm)
-  eps_fn = ddpm_eps_fn(model, params)
+  losses = train_ddpm.ddpm_program(config.ddpm).denoising_losses
   keys = jax.random.split(
     jax.random.key(config.seed + 2), config.eval.heldout_draws
   )
-
-  def loss(x):
-    per_draw = jax.vmap(
-      lambda k: diffusion.denoising_loss(eps_fn, x, k, schedule)
-    )(keys)
-    return per_draw.mean(axis=0)
-
   values = parallel.batched_apply(
-    jax.jit(loss), x_test, batch_size=512, mesh=mesh
+    lambda x: losses(params, x, keys), x_test, batch_size=512, mesh=mesh
   )
   return float(values.mean())
 
@@ -558,8 +550,7 @@ def udp_report(
 
 Command:
 
-    python experiments/udp.py \\
-      --config=experiments/configs/udp.py:{config.variant} --workdir={workdir}
+{launch.command_line("udp", config, workdir)}
 
 Budget {p.eps:g}/255 ({p.norm}); {p.rounds} rounds of {p.inner_steps} surrogate
 steps and {p.pgd_steps} PGD steps (step {p.step_size:g}/255, {p.num_draws}
