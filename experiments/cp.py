@@ -15,6 +15,8 @@ metrics.jsonl. Re-running the command resumes.
 import functools
 import os
 import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 if __package__ in (None, ""):
   import launch
@@ -95,6 +97,55 @@ def _init_state(config, model, optimizer, method, key, image_shape):
     method=method,
     queue_size=config.contrastive.queue_size,
   )
+
+
+class LearnerProgram(NamedTuple):
+  """A learner's model and jittable functions for one config, method and
+  run length, built once so that every training set shares their traces
+  and compilations (a closure per set was traced, lowered and compiled
+  again; its feature extractor baked the parameters in as constants)."""
+
+  init: Callable[[tuple[int, ...]], Callable[[], Any]]  # image shape -> init
+  step: Callable  # (state, images) -> (state, metrics)
+  features: Callable  # jitted (params, batch_stats, images) -> h
+
+
+_PROGRAMS: dict[tuple[str, str, int], LearnerProgram] = {}
+
+
+def learner_program(config, method: str, num_steps: int) -> LearnerProgram:
+  """The `LearnerProgram` of (config, method, num_steps), the same object
+  for equal arguments."""
+  key = (config.to_json(), method, num_steps)
+  if key not in _PROGRAMS:
+    config = config.copy_and_resolve_references()  # later edits stay out
+    model, optimizer, settings = build_learner(
+      config, method, config.train.learning_rate, num_steps
+    )
+    init_key, train_key = jax.random.split(jax.random.key(config.seed))
+    init = functools.cache(
+      lambda shape: _init_state(
+        config, model, optimizer, method, init_key, shape
+      )
+    )
+    features = jax.jit(
+      lambda params, batch_stats, images: train.contrastive_features(
+        model, params, batch_stats, images
+      )
+    )
+    _PROGRAMS[key] = LearnerProgram(
+      init,
+      learner_step(config, model, optimizer, settings, train_key),
+      features,
+    )
+  return _PROGRAMS[key]
+
+
+# A full-batch probe fitted by a scan: one compilation for every encoder.
+_linear_probe_accuracy = jax.jit(
+  train.linear_probe_accuracy,
+  static_argnames=("num_classes", "steps", "learning_rate", "weight_decay"),
+)
 
 
 def generate_cp(config, train_set, mesh, *, classwise, init=None):
@@ -225,20 +276,13 @@ def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
   x = data.to_model_range(images)
   n, bs = len(x), config.train.batch_size
   num_steps = config.train.num_epochs * data.steps_per_epoch(n, bs)
-  model, optimizer, settings = build_learner(
-    config, method, config.train.learning_rate, num_steps
-  )
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  program = learner_program(config, method, num_steps)
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(
-    _init_state(config, model, optimizer, method, init_key, x.shape[1:]),
-    mesh,
-    checkpointer,
-  )
+  state = train.init_or_restore(program.init(x.shape[1:]), mesh, checkpointer)
   writer = record.MetricWriter(workdir, prefix="train/")
   state = train.train_loop(
     state,
-    learner_step(config, model, optimizer, settings, train_key),
+    program.step,
     lambda step: x[data.batch_indices(config.seed, step, n, bs)],
     num_steps=num_steps,
     mesh=mesh,
@@ -249,18 +293,16 @@ def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
     desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
   )
   checkpointer.close()
-  features = jax.jit(
-    lambda im: train.contrastive_features(
-      model, state.params, state.batch_stats, im
-    )
-  )
 
   def featurise(u8):
     return parallel.batched_apply(
-      features, data.to_model_range(u8), batch_size=1000, mesh=mesh
+      functools.partial(program.features, state.params, state.batch_stats),
+      data.to_model_range(u8),
+      batch_size=1000,
+      mesh=mesh,
     )
 
-  accuracy = train.linear_probe_accuracy(
+  accuracy = _linear_probe_accuracy(
     featurise(train_set.images),
     train_set.labels,
     featurise(test_set.images),
