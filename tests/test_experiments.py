@@ -117,11 +117,20 @@ def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
 
   from aigc_jax import parallel
 
+  from aigc_jax import checkpoint, train
+
   config = ddpm_configs.get_config("smoke")
-  _, pretrained = _run(train_ddpm, config, tmp_path / "pre")
   images = train_classifier.load_train_test(config)[0].images[:64]
   mesh = parallel.make_mesh()
-  pre = train_ddpm.train_ddpm(config, pretrained, images, mesh)  # read back
+  # A pretrained run's checkpoint, made by hand (training one would compile
+  # a train step this test does not need): EMA weights unlike a fresh init.
+  pretrained = str(tmp_path / "pre")
+  init = train_ddpm.ddpm_program(config).init(images.shape[1:])
+  pre = train.init_or_restore(init, mesh, None)
+  pre = pre._replace(ema_params=jax.tree.map(lambda p: p + 1.0, pre.params))
+  saver = checkpoint.Checkpointer(os.path.join(pretrained, "ckpt"))
+  saver.save(1, pre)
+  saver.close()
   config.train.update(init_from=pretrained, num_steps=0)
   ft = train_ddpm.train_ddpm(config, str(tmp_path / "ft"), images, mesh)
   assert int(ft.step) == 0

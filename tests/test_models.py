@@ -33,25 +33,26 @@ def test_ddpm_unet_cifar10_has_ho_et_al_parameter_count():
 
 
 def test_tiny_unet_shapes_dropout_and_input_gradient():
+  # Jitted: a UNet run op by op compiles every primitive on its own, which
+  # takes several times longer than compiling the whole forward pass.
   model = DDPMUNet(**TINY_UNET, dropout=0.5)
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
   t = jnp.array([0, 999])
-  params = model.init(jax.random.key(1), x, t)["params"]
-  out = model.apply({"params": params}, x, t)
+  params = jax.jit(model.init)(jax.random.key(1), x, t)["params"]
+  apply = jax.jit(lambda y, s: model.apply({"params": params}, y, s))
+  out = apply(x, t)
   assert out.shape == x.shape
   # Different timesteps give different outputs; dropout only when training.
-  assert not jnp.allclose(
-    out[0], model.apply({"params": params}, x, t[::-1])[0]
-  )
-  train = lambda k: model.apply(
-    {"params": params}, x, t, train=True, rngs={"dropout": k}
+  assert not jnp.allclose(out[0], apply(x, t[::-1])[0])
+  train = jax.jit(
+    lambda k: model.apply(
+      {"params": params}, x, t, train=True, rngs={"dropout": k}
+    )
   )
   assert not jnp.allclose(train(jax.random.key(2)), train(jax.random.key(3)))
-  g = jax.grad(lambda y: model.apply({"params": params}, y, t).sum())(x)
+  g = jax.jit(jax.grad(lambda y: apply(y, t).sum()))(x)
   assert g.shape == x.shape and bool(jnp.any(g != 0))
-  per_example = jax.vmap(
-    lambda y, s: model.apply({"params": params}, y[None], s[None])[0]
-  )(x, t)
+  per_example = jax.jit(jax.vmap(lambda y, s: apply(y[None], s[None])[0]))(x, t)
   assert jnp.allclose(per_example, out, atol=1e-5)
 
 

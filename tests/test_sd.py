@@ -213,11 +213,17 @@ def test_text_to_image_is_jittable_and_the_same_sharded(loaded):
   )
   np.testing.assert_allclose(sharded, images, atol=1e-5)
   # Guidance scale 1 is the conditional model alone.
-  eps = sd.guided_eps_fn(model, params["unet"], cond, uncond, 1.0)
   x = jax.random.normal(key, (4, 4, 8, 8))
   t = jnp.full((4,), 10)
-  plain = model.unet.apply({"params": params["unet"]}, x, t, cond).sample
-  np.testing.assert_allclose(eps(x, t), plain, atol=1e-5)
+  guided = jax.jit(
+    lambda unet: sd.guided_eps_fn(model, unet, cond, uncond, 1.0)(x, t)
+  )
+  plain = jax.jit(
+    lambda unet: model.unet.apply({"params": unet}, x, t, cond).sample
+  )
+  np.testing.assert_allclose(
+    guided(params["unet"]), plain(params["unet"]), atol=1e-5
+  )
 
 
 def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
@@ -250,7 +256,11 @@ def test_cross_attention_maps_are_distributions_with_gradients(loaded):
   context = sd.encode_prompts(model, params, PROMPTS[:2])
   x = jax.random.normal(jax.random.key(0), (2, 4, 8, 8))
   t = jnp.array([100, 300])
-  maps = sd.cross_attention_maps(model, params["unet"], x, t, context)
+  # Jitted: the UNet run op by op compiles every primitive on its own.
+  attention_maps = jax.jit(
+    lambda unet: sd.cross_attention_maps(model, unet, x, t, context)
+  )
+  maps = attention_maps(params["unet"])
   assert len(maps) == 4  # attn2 blocks: down 0, mid, up 1 (2)
   for a in maps.values():
     assert a.shape[0] == 2 and a.shape[1] == 8 and a.shape[3] == 77
@@ -262,7 +272,7 @@ def test_cross_attention_maps_are_distributions_with_gradients(loaded):
     maps = sd.cross_attention_maps(model, unet, x, t, context)
     return sum(a[..., 1].sum() for a in maps.values())
 
-  grad = jax.grad(first_token_attention)(
+  grad = jax.jit(jax.grad(first_token_attention))(
     sd.read_projections(params["unet"])[name]
   )
   assert float(jnp.abs(grad).max()) > 0
@@ -351,18 +361,20 @@ def test_udp_through_the_vae_raises_the_latent_denoising_loss(loaded):
   encode = lambda x: sd.encode_images(model, params["vae"], x)
   x = jax.random.uniform(jax.random.key(0), (2, 16, 16, 3), minval=-1)
   b = protect.budget(8)
-  delta = protect.udp_perturbation(
-    eps_fn,
-    x,
-    jnp.zeros_like(x),
-    jax.random.key(1),
-    model.schedule,
-    budget=b,
-    steps=4,
-    step_size=b.eps / 2,
-    num_draws=4,
-    encode=encode,
-  )
+  delta = jax.jit(
+    lambda x: protect.udp_perturbation(
+      eps_fn,
+      x,
+      jnp.zeros_like(x),
+      jax.random.key(1),
+      model.schedule,
+      budget=b,
+      steps=4,
+      step_size=b.eps / 2,
+      num_draws=4,
+      encode=encode,
+    )
+  )(x)
   assert delta.shape == x.shape and float(jnp.abs(delta).max()) <= b.eps + 1e-6
   # The gradient reaches the pixels through the encoder and ascends the
   # latent loss (fixed draws of t and ε; the random UNet is nearly flat, so
@@ -370,10 +382,14 @@ def test_udp_through_the_vae_raises_the_latent_denoising_loss(loaded):
   objective = protect.denoising_objective(
     eps_fn, model.schedule, num_draws=8, encode=encode
   )
-  loss = jax.jit(lambda x: objective(x, jax.random.key(9)).sum())
-  grad = jax.jit(jax.grad(loss))(x)
+  # One program for both points: value_and_grad (its gradient unused at
+  # the second) compiles once where a loss and a grad compile twice.
+  loss_and_grad = jax.jit(
+    jax.value_and_grad(lambda x: objective(x, jax.random.key(9)).sum())
+  )
+  loss, grad = loss_and_grad(x)
   assert float(jnp.abs(grad).max()) > 0
-  assert float(loss(x + 1e-3 * jnp.sign(grad))) > float(loss(x))
+  assert float(loss_and_grad(x + 1e-3 * jnp.sign(grad))[0]) > float(loss)
 
 
 def test_the_embedded_digits_model_loads_and_samples():

@@ -46,7 +46,10 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     np.clip(rng.normal(size=(8, 16, 16, 1)) * 0.5, -1, 1), jnp.float32
   )
   optimizer = optax.adam(1e-3)
-  state = t2i.init_vae_state(vae, optimizer, jax.random.key(0))
+  # Jitted: initialisers run op by op compile each draw on its own.
+  state = jax.jit(lambda k: t2i.init_vae_state(vae, optimizer, k))(
+    jax.random.key(0)
+  )
   step = jax.jit(
     functools.partial(t2i.vae_train_step, vae=vae, optimizer=optimizer)
   )
@@ -82,9 +85,9 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     _do_init=False,
   )
   optimizer = optax.adam(1e-3)
-  state = t2i.init_text_to_image_state(
-    unet, text_encoder, optimizer, jax.random.key(2)
-  )
+  state = jax.jit(
+    lambda k: t2i.init_text_to_image_state(unet, text_encoder, optimizer, k)
+  )(jax.random.key(2))
   labels = np.arange(8) % 10
   ids = jnp.asarray(sd.tokenize(tokenizer, t2i.digit_captions(labels, rng)))
   latents = jnp.asarray(rng.normal(size=(8, 4, 8, 8)), jnp.float32) * 0.5
