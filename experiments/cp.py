@@ -110,35 +110,27 @@ class LearnerProgram(NamedTuple):
   features: Callable  # jitted (params, batch_stats, images) -> h
 
 
-_PROGRAMS: dict[tuple[str, str, int], LearnerProgram] = {}
-
-
+@launch.built_once_per_config
 def learner_program(config, method: str, num_steps: int) -> LearnerProgram:
   """The `LearnerProgram` of (config, method, num_steps), the same object
   for equal arguments."""
-  key = (config.to_json(), method, num_steps)
-  if key not in _PROGRAMS:
-    config = config.copy_and_resolve_references()  # later edits stay out
-    model, optimizer, settings = build_learner(
-      config, method, config.train.learning_rate, num_steps
+  model, optimizer, settings = build_learner(
+    config, method, config.train.learning_rate, num_steps
+  )
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  init = functools.cache(
+    lambda shape: _init_state(config, model, optimizer, method, init_key, shape)
+  )
+  features = jax.jit(
+    lambda params, batch_stats, images: train.contrastive_features(
+      model, params, batch_stats, images
     )
-    init_key, train_key = jax.random.split(jax.random.key(config.seed))
-    init = functools.cache(
-      lambda shape: _init_state(
-        config, model, optimizer, method, init_key, shape
-      )
-    )
-    features = jax.jit(
-      lambda params, batch_stats, images: train.contrastive_features(
-        model, params, batch_stats, images
-      )
-    )
-    _PROGRAMS[key] = LearnerProgram(
-      init,
-      learner_step(config, model, optimizer, settings, train_key),
-      features,
-    )
-  return _PROGRAMS[key]
+  )
+  return LearnerProgram(
+    init,
+    learner_step(config, model, optimizer, settings, train_key),
+    features,
+  )
 
 
 # A full-batch probe fitted by a scan: one compilation for every encoder.

@@ -95,19 +95,9 @@ class DDPMProgram(NamedTuple):
   denoising_losses: Callable  # jitted (params, x, keys) -> per-image loss
 
 
-_PROGRAMS: dict[str, DDPMProgram] = {}
-
-
+@launch.built_once_per_config
 def ddpm_program(config) -> DDPMProgram:
   """The `DDPMProgram` of `config` (the same object for an equal config)."""
-  key = config.to_json()
-  if key not in _PROGRAMS:
-    _PROGRAMS[key] = _build_program(config)
-  return _PROGRAMS[key]
-
-
-def _build_program(config) -> DDPMProgram:
-  config = config.copy_and_resolve_references()  # later edits stay out
   model, schedule, optimizer = build_ddpm(config)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   policy = training_policy(config, schedule)
