@@ -6,13 +6,21 @@ from aigc_jax.metrics.classification import (
   confident_share,
 )
 from aigc_jax.metrics.distribution import frechet_distance, precision_recall
-from aigc_jax.metrics.image_quality import psnr, ssim, ssim_components
+from aigc_jax.metrics.image_quality import (
+  MS_SSIM_WEIGHTS,
+  ms_ssim,
+  psnr,
+  ssim,
+  ssim_components,
+)
 
 __all__ = [
+  "MS_SSIM_WEIGHTS",
   "accuracy",
   "class_histogram",
   "confident_share",
   "frechet_distance",
+  "ms_ssim",
   "precision_recall",
   "psnr",
   "ssim",

@@ -33,6 +33,16 @@ from aigc_jax.train.ddpm import (
   ddpm_train_step,
   init_ddpm_state,
 )
+from aigc_jax.train.generative import (
+  GANState,
+  VAEState,
+  gan_optimizer,
+  gan_train_step,
+  init_gan_state,
+  init_vae_state,
+  vae_loss,
+  vae_train_step,
+)
 from aigc_jax.train.loop import init_or_restore, train_loop
 
 __all__ = [
@@ -40,6 +50,8 @@ __all__ = [
   "ClassifierState",
   "ContrastiveState",
   "DDPMState",
+  "GANState",
+  "VAEState",
   "classifier_logits",
   "classifier_optimizer",
   "classifier_train_step",
@@ -49,10 +61,14 @@ __all__ = [
   "ddpm_eps_fn",
   "ddpm_optimizer",
   "ddpm_train_step",
+  "gan_optimizer",
+  "gan_train_step",
   "init_classifier_state",
   "init_contrastive_state",
   "init_ddpm_state",
+  "init_gan_state",
   "init_or_restore",
+  "init_vae_state",
   "linear_probe_accuracy",
   "pgd_attack",
   "plasma",
@@ -60,4 +76,6 @@ __all__ = [
   "simclr_augment",
   "train_loop",
   "ueraser_augment",
+  "vae_loss",
+  "vae_train_step",
 ]

@@ -3,10 +3,12 @@
 `closed_form` holds the one ridge solve every editor shares and UCE; `rece`
 derives adversarial embeddings and erases them too; `mace` refines the
 co-existing words, trains a LoRA per concept against its attention maps and
-fuses the LoRAs in closed form.
+fuses the LoRAs in closed form. `feature` unlearns a feature from a
+pre-trained GAN or VAE generator by fine-tuning it toward its own
+feature-free outputs.
 """
 
-from aigc_jax.unlearn import mace
+from aigc_jax.unlearn import feature, mace
 from aigc_jax.unlearn.closed_form import (
   gram,
   ridge_edit,
@@ -18,6 +20,7 @@ from aigc_jax.unlearn.rece import adversarial_embedding, output_gap, rece_edit
 
 __all__ = [
   "adversarial_embedding",
+  "feature",
   "gram",
   "mace",
   "output_gap",
