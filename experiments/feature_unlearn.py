@@ -42,7 +42,7 @@ class Generator(NamedTuple):
   method: str | None  # "decode" for the VAE
   params: dict  # the pre-trained (teacher) parameters
   latent_dim: int
-  train_seconds: float
+  train_seconds: float | None  # None: restored, not trained in this run
 
   def apply(self, params, z):
     """`feature.GeneratorFn`: (params, z) -> images in [-1, 1]."""
@@ -116,7 +116,7 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
       raise ValueError(
         f"generator.weights loads the MLP GAN or VAE, not {g.kind!r}."
       )
-    return Generator(module, method, params, g.latent_dim, 0.0)
+    return Generator(module, method, params, g.latent_dim, None)
 
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
   init_key, train_key = jax.random.split(key)
@@ -151,6 +151,7 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
     )
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "generator"))
   state = train.init_or_restore(init_fn, mesh, checkpointer)
+  restored = int(state.step) >= g.steps
   start = time.time()
   state = train.train_loop(
     state,
@@ -167,9 +168,8 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
     desc=g.kind,
   )
   checkpointer.close()
-  return Generator(
-    module, method, state.params, g.latent_dim, time.time() - start
-  )
+  seconds = None if restored else time.time() - start
+  return Generator(module, method, state.params, g.latent_dim, seconds)
 
 
 def generate(gen: Generator, params, z, batch_size: int, mesh) -> np.ndarray:
@@ -330,7 +330,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   feature_free = generate(
     gen,
     gen.params,
-    np.asarray(feature.remove_feature(z, direction, threshold)),
+    np.asarray(
+      feature.remove_feature(
+        z, direction, threshold, unit_shift=config.unlearn.unit_shift
+      )
+    ),
     batch,
     mesh,
   )
@@ -352,7 +356,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   share_before, share_after = float(has_before.mean()), float(has_after.mean())
   result = {
     "classifier_accuracy": clf_accuracy,
-    "generator_train_seconds": round(gen.train_seconds, 1),
+    "generator_train_seconds": gen.train_seconds
+    and round(gen.train_seconds, 1),
     "labelled_positive": len(z_pos),
     "labelled_negative": len(z_neg),
     "threshold": float(threshold),
@@ -398,9 +403,10 @@ def _save_grids(workdir, before, after, has_feature, n):
 def report(config, workdir, r, measure) -> str:
   """The run's report.md."""
   g, u = config.generator, config.unlearn
-  source = (
-    g.weights
-    or f"trained here, {g.steps} steps ({r['generator_train_seconds']} s)"
+  seconds = r["generator_train_seconds"]
+  source = g.weights or (
+    f"trained here, {g.steps} steps "
+    + (f"({seconds} s)" if seconds is not None else "(restored)")
   )
   met = r["relative_drop"] >= 0.9
   table = record.markdown_table(

@@ -139,6 +139,7 @@ def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
     train_ddpm.train_ddpm(config, str(tmp_path / "none"), images, mesh)
 
 
+@pytest.mark.long
 def test_udp_smoke(tmp_path):
   from experiments import udp
   from experiments.configs import udp as udp_configs
@@ -325,6 +326,7 @@ def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.long
 def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
   from experiments import unlearnable
   from experiments.configs import unlearnable as ul_configs
@@ -369,6 +371,7 @@ def test_unlearnable_rejects_unknown_names_before_any_work(tmp_path):
   assert not os.listdir(tmp_path)
 
 
+@pytest.mark.long
 def test_cp_smoke_saves_poisons_and_resumes(tmp_path):
   from experiments import cp
   from experiments.configs import cp as cp_configs
@@ -516,6 +519,7 @@ def test_le_purification_is_the_same_on_one_and_four_devices():
   assert not np.allclose(out[1], images, atol=1e-3)
 
 
+@pytest.mark.long
 def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   from aigc_jax import sd
   from experiments import train_text_to_image
@@ -613,3 +617,53 @@ def test_erase_scores_and_harmonic_mean():
   assert erase.harmonic_mean(0.0, 1.0, 0.0) == pytest.approx(1.0)
   assert erase.harmonic_mean(0.5, 1.0, 0.5) == pytest.approx(3 / 5)
   assert erase.harmonic_mean(1.0, 1.0, 0.0) == 0.0
+
+
+def test_feature_unlearn_smoke_resumes_and_takes_user_labels(tmp_path):
+  from experiments import feature_unlearn
+  from experiments.configs import feature_unlearn as fu_configs
+
+  config = fu_configs.get_config("smoke")
+  result, workdir = _run(feature_unlearn, config, tmp_path / "a")
+  for name in ("report.md", "before_after.png", "labelling/grid.png"):
+    assert os.path.exists(os.path.join(workdir, name))
+  assert 0 < result["labelled_positive"] < config.feature.num_labelled
+  assert 0.0 <= result["share_after"] <= 1.0
+  # The re-run restores every stage from its checkpoint: same numbers.
+  again, _ = _run(feature_unlearn, config, workdir)
+  assert again["share_after"] == result["share_after"]
+  assert again["l1_without_feature"] == result["l1_without_feature"]
+
+  # A user's own labels for the saved latents (every third one) drive the
+  # direction; the trained classifier and generator are reused.
+  latents = np.load(os.path.join(workdir, "labelling", "latents.npy"))
+  labels = np.arange(len(latents)) % 3 == 0
+  np.save(tmp_path / "labels.npy", labels)
+  other = tmp_path / "b"
+  for stage in ("classifier", "generator"):
+    shutil.copytree(os.path.join(workdir, stage), other / stage)
+  config.feature.labels = str(tmp_path / "labels.npy")
+  mine, _ = _run(feature_unlearn, config, other)
+  assert mine["labelled_positive"] == labels.sum()
+  np.save(tmp_path / "bad.npy", labels[:10])
+  config.feature.labels = str(tmp_path / "bad.npy")
+  with pytest.raises(ValueError, match="one label per row"):
+    feature_unlearn.check_config(config)
+
+
+def test_feature_unlearn_refuses_unknown_kinds():
+  from experiments import feature_unlearn
+  from experiments.configs import feature_unlearn as fu_configs
+
+  config = fu_configs.get_config("smoke")
+  config.generator.kind = "stylegan"
+  with pytest.raises(ValueError, match=r"generator\.kind"):
+    feature_unlearn.check_config(config)
+  config = fu_configs.get_config("smoke")
+  config.feature.kind = "eyeglasses"
+  with pytest.raises(ValueError, match=r"feature\.kind"):
+    feature_unlearn.check_config(config)
+  config = fu_configs.get_config("pretrained_gan")
+  config.generator.weights = ""
+  with pytest.raises(ValueError, match=r"generator\.weights"):
+    feature_unlearn.check_config(config)

@@ -236,8 +236,8 @@ def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
   # "three" is token 4: rows 4..76 of the concept, rows 0..72 of " ".
   assert erase.shape == target.shape == (73, 32)
   concept = sd.encode_prompts(model, params, [PROMPTS[0], " "])
-  np.testing.assert_allclose(erase, concept[0, 4:], atol=1e-6)
-  np.testing.assert_allclose(target, concept[1, :73], atol=1e-6)
+  np.testing.assert_allclose(erase, concept[0, 4:], atol=1e-5)
+  np.testing.assert_allclose(target, concept[1, :73], atol=1e-5)
   assert keep.shape == (2 * 77, 32) and s_p == 0.5  # "" and the kept prompt
   kernels = sd.read_projections(params["unet"])
   edited = unlearn.uce_edit(

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from aigc_jax import sd
 from aigc_jax.diffusion import scaled_linear_schedule
@@ -22,6 +23,7 @@ def test_captions_use_the_templates():
   assert held_out[0] not in {t.format("three") for t in t2i.CAPTION_TEMPLATES}
 
 
+@pytest.mark.long
 def test_vae_and_text_to_image_losses_fall(tmp_path):
   from transformers import CLIPTextConfig
 
