@@ -72,6 +72,11 @@ def check_config(config) -> None:
       "generator.steps must be > 0 to train a generator, or set "
       "generator.weights to a pretrained .npz."
     )
+  if config.generator.weights and config.generator.kind == "conv_gan":
+    raise ValueError(
+      "generator.weights loads the MLP GAN or VAE (generator.kind mlp_gan "
+      "or mlp_vae), not conv_gan; clear generator.weights to train it."
+    )
   if config.feature.labels:
     user_labels(config)
 
@@ -110,12 +115,8 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
   if g.weights:
     if g.kind == "mlp_vae":
       params = models.load_mnist_vae(g.weights)
-    elif g.kind == "mlp_gan":
+    else:  # mlp_gan: check_config refused the rest
       params = models.load_mnist_gan_generator(g.weights, g.latent_dim)
-    else:
-      raise ValueError(
-        f"generator.weights loads the MLP GAN or VAE, not {g.kind!r}."
-      )
     return Generator(module, method, params, g.latent_dim, None)
 
   key = jax.random.fold_in(jax.random.key(config.seed), 1)
@@ -245,7 +246,8 @@ def unlearned_params(
   config, gen: Generator, direction, threshold, workdir, mesh
 ):
   """The generator fine-tuned by `feature.feature_unlearning_step`,
-  resuming from workdir/unlearn."""
+  resuming from workdir/unlearn, and the seconds it took (None when the
+  finished run was restored)."""
   u = config.unlearn
   optimizer = optax.adam(u.learning_rate)
   step_fn = lambda state, z: feature.feature_unlearning_step(
@@ -271,6 +273,8 @@ def unlearned_params(
     mesh,
     checkpointer,
   )
+  restored = int(state.step) >= u.steps
+  start = time.time()
   state = train.train_loop(
     state,
     step_fn,
@@ -284,7 +288,7 @@ def unlearned_params(
     desc="unlearn",
   )
   checkpointer.close()
-  return state.params
+  return state.params, None if restored else time.time() - start
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -316,9 +320,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   direction = feature.target_direction(z_pos, z_neg)
   threshold = feature.projection_threshold(z_pos, z_neg, direction)
 
-  start = time.time()
-  student = unlearned_params(config, gen, direction, threshold, workdir, mesh)
-  unlearn_seconds = time.time() - start
+  student, unlearn_seconds = unlearned_params(
+    config, gen, direction, threshold, workdir, mesh
+  )
 
   z = np.asarray(
     jax.random.normal(
@@ -327,12 +331,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   before = generate(gen, gen.params, z, batch, mesh)
   after = generate(gen, student, z, batch, mesh)
-  feature_free = generate(
+  moved = np.asarray(feature.has_feature(z, direction, threshold)) > 0
+  # The unlearning targets f(ẑ), only where the rule moves the latent.
+  targets = generate(
     gen,
     gen.params,
     np.asarray(
       feature.remove_feature(
-        z, direction, threshold, unit_shift=config.unlearn.unit_shift
+        z[moved], direction, threshold, unit_shift=config.unlearn.unit_shift
       )
     ),
     batch,
@@ -340,7 +346,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
   has_before = measure.score(before) >= measure.cutoff
   has_after = measure.score(after) >= measure.cutoff
-  moved = np.asarray(feature.has_feature(z, direction, threshold)) > 0
   l1 = np.abs(after - before).mean((1, 2, 3)) / 2  # [0, 1] pixel units
 
   x_test = data.to_model_range(test_set.images)
@@ -363,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "threshold": float(threshold),
     "moved_share": float(moved.mean()),
     "feature_free_target_share": float(
-      (measure.score(feature_free[moved]) >= measure.cutoff).mean()
+      (measure.score(targets) >= measure.cutoff).mean()
     ),
     "share_before": share_before,
     "share_after": share_after,
@@ -374,7 +379,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "fd_original": fd(before),
     "fd_original_without_feature": fd(before[~has_before]),
     "fd_unlearned": fd(after),
-    "unlearn_seconds": round(unlearn_seconds, 1),
+    "unlearn_seconds": unlearn_seconds and round(unlearn_seconds, 1),
   }
   record.MetricWriter(workdir, prefix="eval/").write(
     config.unlearn.steps, result
@@ -400,13 +405,16 @@ def _save_grids(workdir, before, after, has_feature, n):
   )
 
 
+def _seconds(seconds: float | None) -> str:
+  """A stage's time, or that this run restored it finished."""
+  return "restored" if seconds is None else f"{seconds} s"
+
+
 def report(config, workdir, r, measure) -> str:
   """The run's report.md."""
   g, u = config.generator, config.unlearn
-  seconds = r["generator_train_seconds"]
   source = g.weights or (
-    f"trained here, {g.steps} steps "
-    + (f"({seconds} s)" if seconds is not None else "(restored)")
+    f"trained here, {g.steps} steps ({_seconds(r['generator_train_seconds'])})"
   )
   met = r["relative_drop"] >= 0.9
   table = record.markdown_table(
@@ -448,7 +456,9 @@ def report(config, workdir, r, measure) -> str:
       f"the feature in {r['feature_free_target_share']:.1%} of their "
       "shifted latents (the unlearning targets).",
       f"Unlearning: {u.steps} Adam steps, batch {u.batch_size}, lr "
-      f"{u.learning_rate}, alpha {u.alpha}: {r['unlearn_seconds']} s.",
+      f"{u.learning_rate}, alpha {u.alpha}: "
+      + _seconds(r["unlearn_seconds"])
+      + ".",
       "",
       f"{config.eval.num_samples} samples of the same fresh latents:",
       "",

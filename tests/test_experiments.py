@@ -667,3 +667,7 @@ def test_feature_unlearn_refuses_unknown_kinds():
   config.generator.weights = ""
   with pytest.raises(ValueError, match=r"generator\.weights"):
     feature_unlearn.check_config(config)
+  config = fu_configs.get_config("gan")
+  config.generator.weights = "gan.npz"
+  with pytest.raises(ValueError, match="not conv_gan"):
+    feature_unlearn.check_config(config)
