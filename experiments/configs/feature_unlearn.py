@@ -1,7 +1,7 @@
 """Feature unlearning in a pre-trained GAN or VAE (issue 7).
 
 Default (`gan`): trains a small convolutional GAN on the embedded MNIST
-digits (`mnist5k`), labels 2,000 of its samples with a digit classifier
+digits (`mnist5k`), labels 20,000 of its samples with a digit classifier
 (feature: the digit "1"), derives the feature's latent direction and
 threshold, fine-tunes the generator to stop drawing it, and reports the
 share of samples with the feature before and after, how far the samples
@@ -67,7 +67,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "target_class": 1,
       "min_probability": 0.5,
       "fraction": 0.1,
-      "num_labelled": 2000,
+      # 20,000: the conv GAN draws a "1" in 1.9% of samples, and 2,000
+      # labelled samples (38 positives) gave it a 74% drop against 88%.
+      "num_labelled": 20000,
       "labels": "",  # a boolean .npy for labelling/latents.npy
     }
   )
@@ -89,7 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(
     {
       "classifier": train_classifier.get_config("mnist5k"),
-      "num_samples": 2000,
+      "num_samples": 10000,
       "grid_size": 16,  # latents per row of the before/after grids
       "batch_size": 500,
     }
