@@ -81,30 +81,24 @@ def vae_encoder(model, vae_params, mesh):
   )
 
 
-def latent_steps(config, model, params, optimizer, mesh) -> udp.ProtectionSteps:
+def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
   """The two halves of the max-min problem for a latent diffusion model;
   the batch is (images, text embeddings). The inner min fine-tunes the UNet
-  on the latents of the protected images; the outer max differentiates the
-  latent denoising loss through the VAE encoder to the pixels."""
+  (`step`, from `finetune_step`) on the latents of the protected images;
+  the outer max differentiates the latent denoising loss through the VAE
+  encoder to the pixels."""
   p = config.protect
   encode = vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  finetune_step = jax.jit(
-    functools.partial(
-      t2i.finetune_unet_step,
-      key=jax.random.fold_in(udp._protection_key(config), 1),
-      unet=model.unet,
-      optimizer=optimizer,
-      schedule=model.schedule,
-      ema_decay=config.finetune.ema_decay,
-    ),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
+  finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
+  surrogate_key = jax.random.fold_in(udp._protection_key(config), 1)
+  surrogate_key = jax.device_put(surrogate_key, rep)
 
   def inner_min(state, batch):
     x, context = batch
-    return finetune_step(state, (encode(x), context))
+    # Placed as the trainer's batches are, so both share one compilation.
+    latents = parallel.shard_batch(mesh, encode(x))
+    return finetune_step(state, (latents, context), surrogate_key)
 
   def perturb(unet_params, vae_params, batch, delta, key, policy):
     x, context = batch
@@ -140,6 +134,20 @@ def finetune_optimizer(config) -> optax.GradientTransformation:
   return optax.adamw(f.learning_rate, weight_decay=f.weight_decay)
 
 
+def finetune_step(config, model, optimizer):
+  """`(state, (latents, contexts), key) -> (state, metrics)`: the UNet
+  fine-tuning step of both the surrogate (inner min) and the unauthorised
+  trainer. One function with the key an argument, so that both compile
+  once between them (30 s for the smoke test's tiny UNet on 2 cores)."""
+  return functools.partial(
+    t2i.finetune_unet_step,
+    unet=model.unet,
+    optimizer=optimizer,
+    schedule=model.schedule,
+    ema_decay=config.finetune.ema_decay,
+  )
+
+
 def unet_state(unet_params, optimizer):
   """A fine-tuning state that starts at the pretrained UNet (built directly,
   not through a jitted init: SD's weights would become program constants).
@@ -150,22 +158,15 @@ def unet_state(unet_params, optimizer):
   )
 
 
-def fine_tuner(config, model, params, mesh):
+def fine_tuner(config, model, params, optimizer, step_fn, mesh):
   """`finetune(workdir, images, contexts) -> EMA UNet params`: the
   unauthorised trainer, the pretrained UNet fine-tuned on `images` (uint8)
-  with their caption embeddings; resumable. Its encoder and step are built
-  once, so every training set reuses one compilation."""
+  with their caption embeddings by `step_fn` (from `finetune_step`, with
+  `optimizer`); resumable. Its encoder and step are built once, so every
+  training set reuses one compilation."""
   f = config.finetune
-  optimizer = finetune_optimizer(config)
   encode = vae_encoder(model, params["vae"], mesh)
-  step_fn = functools.partial(
-    t2i.finetune_unet_step,
-    key=jax.random.key(config.seed + 5),
-    unet=model.unet,
-    optimizer=optimizer,
-    schedule=model.schedule,
-    ema_decay=f.ema_decay,
-  )
+  key = jax.random.key(config.seed + 5)
 
   def finetune(workdir, images, contexts):
     # The encoder is deterministic (posterior mean): encode every image once.
@@ -185,6 +186,7 @@ def fine_tuner(config, model, params, mesh):
       state,
       step_fn,
       batch_fn,
+      key=key,
       num_steps=f.num_steps,
       mesh=mesh,
       checkpointer=checkpointer,
@@ -282,7 +284,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   )
 
   optimizer = finetune_optimizer(config)
-  steps = latent_steps(config, model, params, optimizer, mesh)
+  step = finetune_step(config, model, optimizer)
+  steps = latent_steps(config, model, params, step, mesh)
   sets, perturbations, protect_seconds = udp.protect_methods(
     config,
     workdir,
@@ -295,7 +298,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     conditions=contexts,
   )
 
-  finetune = fine_tuner(config, model, params, mesh)
+  finetune = fine_tuner(config, model, params, optimizer, step, mesh)
   sample = class_prompt_sampler(config, model, params)
   results = {}
   for name, images in sets.items():

@@ -99,6 +99,13 @@ def test_loaded_models_match_pytorch(tiny_sd, loaded):
     ref = encoder(torch.tensor(ids, dtype=torch.long)).last_hidden_state
   out = sd.encode_prompts(model, params, PROMPTS)
   np.testing.assert_allclose(out, ref.numpy(), atol=1e-4)
+  # Three prompts run padded to four (jitted), and four reuse that program.
+  assert out.shape == (3, 77, 32)
+  eager = sd.encode_ids(model.text_encoder, params["text_encoder"], ids)
+  np.testing.assert_allclose(out, eager, atol=1e-6)
+  compiled = sd.text._jitted_encode_ids._cache_size()
+  sd.encode_prompts(model, params, [*PROMPTS, "a fourth prompt"])
+  assert sd.text._jitted_encode_ids._cache_size() == compiled
   assert list(sd.last_word_index(model.tokenizer, PROMPTS)) == [4, 4, 0]
 
   vae = AutoencoderKL.from_pretrained(f"{tiny_sd}/vae").eval()

@@ -11,8 +11,10 @@ import pytest
 from aigc_jax import checkpoint, data, diffusion, parallel, protect, train
 from aigc_jax.models import DDPMUNet, SmallCNN
 
+# One level (the middle block keeps its attention): a third of the compile
+# time of two levels with attention (test_models covers those).
 TINY_UNET = dict(
-  ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_groups=4
+  ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), num_groups=4
 )
 
 
@@ -164,6 +166,60 @@ def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
     jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True
   ):
     np.testing.assert_array_equal(a, b)
+
+
+def test_a_keyed_loop_matches_the_baked_key_and_compiles_once(digits):
+  """`train_loop(..., key=k)` runs `step(state, batch, k)`; a second run
+  that differs only in its key reuses the first one's compiled step."""
+  x, y = digits
+  init, baked_step = _classifier_pieces()
+  keyed = functools.partial(
+    _keyed_classifier_step,
+    model=SmallCNN(num_classes=10, width=16),
+    optimizer=train.classifier_optimizer(0.1, 100),
+  )
+  mesh = parallel.make_mesh(1)
+  batch_fn = lambda s: {
+    "images": x[data.batch_indices(0, s, 256, 32)],
+    "labels": y[data.batch_indices(0, s, 256, 32)],
+  }
+  state = train.init_or_restore(init, mesh, None)
+  starts = [jax.tree.map(jnp.copy, state) for _ in range(2)]
+  keys = [jax.random.key(1), jax.random.key(2)]
+  run = lambda i: train.train_loop(
+    starts[i], keyed, batch_fn, num_steps=2, mesh=mesh, key=keys[i]
+  )
+  first = run(0)
+  compiles = []
+  listener = lambda name, secs, **_: compiles.append(name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    second = run(1)
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert "/jax/core/compile/backend_compile_duration" not in compiles
+  baked = _run(init, baked_step, batch_fn, 2, mesh)  # its key is key(1)
+  for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(baked), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+  assert any(
+    not np.allclose(a, b)
+    for a, b in zip(
+      jax.tree.leaves(first), jax.tree.leaves(second), strict=True
+    )
+  )
+
+
+def _keyed_classifier_step(state, batch, key, *, model, optimizer):
+  return train.classifier_train_step(
+    state,
+    batch["images"],
+    batch["labels"],
+    key,
+    model=model,
+    optimizer=optimizer,
+    crop_pad=1,
+    flip=False,
+  )
 
 
 def test_random_crop_flip():

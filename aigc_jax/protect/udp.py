@@ -50,7 +50,10 @@ def _late(s: NoiseSchedule) -> TimestepPolicy:
 EUDP_POLICIES: dict[str, Callable[[NoiseSchedule], TimestepPolicy]] = {
   "uniform": lambda s: uniform_policy(s.num_timesteps),  # = UDP
   "signal": signal_policy,  # p(t) ∝ √ᾱ_t, the share of δ that reaches x_t
-  "snr": snr_weight_policy,  # w(t) ∝ √SNR(t)
+  # w(t) ∝ √SNR(t). A weight only scales each image's gradient, which the
+  # L-inf sign step discards: with num_draws=1 this is `uniform` (measured,
+  # README), and it differs only when several draws are averaged.
+  "snr": snr_weight_policy,
   "early": _early,  # t < T/5, where δ dominates the added noise
   "late": _late,  # t >= 4T/5, a control: δ is drowned by noise
 }

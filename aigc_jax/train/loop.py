@@ -21,6 +21,12 @@ from aigc_jax import parallel
 
 StepFn = Callable[[Any, Any], tuple[Any, dict[str, jax.Array]]]
 
+# An initialiser runs once, so it compiles with LLVM at -O1: on 2 CPU cores
+# the test text-to-image state's init compiles in 13.9 s against 23.8 s,
+# with bit-identical parameters (checked on it and on the digits DDPM;
+# -O0 was faster still but changed them by an ulp).
+INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
 
 def init_or_restore(
   init_fn: Callable[[], Any],
@@ -32,7 +38,9 @@ def init_or_restore(
   if checkpointer is not None and checkpointer.latest_step() is not None:
     target = ckpt.abstract_state(jax.eval_shape(init_fn), sharding)
     return checkpointer.restore(target)
-  return jax.jit(init_fn, out_shardings=sharding)()
+  return jax.jit(
+    init_fn, out_shardings=sharding, compiler_options=INIT_COMPILER_OPTIONS
+  )()
 
 
 def train_loop(
@@ -47,6 +55,7 @@ def train_loop(
   log_every: int = 100,
   log_fn: Callable[[int, dict[str, float]], None] | None = None,
   desc: str = "train",
+  key: jax.Array | None = None,
 ) -> Any:
   """Runs `step_fn` from `state.step` to `num_steps`.
 
@@ -63,12 +72,18 @@ def train_loop(
     log_every: steps between metric reports.
     log_fn: receives (step, metrics as floats) every `log_every` steps.
     desc: the progress bar's label.
+    key: if given, `step_fn` is `(state, batch, key)` and the key is an
+      argument of the jitted step rather than a constant baked into it, so
+      runs that differ only in their key share one compilation.
 
   Returns:
     The final state.
   """
   rep = parallel.replicated(mesh)
   jstep = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
+  if key is not None:
+    keyed, key = jstep, jax.device_put(key, rep)
+    jstep = lambda state, batch: keyed(state, batch, key)
   # Placed as the steps return it: a fresh, uncommitted state would compile
   # the step once for itself and again for every later step's input.
   state = jax.device_put(state, rep)

@@ -189,7 +189,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif variant == "smoke":
     c.protect.update(chunk_size=64, rounds=1, inner_steps=2, pgd_steps=2)
     for d in (c.surrogate, c.ddpm):
-      d.model.update(ch=8, num_groups=4)
+      d.model.update(ch=8, num_groups=4, ch_mult=(1,), attn_resolutions=())
       d.train.update(num_steps=4, batch_size=16, warmup_steps=2, log_every=2)
       d.sample.update(num_samples=20, num_steps=4, batch_size=8)
     c.protect.batch_size = 16
