@@ -107,6 +107,30 @@ def _modules(config):
   return gen_cls(), None, disc_cls()
 
 
+def _train_stage(init_fn, step_fn, batch_fn, stage, name, desc, workdir, mesh):
+  """Trains (or resumes) one stage in workdir/<name> for `stage.steps`
+  steps, its metrics under `<name>/`; returns the state and the seconds it
+  took (None when the finished stage was restored)."""
+  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, name))
+  state = train.init_or_restore(init_fn, mesh, checkpointer)
+  restored = int(state.step) >= stage.steps
+  start = time.time()
+  state = train.train_loop(
+    state,
+    step_fn,
+    batch_fn,
+    num_steps=stage.steps,
+    mesh=mesh,
+    checkpointer=checkpointer,
+    checkpoint_every=stage.checkpoint_every,
+    log_every=stage.log_every,
+    log_fn=record.MetricWriter(workdir, prefix=f"{name}/").write,
+    desc=desc,
+  )
+  checkpointer.close()
+  return state, None if restored else time.time() - start
+
+
 def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
   """The generator to unlearn from: loaded from `generator.weights`, or
   trained on `x_train` (resuming from workdir/generator)."""
@@ -150,26 +174,12 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
       optimizer=optimizer,
       latent_dim=g.latent_dim,
     )
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "generator"))
-  state = train.init_or_restore(init_fn, mesh, checkpointer)
-  restored = int(state.step) >= g.steps
-  start = time.time()
-  state = train.train_loop(
-    state,
-    step_fn,
-    lambda step: x_train[
-      data.batch_indices(config.seed, step, len(x_train), g.batch_size)
-    ],
-    num_steps=g.steps,
-    mesh=mesh,
-    checkpointer=checkpointer,
-    checkpoint_every=g.checkpoint_every,
-    log_every=g.log_every,
-    log_fn=record.MetricWriter(workdir, prefix="generator/").write,
-    desc=g.kind,
+  batch_fn = lambda step: x_train[
+    data.batch_indices(config.seed, step, len(x_train), g.batch_size)
+  ]
+  state, seconds = _train_stage(
+    init_fn, step_fn, batch_fn, g, "generator", g.kind, workdir, mesh
   )
-  checkpointer.close()
-  seconds = None if restored else time.time() - start
   return Generator(module, method, state.params, g.latent_dim, seconds)
 
 
@@ -267,28 +277,11 @@ def unlearned_params(
       jax.random.fold_in(key, step), (u.batch_size, gen.latent_dim)
     )
   )
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "unlearn"))
-  state = train.init_or_restore(
-    lambda: feature.init_feature_unlearning(gen.params, optimizer),
-    mesh,
-    checkpointer,
+  init_fn = lambda: feature.init_feature_unlearning(gen.params, optimizer)
+  state, seconds = _train_stage(
+    init_fn, step_fn, latents, u, "unlearn", "unlearn", workdir, mesh
   )
-  restored = int(state.step) >= u.steps
-  start = time.time()
-  state = train.train_loop(
-    state,
-    step_fn,
-    latents,
-    num_steps=u.steps,
-    mesh=mesh,
-    checkpointer=checkpointer,
-    checkpoint_every=u.checkpoint_every,
-    log_every=u.log_every,
-    log_fn=record.MetricWriter(workdir, prefix="unlearn/").write,
-    desc="unlearn",
-  )
-  checkpointer.close()
-  return state.params, None if restored else time.time() - start
+  return state.params, seconds
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

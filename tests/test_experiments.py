@@ -655,19 +655,14 @@ def test_feature_unlearn_refuses_unknown_kinds():
   from experiments import feature_unlearn
   from experiments.configs import feature_unlearn as fu_configs
 
-  config = fu_configs.get_config("smoke")
-  config.generator.kind = "stylegan"
-  with pytest.raises(ValueError, match=r"generator\.kind"):
-    feature_unlearn.check_config(config)
-  config = fu_configs.get_config("smoke")
-  config.feature.kind = "eyeglasses"
-  with pytest.raises(ValueError, match=r"feature\.kind"):
-    feature_unlearn.check_config(config)
-  config = fu_configs.get_config("pretrained_gan")
-  config.generator.weights = ""
-  with pytest.raises(ValueError, match=r"generator\.weights"):
-    feature_unlearn.check_config(config)
-  config = fu_configs.get_config("gan")
-  config.generator.weights = "gan.npz"
-  with pytest.raises(ValueError, match="not conv_gan"):
-    feature_unlearn.check_config(config)
+  refusals = [  # (variant, section, key, value, what the error names)
+    ("smoke", "generator", "kind", "stylegan", r"generator\.kind"),
+    ("smoke", "feature", "kind", "eyeglasses", r"feature\.kind"),
+    ("pretrained_gan", "generator", "weights", "", r"generator\.weights"),
+    ("gan", "generator", "weights", "gan.npz", "not conv_gan"),
+  ]
+  for variant, section, key, value, match in refusals:
+    config = fu_configs.get_config(variant)
+    config[section][key] = value
+    with pytest.raises(ValueError, match=match):
+      feature_unlearn.check_config(config)
