@@ -26,6 +26,11 @@ def test_embedded_datasets(name, shape, n_train, n_test):
   assert data.load_dataset(name, "all").num_examples == n_train + n_test
   again = data.load_dataset(name, "test")
   np.testing.assert_array_equal(again.images, te.images)
+  # Parsed once per process, but every caller owns its copy.
+  again.images[:] = 0
+  np.testing.assert_array_equal(
+    data.load_dataset(name, "test").images, te.images
+  )
 
 
 def test_unknown_names_and_splits_list_the_choices():

@@ -100,3 +100,44 @@ def test_small_cnn_norm_adds_batchnorm_and_keeps_the_plain_names():
   _, updates = normed.apply(variables, x, train=True, mutable=["batch_stats"])
   before = variables["batch_stats"]["bn0a"]["mean"]
   assert not jnp.allclose(updates["batch_stats"]["bn0a"]["mean"], before)
+
+
+@pytest.mark.parametrize(
+  ("strides", "padding", "kernel"),
+  [
+    ((1, 1), "SAME", 3),
+    ((2, 2), "SAME", 3),
+    ((2, 2), "VALID", 3),
+    ((1, 2), ((2, 1), (0, 3)), 5),
+    ((2, 2), "SAME", 1),
+  ],
+)
+def test_cpu_conv_gradients_equal_xlas(strides, padding, kernel):
+  """The matmul kernel gradient of `models.conv` is the convolution's."""
+  from jax import lax
+
+  from aigc_jax.models import conv
+
+  keys = jax.random.split(jax.random.key(0), 2)
+  x = jax.random.normal(keys[0], (3, 9, 10, 4))
+  w = jax.random.normal(keys[1], (kernel, kernel, 4, 5))
+  numbers = lax.conv_dimension_numbers(
+    x.shape, w.shape, ("NHWC", "HWIO", "NHWC")
+  )
+
+  def grads(fn):
+    loss = lambda x, w: jnp.sum(
+      jnp.sin(fn(x, w, strides, padding, dimension_numbers=numbers))
+    )
+    return jax.grad(loss, argnums=(0, 1))(x, w)
+
+  ours, xla = grads(conv.conv_general_dilated), grads(lax.conv_general_dilated)
+  for a, b in zip(ours, xla, strict=True):
+    assert a.shape == b.shape
+    assert jnp.allclose(a, b, atol=1e-4, rtol=1e-5)
+  # Grouped convolutions go to XLA unchanged.
+  grouped = conv.conv_general_dilated(
+    x, jnp.ones((kernel, kernel, 2, 6)), strides, padding,
+    dimension_numbers=numbers, feature_group_count=2,
+  )  # fmt: skip
+  assert grouped.shape[-1] == 6

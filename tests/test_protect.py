@@ -280,7 +280,8 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     )
 
 
-def test_pgd_unrolled_equals_the_loop():
+@pytest.mark.parametrize("steps", [1, 4])
+def test_pgd_unrolled_equals_the_loop(steps):
   x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1), minval=-1.0)
   target = jax.random.uniform(jax.random.key(1), x.shape, minval=-1.0)
 
@@ -295,11 +296,12 @@ def test_pgd_unrolled_equals_the_loop():
       jnp.zeros_like(x),
       jax.random.key(2),
       budget=protect.budget(8),
-      steps=4,
+      steps=steps,
       step_size=protect.budget(2).eps,
       unroll=unroll,
     )
     for unroll in (1, True)
   ]
+  assert runs[1][1].shape == (steps,)
   np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-6)
   np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.models.conv import Conv
+
 
 class BasicBlock(nn.Module):
   """Two 3x3 convs with BatchNorm and an identity or 1x1 projection shortcut."""
@@ -21,12 +23,12 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool):
     bn = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    h = nn.Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
+    h = Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
     h = nn.relu(bn()(h))
-    h = nn.Conv(self.channels, (3, 3), use_bias=False)(h)
+    h = Conv(self.channels, (3, 3), use_bias=False)(h)
     h = bn()(h)
     if self.stride != 1 or x.shape[-1] != self.channels:
-      x = nn.Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
+      x = Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
       x = bn()(x)
     return nn.relu(h + x)
 
@@ -45,7 +47,7 @@ class ResNet18(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    h = nn.Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
+    h = Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
     h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
@@ -76,7 +78,7 @@ class SmallCNN(nn.Module):
     h = x
     for i, mult in enumerate((1, 2)):
       for part in "ab":
-        h = nn.Conv(self.width * mult, (3, 3), name=f"conv{i}{part}")(h)
+        h = Conv(self.width * mult, (3, 3), name=f"conv{i}{part}")(h)
         if self.norm:
           h = nn.BatchNorm(
             use_running_average=not train, momentum=0.9, name=f"bn{i}{part}"

@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from aigc_jax.models.conv import Conv
+
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   """Transformer sinusoids of the timestep, Ho et al. (2020) §4 (sin | cos)."""
@@ -37,7 +39,7 @@ class ResnetBlock(nn.Module):
   @nn.compact
   def __call__(self, x, temb, train: bool):
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm1")(x))
-    h = nn.Conv(self.out_channels, (3, 3), name="conv1")(h)
+    h = Conv(self.out_channels, (3, 3), name="conv1")(h)
     h = (
       h
       + nn.Dense(self.out_channels, name="temb_proj")(nn.swish(temb))[
@@ -46,9 +48,9 @@ class ResnetBlock(nn.Module):
     )
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm2")(h))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = nn.Conv(self.out_channels, (3, 3), name="conv2")(h)
+    h = Conv(self.out_channels, (3, 3), name="conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = nn.Conv(self.out_channels, (1, 1), name="nin_shortcut")(x)
+      x = Conv(self.out_channels, (1, 1), name="nin_shortcut")(x)
     return x + h
 
 
@@ -61,14 +63,12 @@ class AttnBlock(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     y = nn.GroupNorm(self.num_groups, name="norm")(x)
-    q, k, v = (
-      nn.Conv(c, (1, 1), name=n)(y).reshape(b, h * w, c) for n in "qkv"
-    )
+    q, k, v = (Conv(c, (1, 1), name=n)(y).reshape(b, h * w, c) for n in "qkv")
     weights = jax.nn.softmax(
       jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1
     )
     y = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
-    return x + nn.Conv(c, (1, 1), name="proj_out")(y)
+    return x + Conv(c, (1, 1), name="proj_out")(y)
 
 
 class Downsample(nn.Module):
@@ -77,7 +77,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return nn.Conv(x.shape[-1], (3, 3), (2, 2), padding="VALID", name="conv")(x)
+    return Conv(x.shape[-1], (3, 3), (2, 2), padding="VALID", name="conv")(x)
 
 
 class Upsample(nn.Module):
@@ -87,7 +87,7 @@ class Upsample(nn.Module):
   def __call__(self, x):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
-    return nn.Conv(c, (3, 3), name="conv")(x)
+    return Conv(c, (3, 3), name="conv")(x)
 
 
 class DDPMUNet(nn.Module):
@@ -131,7 +131,7 @@ class DDPMUNet(nn.Module):
     temb = nn.Dense(4 * self.ch, name="temb_dense0")(temb)
     temb = nn.Dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
 
-    hs = [nn.Conv(self.ch, (3, 3), name="conv_in")(x)]
+    hs = [Conv(self.ch, (3, 3), name="conv_in")(x)]
     res = size
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -162,7 +162,7 @@ class DDPMUNet(nn.Module):
 
     h = nn.swish(nn.GroupNorm(self.num_groups, name="norm_out")(h))
     out = self.out_channels or x.shape[-1]
-    return nn.Conv(out, (3, 3), name="conv_out")(h)
+    return Conv(out, (3, 3), name="conv_out")(h)
 
 
 # Ho et al. (2020) CIFAR-10: 35.7M parameters.

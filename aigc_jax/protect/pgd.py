@@ -153,6 +153,12 @@ def pgd(
       d = jnp.clip(x + d, -1.0, 1.0) - x
     return d, mean_loss
 
+  if steps == 1 and unroll is True:
+    # scan turns unroll=True into unroll=length, and for one step that is
+    # 1, "not unrolled": a while loop (jax 0.10.2), whose body XLA:CPU runs
+    # 2.6x slower (digits UNet, batch 64: 416 ms against 164 ms).
+    delta, mean_loss = body(delta, jnp.asarray(0))
+    return delta, mean_loss[None]
   return jax.lax.scan(body, delta, jnp.arange(steps), unroll=unroll)
 
 

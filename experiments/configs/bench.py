@@ -1,0 +1,118 @@
+"""Benchmarks: each hot loop in JAX beside its PyTorch twin (same weights).
+
+Default (`cpu`): the sizes a 2-core CPU times in minutes:
+
+  python experiments/bench.py --workdir=runs/bench
+
+`:gpu` uses the paper-scale batches for an accelerator; `:smoke` is tiny
+shapes and one repeat, for tests. Each row's shapes can be overridden,
+e.g. `--config.rows.resnet18_step.batch=64`.
+"""
+
+import ml_collections
+
+from experiments.configs import train_ddpm
+from experiments.configs.base import base_config
+
+# The DDPM UNets the protection and purification rows differentiate.
+_DIGITS_UNET = train_ddpm.get_config("digits").model.to_dict()
+_CIFAR10_UNET = dict(
+  ch=128,
+  ch_mult=(1, 2, 2, 2),
+  num_res_blocks=2,
+  attn_resolutions=(16,),
+  dropout=0.0,  # the perturbation's gradient is taken in evaluation mode
+  num_groups=32,
+)
+# A small Stable-Diffusion-shaped UNet: cross-attention down/up blocks, a
+# plain bottom block, 77-token text context.
+_SD_SMALL_UNET = dict(
+  sample_size=16,
+  in_channels=4,
+  out_channels=4,
+  block_out_channels=(64, 128, 128),
+  layers_per_block=2,
+  down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2,
+  cross_attention_dim=128,
+  attention_head_dim=8,
+  norm_num_groups=32,
+)
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "cpu"
+  c = base_config(variant)
+  del c["data"]
+  # Rows run on one device, as a single-process user calls the function;
+  # `scaling` measures data parallelism over forced CPU devices.
+  c.num_devices = 1
+  c.warmup = 2  # untimed calls of each side after the first (compile) one
+  c.repeats = 7  # alternating JAX / PyTorch timed calls; medians reported
+  c.torch_threads = 0  # 0: PyTorch's default (one per core)
+  c.only = ""  # comma-separated row names to run; empty: every row
+  c.rows = ml_collections.ConfigDict(
+    {
+      # UDP / AdvDM / EMN inner step: one PGD step, the denoising loss's
+      # gradient through the DDPM UNet with respect to the perturbation.
+      "udp_step_digits": {
+        "unet": _DIGITS_UNET,
+        "size": 8,
+        "channels": 1,
+        "batch": 64,
+      },
+      "udp_step_cifar10": {
+        "unet": _CIFAR10_UNET,
+        "size": 32,
+        "channels": 3,
+        "batch": 8,
+      },
+      # One JCDP guided reverse step: UNet, then ∇ of MSE + LPIPS-alex.
+      "jcdp_step_cifar10": {
+        "unet": _CIFAR10_UNET,
+        "size": 32,
+        "channels": 3,
+        "batch": 8,
+      },
+      # One supervised SGD step of the CIFAR ResNet-18, crop/flip included.
+      "resnet18_step": {"width": 64, "size": 32, "batch": 128},
+      # UCE at SD v1.4's 32 cross-attention projections, one concept.
+      "uce_sd14": {"concepts": 1, "preserve": 1},
+      # One classifier-free-guided DDIM step of an SD-shaped UNet.
+      "sd_unet_step": {"unet": _SD_SMALL_UNET, "batch": 4},
+    }
+  )
+  # Throughput of the UDP step against batch size (both frameworks) and
+  # against forced CPU device counts (JAX, data parallel; one process per
+  # count, since the count is fixed when JAX starts).
+  c.scaling = ml_collections.ConfigDict(
+    {
+      "row": "udp_step_digits",
+      "batch_sizes": (16, 64, 256),
+      "device_counts": (1, 2, 4),
+      "device_batch": 256,
+    }
+  )
+  if variant == "cpu":
+    pass
+  elif variant == "gpu":
+    c.rows.udp_step_cifar10.batch = 128
+    c.rows.jcdp_step_cifar10.batch = 128
+    c.rows.sd_unet_step.batch = 16
+    c.scaling.update(batch_sizes=(64, 256, 1024), device_counts=())
+  elif variant == "smoke":
+    c.warmup, c.repeats = 0, 1
+    tiny = dict(_DIGITS_UNET, ch=8, num_groups=4)
+    c.rows.udp_step_digits.update(unet=tiny, batch=4)
+    c.rows.udp_step_cifar10.update(unet=tiny, size=8, batch=2)
+    c.rows.jcdp_step_cifar10.update(unet=tiny, size=32, batch=2)
+    c.rows.resnet18_step.update(width=4, size=8, batch=4)
+    c.rows.uce_sd14.update(concepts=1, preserve=0)
+    c.rows.sd_unet_step.unet.update(
+      block_out_channels=(32, 32, 32), cross_attention_dim=32, sample_size=8
+    )
+    c.rows.sd_unet_step.batch = 1
+    c.scaling.update(batch_sizes=(2,), device_counts=(2,), device_batch=4)
+  else:
+    raise ValueError(f"Unknown variant {variant!r}; choose cpu, gpu or smoke.")
+  return c
