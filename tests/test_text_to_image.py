@@ -47,7 +47,7 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
   images = jnp.asarray(
     np.clip(rng.normal(size=(8, 16, 16, 1)) * 0.5, -1, 1), jnp.float32
   )
-  optimizer = optax.adam(1e-3)
+  optimizer = optax.adam(3e-3)
   # Jitted: initialisers run op by op compile each draw on its own.
   state = jax.jit(lambda k: t2i.init_vae_state(vae, optimizer, k))(
     jax.random.key(0)
@@ -56,10 +56,10 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     functools.partial(t2i.vae_train_step, vae=vae, optimizer=optimizer)
   )
   losses = []
-  for _ in range(30):
+  for _ in range(15):
     state, metrics = step(state, images, jax.random.key(1))
     losses.append(float(metrics["mse"]))
-  assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:5])
+  assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3])
 
   unet = sd.load.build_unet(
     {
@@ -104,17 +104,17 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     )
   )
   losses = []
-  for _ in range(40):
+  for _ in range(20):
     state, metrics = step(state, (latents, ids), jax.random.key(3))
     losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
   assert set(state.params) == {"unet", "text_encoder"}
 
   # Fine-tuning the UNet alone, on fixed caption embeddings (text encoder
   # frozen): the loss falls and the state holds the UNet only.
   context = text_encoder(ids, params=state.params["text_encoder"])
   context = context.last_hidden_state
-  tune_opt = optax.adam(1e-3)
+  tune_opt = optax.adam(3e-3)
   unet_params = state.params["unet"]
   tuned = t2i.DDPMState(
     jnp.zeros((), jnp.int32),
@@ -131,8 +131,8 @@ def test_vae_and_text_to_image_losses_fall(tmp_path):
     )
   )
   losses = []
-  for _ in range(40):
+  for _ in range(20):
     tuned, metrics = tune(tuned, (latents, context), jax.random.key(4))
     losses.append(float(metrics["loss"]))
-  assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+  assert np.mean(losses[-4:]) < 0.8 * np.mean(losses[:4])
   assert jax.tree.structure(tuned.params) == jax.tree.structure(unet_params)
