@@ -610,7 +610,7 @@ def bench_report(config, workdir: str, result: dict) -> str:
     f"Device: {devices[0].device_kind} ({devices[0].platform}), "
     f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch "
     f"{result['torch_version']} ({result['torch_threads']} threads); JAX on "
-    f"{config.num_devices} device(s). Medians of {config.repeats} "
+    f"{result['jax_devices']} device(s). Medians of {config.repeats} "
     f"alternating calls after {config.warmup} warm-up calls; PyTorch / JAX "
     "> 1 means JAX is faster. GFLOP is XLA's count for the JAX program "
     "(both sides compute the same function). No row's JAX function traced "
@@ -659,6 +659,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   result = {
     "torch_version": torch.__version__,
     "torch_threads": torch.get_num_threads(),
+    "jax_devices": mesh.size,
     "rows": rows,
     "batch_scaling": batch_scaling(config, mesh),
     "device_scaling": device_scaling(config, workdir),

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from aigc_jax.models.conv import Conv
+from aigc_jax.models.norm import GroupNorm
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -35,22 +36,24 @@ class ResnetBlock(nn.Module):
   out_channels: int
   dropout: float
   num_groups: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, temb, train: bool):
-    h = nn.swish(nn.GroupNorm(self.num_groups, name="norm1")(x))
-    h = Conv(self.out_channels, (3, 3), name="conv1")(h)
-    h = (
-      h
-      + nn.Dense(self.out_channels, name="temb_proj")(nn.swish(temb))[
-        :, None, None, :
-      ]
+    norm = lambda name: GroupNorm(self.num_groups, dtype=self.dtype, name=name)
+    conv = lambda k, name: Conv(
+      self.out_channels, k, dtype=self.dtype, name=name
     )
-    h = nn.swish(nn.GroupNorm(self.num_groups, name="norm2")(h))
+    h = nn.swish(norm("norm1")(x))
+    h = conv((3, 3), "conv1")(h)
+    temb = nn.Dense(self.out_channels, dtype=self.dtype, name="temb_proj")(
+      nn.swish(temb)
+    )
+    h = nn.swish(norm("norm2")(h + temb[:, None, None, :]))
     h = nn.Dropout(self.dropout, deterministic=not train)(h)
-    h = Conv(self.out_channels, (3, 3), name="conv2")(h)
+    h = conv((3, 3), "conv2")(h)
     if x.shape[-1] != self.out_channels:
-      x = Conv(self.out_channels, (1, 1), name="nin_shortcut")(x)
+      x = conv((1, 1), "nin_shortcut")(x)
     return x + h
 
 
@@ -58,36 +61,47 @@ class AttnBlock(nn.Module):
   """Single-head self-attention over all pixels, with a residual."""
 
   num_groups: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
-    y = nn.GroupNorm(self.num_groups, name="norm")(x)
-    q, k, v = (Conv(c, (1, 1), name=n)(y).reshape(b, h * w, c) for n in "qkv")
-    weights = jax.nn.softmax(
-      jnp.einsum("bic,bjc->bij", q, k) / math.sqrt(c), axis=-1
+    conv = lambda name: Conv(c, (1, 1), dtype=self.dtype, name=name)
+    y = GroupNorm(self.num_groups, dtype=self.dtype, name="norm")(x)
+    q, k, v = (conv(n)(y).reshape(b, h * w, c) for n in "qkv")
+    # Logits and softmax in float32 whatever the computation dtype.
+    logits = jnp.einsum(
+      "bic,bjc->bij", q, k, preferred_element_type=jnp.float32
     )
+    weights = jax.nn.softmax(logits / math.sqrt(c), axis=-1).astype(v.dtype)
     y = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, h, w, c)
-    return x + Conv(c, (1, 1), name="proj_out")(y)
+    return x + conv("proj_out")(y)
 
 
 class Downsample(nn.Module):
   """Stride-2 3x3 conv with TensorFlow's asymmetric (0, 1) padding."""
 
+  dtype: Any = jnp.float32
+
   @nn.compact
   def __call__(self, x):
     x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
-    return Conv(x.shape[-1], (3, 3), (2, 2), padding="VALID", name="conv")(x)
+    return Conv(
+      x.shape[-1], (3, 3), (2, 2), padding="VALID", dtype=self.dtype,
+      name="conv",
+    )(x)  # fmt: skip
 
 
 class Upsample(nn.Module):
   """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
 
+  dtype: Any = jnp.float32
+
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
     x = jax.image.resize(x, (b, 2 * h, 2 * w, c), "nearest")
-    return Conv(c, (3, 3), name="conv")(x)
+    return Conv(c, (3, 3), dtype=self.dtype, name="conv")(x)
 
 
 class DDPMUNet(nn.Module):
@@ -101,6 +115,9 @@ class DDPMUNet(nn.Module):
     dropout: dropout rate inside ResNet blocks (active when train=True).
     num_groups: GroupNorm groups (32 in the paper).
     out_channels: output channels; the input's channels when None.
+    dtype: the computation's dtype (`jnp.bfloat16` on accelerators);
+      parameters, GroupNorm statistics, attention logits and the output
+      stay float32.
   """
 
   ch: int = 128
@@ -110,6 +127,7 @@ class DDPMUNet(nn.Module):
   dropout: float = 0.1
   num_groups: int = 32
   out_channels: int | None = None
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
@@ -122,16 +140,19 @@ class DDPMUNet(nn.Module):
         f"Image size {x.shape[1:3]} must be square and divisible by "
         f"2^{len(self.ch_mult) - 1} for ch_mult={self.ch_mult}."
       )
+    dtype = self.dtype
     block = lambda c, name: ResnetBlock(
-      c, self.dropout, self.num_groups, name=name
+      c, self.dropout, self.num_groups, dtype, name=name
     )
-    attn = lambda name: AttnBlock(self.num_groups, name=name)
+    attn = lambda name: AttnBlock(self.num_groups, dtype, name=name)
 
     temb = timestep_embedding(t, self.ch)
-    temb = nn.Dense(4 * self.ch, name="temb_dense0")(temb)
-    temb = nn.Dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
+    temb = nn.Dense(4 * self.ch, dtype=dtype, name="temb_dense0")(temb)
+    temb = nn.Dense(4 * self.ch, dtype=dtype, name="temb_dense1")(
+      nn.swish(temb)
+    )
 
-    hs = [Conv(self.ch, (3, 3), name="conv_in")(x)]
+    hs = [Conv(self.ch, (3, 3), dtype=dtype, name="conv_in")(x)]
     res = size
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
@@ -142,7 +163,7 @@ class DDPMUNet(nn.Module):
           h = attn(f"down_{level}_attn_{i}")(h)
         hs.append(h)
       if level != len(self.ch_mult) - 1:
-        hs.append(Downsample(name=f"down_{level}_downsample")(hs[-1]))
+        hs.append(Downsample(dtype, name=f"down_{level}_downsample")(hs[-1]))
         res //= 2
 
     h = hs[-1]
@@ -157,12 +178,12 @@ class DDPMUNet(nn.Module):
         if res in self.attn_resolutions:
           h = attn(f"up_{level}_attn_{i}")(h)
       if level != 0:
-        h = Upsample(name=f"up_{level}_upsample")(h)
+        h = Upsample(dtype, name=f"up_{level}_upsample")(h)
         res *= 2
 
-    h = nn.swish(nn.GroupNorm(self.num_groups, name="norm_out")(h))
+    h = nn.swish(GroupNorm(self.num_groups, dtype=dtype, name="norm_out")(h))
     out = self.out_channels or x.shape[-1]
-    return Conv(out, (3, 3), name="conv_out")(h)
+    return Conv(out, (3, 3), dtype=dtype, name="conv_out")(h).astype(x.dtype)
 
 
 # Ho et al. (2020) CIFAR-10: 35.7M parameters.

@@ -44,9 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "cpu"
   c = base_config(variant)
   del c["data"]
-  # Rows run on one device, as a single-process user calls the function;
-  # `scaling` measures data parallelism over forced CPU devices.
-  c.num_devices = 1
+  # Rows run on every local device, batch sharded over the mesh, as the
+  # launchers run them: on a CPU, `launch.py` forces one XLA device per core
+  # (one device leaves part of the cores idle on small convolutions).
+  # `scaling.device_counts` gives the same row on 1, 2, 4 devices.
+  c.num_devices = 0
   c.warmup = 2  # untimed calls of each side after the first (compile) one
   c.repeats = 7  # alternating JAX / PyTorch timed calls; medians reported
   c.torch_threads = 0  # 0: PyTorch's default (one per core)
@@ -101,6 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.rows.sd_unet_step.batch = 16
     c.scaling.update(batch_sizes=(64, 256, 1024), device_counts=())
   elif variant == "smoke":
+    c.num_devices = 1  # batches of 1 and 2 divide no larger mesh
     c.warmup, c.repeats = 0, 1
     tiny = dict(_DIGITS_UNET, ch=8, num_groups=4)
     c.rows.udp_step_digits.update(unet=tiny, batch=4)
