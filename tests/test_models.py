@@ -1,6 +1,7 @@
 """Networks: the paper configurations' sizes, shapes, gradients."""
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import pytest
 
@@ -79,6 +80,45 @@ def test_bfloat16_unet_keeps_the_pgd_gradient_sign():
   flipped = jnp.mean(jnp.sign(g16) != jnp.sign(g32))
   assert 0 < relative < 0.03, relative
   assert flipped < 0.02, flipped
+
+
+def test_remat_unet_computes_the_same_from_fewer_residuals():
+  """`remat=True` keeps the parameters and the function (values and
+  gradients) and keeps far fewer activations between the forward and the
+  backward pass: the vjp's residuals, parameters included (7.5 -> 1.4 MB
+  here; the CIFAR-10 UNet's training step at batch 128: 12.0 -> 1.9 GB)."""
+  x = jax.random.uniform(jax.random.key(0), (8, 16, 16, 3), minval=-1)
+  t = jnp.arange(8) * 120
+  full = DDPMUNet(**TINY_UNET, dropout=0.1)
+  params = jax.jit(full.init)(jax.random.key(2), x, t)["params"]
+  remat = full.clone(remat=True)
+  assert jax.tree.structure(
+    jax.eval_shape(remat.init, jax.random.key(2), x, t)["params"]
+  ) == jax.tree.structure(params)
+
+  def forward_grads_and_residual_bytes(model):
+    # train=True with dropout: the static `train` and the rng pass through.
+    apply = lambda p, y: model.apply(
+      {"params": p}, y, t, train=True, rngs={"dropout": jax.random.key(3)}
+    )
+    residuals = lambda p, y: jax.tree.leaves(jax.vjp(apply, p, y)[1])
+    kept = jax.eval_shape(residuals, params, x)
+
+    def forward_and_grads(p, y):
+      eps, vjp = jax.vjp(apply, p, y)
+      return eps, vjp(jnp.ones_like(eps))
+
+    eps, grads = jax.jit(forward_and_grads)(params, x)
+    return eps, grads, sum(r.size * r.dtype.itemsize for r in kept)
+
+  eps, grads, kept = forward_grads_and_residual_bytes(full)
+  eps_r, grads_r, kept_r = forward_grads_and_residual_bytes(remat)
+  assert jnp.allclose(eps, eps_r, atol=1e-5)
+  # One relative error over all gradients: some (the biases before a
+  # GroupNorm) are zero up to rounding.
+  g, g_r = (jax.flatten_util.ravel_pytree(v)[0] for v in (grads, grads_r))
+  assert jnp.linalg.norm(g - g_r) <= 1e-5 * jnp.linalg.norm(g)
+  assert kept_r < kept / 3, (kept, kept_r)
 
 
 def test_unet_rejects_bad_shapes():

@@ -118,6 +118,10 @@ class DDPMUNet(nn.Module):
     dtype: the computation's dtype (`jnp.bfloat16` on accelerators);
       parameters, GroupNorm statistics, attention logits and the output
       stay float32.
+    remat: recompute each ResNet and attention block's activations in the
+      backward pass instead of keeping them (`nn.remat`): less memory for
+      a training or PGD step, about one more forward pass of compute. The
+      parameters and the function are the same.
   """
 
   ch: int = 128
@@ -128,6 +132,7 @@ class DDPMUNet(nn.Module):
   num_groups: int = 32
   out_channels: int | None = None
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, t, train: bool = False):
@@ -141,10 +146,15 @@ class DDPMUNet(nn.Module):
         f"2^{len(self.ch_mult) - 1} for ch_mult={self.ch_mult}."
       )
     dtype = self.dtype
-    block = lambda c, name: ResnetBlock(
+    # `train` (argument 3, counting self) is a Python bool: static.
+    resnet_block = (
+      nn.remat(ResnetBlock, static_argnums=(3,)) if self.remat else ResnetBlock
+    )
+    attn_block = nn.remat(AttnBlock) if self.remat else AttnBlock
+    block = lambda c, name: resnet_block(
       c, self.dropout, self.num_groups, dtype, name=name
     )
-    attn = lambda name: AttnBlock(self.num_groups, dtype, name=name)
+    attn = lambda name: attn_block(self.num_groups, dtype, name=name)
 
     temb = timestep_embedding(t, self.ch)
     temb = nn.Dense(4 * self.ch, dtype=dtype, name="temb_dense0")(temb)

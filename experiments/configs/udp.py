@@ -130,6 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "attn_resolutions": (8,),
         "dropout": 0.0,
         "num_groups": 8,
+        "remat": False,
       }
       # Sized to fit a 2-core CPU (not yet timed): 2,000 images (balanced over
       # the classes), batches of 64, 1,000 DDPM steps per evaluation model.
