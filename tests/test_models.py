@@ -162,6 +162,7 @@ def test_small_cnn_norm_adds_batchnorm_and_keeps_the_plain_names():
   variables = normed.init(jax.random.key(0), x)
   assert "batch_stats" not in plain and "batch_stats" in variables
   assert set(plain["params"]) < set(variables["params"])
+  assert {"bn0a", "bn1b", "bn_fc"} <= set(variables["batch_stats"])
   _, updates = normed.apply(variables, x, train=True, mutable=["batch_stats"])
   before = variables["batch_stats"]["bn0a"]["mean"]
   assert not jnp.allclose(updates["batch_stats"]["bn0a"]["mean"], before)

@@ -325,6 +325,21 @@ def test_ueraser_augment_is_random_per_image_and_stays_in_range():
   assert views.shape == (4, 2, 8, 8, 3)
 
 
+def test_equalize_is_pils():
+  from PIL import Image, ImageOps
+
+  from aigc_jax.train.augment import _equalize
+
+  rng = np.random.default_rng(0)
+  # Skewed levels, so that equalisation moves them; one constant channel.
+  img = (rng.beta(2.0, 5.0, (16, 16, 3)) * 255).astype(np.uint8)
+  img[..., 2] = 77
+  want = np.asarray(ImageOps.equalize(Image.fromarray(img)))
+  got = np.asarray(jax.jit(_equalize)(img / 255.0)) * 255.0
+  np.testing.assert_array_equal(np.round(got).astype(np.uint8), want)
+  assert not np.array_equal(want, img)
+
+
 def test_plasma_is_normalised_and_roughness_adds_detail():
   key = jax.random.key(0)
   smooth = train.plasma(key, (32, 32), 0.2)

@@ -102,47 +102,62 @@ def _blend(a, b, factor):
   return b + factor * (a - b)
 
 
-def _trivial_op(index, img01, m, sign):
-  """TrivialAugmentWide's operation `index` at magnitude m in [0, 1]."""
+def _equalize(img01):
+  """Histogram equalisation per channel, as PIL's and torchvision's (which
+  kornia follows): a lookup table from the cumulative histogram of the 256
+  levels, the most frequent top level left out of the step."""
+  levels = jnp.round(img01 * 255.0).astype(jnp.int32)
+
+  def channel(c):
+    hist = jnp.bincount(c.ravel(), length=256)
+    top = jnp.max(jnp.where(hist > 0, jnp.arange(256), 0))
+    step = (hist.sum() - hist[top]) // 255
+    lut = (jnp.cumsum(hist) + step // 2) // jnp.maximum(step, 1)
+    lut = jnp.clip(jnp.concatenate([jnp.zeros(1, lut.dtype), lut[:-1]]), 0, 255)
+    return jnp.where(step == 0, c, lut[c])
+
+  out = jax.vmap(channel, in_axes=-1, out_axes=-1)(levels)
+  return out.astype(img01.dtype) / 255.0
+
+
+def _trivial_op(index, img01, u, sign):
+  """Operation `index` of kornia's `auto.TrivialAugment` default policy
+  (UEraser's), at a uniform draw u in [0, 1) of its magnitude range."""
   h, w, _ = img01.shape
-  s = sign * m
   eye = jnp.eye(2)
   zero = jnp.zeros((2, 1))
 
   def affine(lin, shift=zero):
     return _affine(img01, jnp.concatenate([lin, shift], axis=1))
 
-  angle = jnp.deg2rad(135.0 * s)
+  angle = jnp.deg2rad(30.0 * u * sign)
   rot = jnp.array(
     [[jnp.cos(angle), -jnp.sin(angle)], [jnp.sin(angle), jnp.cos(angle)]]
   )
-  grey = _luma(img01)
-  blurred = _smooth(img01)
+  factor = 0.1 + 1.8 * u  # (0.1, 1.9)
   lo = img01.min(axis=(0, 1), keepdims=True)
   hi = img01.max(axis=(0, 1), keepdims=True)
-  bits = jnp.round(8 - 6 * m)  # 8 .. 2 bits
-  levels = 2.0**bits
+  bits = jnp.floor(4.0 * u)  # 0 .. 3 bits kept; 0 bits is black, as kornia
+  keep = 2.0 ** (8 - bits)
+  posterized = jnp.floor(jnp.floor(img01 * 255.0) / keep) * keep / 255.0
   branches = (
-    lambda: img01,
-    lambda: affine(eye.at[1, 0].set(0.99 * s)),  # shear x
-    lambda: affine(eye.at[0, 1].set(0.99 * s)),  # shear y
-    # Translations up to the whole side (TrivialAugmentWide's 32 px on
-    # CIFAR's 32), scaled to the image size.
-    lambda: affine(eye, jnp.array([[0.0], [w * s]])),
-    lambda: affine(eye, jnp.array([[h * s], [0.0]])),
-    lambda: affine(rot),
-    lambda: _blend(img01, 0.0, 1.0 + 0.99 * s),  # brightness
-    lambda: _blend(img01, grey, 1.0 + 0.99 * s),  # colour
-    lambda: _blend(img01, grey.mean(), 1.0 + 0.99 * s),  # contrast
-    lambda: _blend(img01, blurred, 1.0 + 0.99 * s),  # sharpness
-    lambda: jnp.floor(img01 * (levels - 1e-3)) / (levels - 1),  # posterize
-    lambda: jnp.where(img01 >= 1.0 - m, 1.0 - img01, img01),  # solarize
-    lambda: (img01 - lo) / jnp.maximum(hi - lo, 1e-3),  # autocontrast
+    lambda: (img01 - lo) / jnp.maximum(hi - lo, 1e-3),  # auto_contrast
+    lambda: _equalize(img01),
+    lambda: affine(rot),  # rotate, up to 30 degrees
+    lambda: jnp.where(bits > 0, posterized, 0.0),  # posterize
+    lambda: jnp.where(img01 < u, img01, 1.0 - img01),  # solarize
+    lambda: img01 * factor,  # contrast (kornia's is multiplicative)
+    lambda: img01 + (factor - 1.0),  # brightness (kornia's is additive)
+    lambda: _blend(img01, _smooth(img01), factor),  # sharpness
+    lambda: affine(eye.at[1, 0].set(0.3 * u * sign)),  # shear x
+    lambda: affine(eye.at[0, 1].set(0.3 * u * sign)),  # shear y
+    lambda: affine(eye, jnp.array([[0.0], [0.5 * w * u * sign]])),
+    lambda: affine(eye, jnp.array([[0.5 * h * u * sign], [0.0]])),
   )
   return jax.lax.switch(index, branches)
 
 
-NUM_TRIVIAL_OPS = 13
+NUM_TRIVIAL_OPS = 12
 
 
 def _smooth(img01):
@@ -154,19 +169,23 @@ def _smooth(img01):
 
 
 def _trivial_augment(key, img01):
-  """TrivialAugmentWide (Müller & Hutter 2021): one operation, uniformly
-  chosen, at a uniform magnitude with a random sign. Equalize is left out."""
+  """TrivialAugment (Müller & Hutter 2021) with kornia's default policy,
+  the one UEraser's code calls (`K.auto.TrivialAugment()`): one of twelve
+  operations, uniformly chosen, at a uniform magnitude with a random sign
+  for the geometric ones (rotation up to 30 degrees, shear up to 0.3,
+  translation up to half the side). Kornia picks one operation per call
+  for the whole batch; here every image draws its own."""
   op_key, m_key, s_key = jax.random.split(key, 3)
   index = jax.random.randint(op_key, (), 0, NUM_TRIVIAL_OPS)
-  m = jax.random.uniform(m_key, ())
+  u = jax.random.uniform(m_key, ())
   sign = jnp.where(jax.random.bernoulli(s_key), 1.0, -1.0)
-  return _trivial_op(index, img01, m, sign)
+  return _trivial_op(index, img01, u, sign)
 
 
 def ueraser_augment(key: jax.Array, images: jax.Array) -> jax.Array:
   """UEraser's augmentation A: plasma brightness (p 0.5), plasma contrast
-  (p 0.5), channel shuffle (p 0.5), then TrivialAugmentWide, each image with
-  its own draws.
+  (p 0.5), channel shuffle (p 0.5), then kornia's TrivialAugment, each image
+  with its own draws.
 
   Args:
     key: randomness.
