@@ -366,6 +366,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "share_before": share_before,
     "share_after": share_after,
     "relative_drop": 1 - share_after / share_before if share_before else 0.0,
+    # Samples with the feature whose latents the rule leaves alone: the
+    # fine-tuning is told to keep these as they are.
+    "unmoved_share_before": float((has_before & ~moved).mean()),
+    "unmoved_share_after": float((has_after & ~moved).mean()),
     "l1_without_feature": float(l1[~has_before].mean()),
     "l1_unmoved": float(l1[~moved].mean()),
     "l1_with_feature": float(l1[has_before].mean()) if has_before.any() else 0,
@@ -459,7 +463,10 @@ def report(config, workdir, r, measure) -> str:
       l1,
       f"Share with the feature: {r['share_before']:.1%} -> "
       f"{r['share_after']:.1%}, a relative drop of {r['relative_drop']:.1%} "
-      f"(target: at least 90%, {'met' if met else 'missed'}). Grids of the "
+      f"(target: at least 90%, {'met' if met else 'missed'}). Latents "
+      "below the threshold, which the rule does not move: "
+      f"{r['unmoved_share_before']:.2%} of all samples have the feature "
+      f"before, {r['unmoved_share_after']:.2%} after. Grids of the "
       "same latents before and after: `before_after.png` (rows: with the "
       "feature, original then unlearned; without it, the same).",
       "",

@@ -629,6 +629,9 @@ def test_feature_unlearn_smoke_resumes_and_takes_user_labels(tmp_path):
     assert os.path.exists(os.path.join(workdir, name))
   assert 0 < result["labelled_positive"] < config.feature.num_labelled
   assert 0.0 <= result["share_after"] <= 1.0
+  # The samples with the feature below the threshold are part of them.
+  for when in ("before", "after"):
+    assert 0.0 <= result[f"unmoved_share_{when}"] <= result[f"share_{when}"]
   # The re-run restores every stage from its checkpoint: same numbers.
   again, _ = _run(feature_unlearn, config, workdir)
   assert again["share_after"] == result["share_after"]
