@@ -55,13 +55,27 @@ EPS_255, STEP_255 = 8.0, 1.0
 JCDP_T = 10  # the guided step's timestep (the released t* is 20)
 
 
+# Dense (no sparsity) tensor-core peaks in TFLOP/s, from NVIDIA's data
+# sheets, by device kind (the first key found in JAX's device kind wins).
+# float32 matrix work runs as TF32 on these GPUs: JAX's default precision,
+# and the PyTorch side is set to match (`config.tf32`).
+PEAK_TFLOPS = {
+  "H100 PCIe": {"float32": 378.0, "bfloat16": 756.0},
+  "H100": {"float32": 494.7, "bfloat16": 989.4},
+  "H200": {"float32": 494.7, "bfloat16": 989.4},
+  "A100": {"float32": 156.0, "bfloat16": 312.0},
+}
+
+
 class Row(NamedTuple):
   """One benchmark row: two zero-argument calls computing the same thing.
 
   `run_jax` returns JAX arrays (the timer blocks on them); `run_torch`
-  returns when PyTorch's (synchronous, CPU) work is done. `jitted` is the
-  jitted function `run_jax` calls and `args` the shapes it is called with,
-  for XLA's FLOP count; `items` the images (or edits) per call.
+  returns once PyTorch's work is queued (the timer synchronises the
+  device). `jitted` is the jitted function `run_jax` calls and `args` the
+  shapes it is called with, for XLA's FLOP count; `items` the images (or
+  edits) per call; `precision` the arithmetic of its matrix work
+  ("float32" or "bfloat16"), for the device's peak.
   """
 
   name: str
@@ -71,6 +85,7 @@ class Row(NamedTuple):
   jitted: Any
   args: tuple
   items: int
+  precision: str = "float32"
 
 
 def _torch():
@@ -79,10 +94,34 @@ def _torch():
   return torch
 
 
-def _nchw(x) -> Any:
-  return _torch().from_numpy(
-    np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+def _nchw(x, device: str) -> Any:
+  return (
+    _torch()
+    .from_numpy(np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2))))
+    .to(device)
   )
+
+
+def torch_device(config) -> str:
+  """Where the PyTorch side runs: `config.torch_device`, else the GPU when
+  JAX runs on one, else the CPU."""
+  if config.torch_device:
+    return config.torch_device
+  on_gpu = jax.default_backend() == "gpu" and _torch().cuda.is_available()
+  return "cuda" if on_gpu else "cpu"
+
+
+def peak_tflops(config, precision: str) -> float | None:
+  """The device's peak for `precision` ("float32" or "bfloat16"):
+  `config.peak_tflops[precision]` when set, else `PEAK_TFLOPS` for JAX's
+  device kind; None where neither knows it (CPUs)."""
+  if config.peak_tflops[precision]:
+    return float(config.peak_tflops[precision])
+  kind = jax.devices()[0].device_kind
+  for name, peaks in PEAK_TFLOPS.items():
+    if name in kind:
+      return peaks[precision]
+  return None
 
 
 def shapes_of(*args) -> tuple:
@@ -94,14 +133,28 @@ def shapes_of(*args) -> tuple:
   )
 
 
-def program_flops(jitted, args: tuple) -> float | None:
-  """XLA's FLOP count of `jitted` on `args`, from the lowered program (no
-  second compilation); None where XLA gives none."""
-  cost = jitted.lower(*args).cost_analysis()
+def _flops_of(cost) -> float | None:
   if isinstance(cost, list | tuple):
     cost = cost[0] if cost else None
   flops = (cost or {}).get("flops")
   return float(flops) if flops and flops > 0 else None
+
+
+def program_flops(jitted, args: tuple) -> float | None:
+  """XLA's FLOP count of `jitted` on `args`, from the program before XLA's
+  optimisations (no second compilation); None where XLA gives none.
+
+  GPU backends (PJRT plugins) give no count of the lowered program, and
+  the compiled program's count leaves out the cuDNN and cuBLAS calls that
+  do most of the work, so there the same function is lowered for the CPU
+  (uncommitted shapes, the CPU as default device) and counted.
+  """
+  flops = _flops_of(jitted.lower(*args).cost_analysis())
+  if flops is None and jax.default_backend() != "cpu":
+    plain = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), args)
+    with jax.default_device(jax.devices("cpu")[0]):
+      flops = _flops_of(jitted.lower(*plain).cost_analysis())
+  return flops
 
 
 def _images(c, seed: int) -> np.ndarray:
@@ -111,14 +164,17 @@ def _images(c, seed: int) -> np.ndarray:
 
 
 @functools.cache
-def _ddpm_model(unet_json: str, size: int, channels: int, seed: int):
+def _ddpm_model(
+  unet_json: str, size: int, channels: int, seed: int, bf16: bool
+):
   """A DDPM UNet, its parameters and its PyTorch twin, built once per
-  configuration (the batch-scaling rows reuse them)."""
+  configuration (the batch-scaling rows reuse them). `bf16`: the UNet
+  computes in bfloat16 (float32 parameters, the same for both dtypes)."""
   fields = {
     k: tuple(v) if isinstance(v, list) else v
     for k, v in json.loads(unet_json).items()
   }
-  unet = DDPMUNet(**fields)
+  unet = DDPMUNet(**fields, dtype=jnp.bfloat16 if bf16 else jnp.float32)
   x = jnp.zeros((1, size, size, channels))
   init = jax.jit(lambda k: unet.init(k, x, jnp.zeros((1,), jnp.int32)))
   params = init(jax.random.key(seed))["params"]
@@ -127,17 +183,22 @@ def _ddpm_model(unet_json: str, size: int, channels: int, seed: int):
   return unet, params, twin
 
 
-def _ddpm_inputs(c, seed: int):
-  """`_ddpm_model` for row config `c`, and a batch of images."""
-  model = _ddpm_model(c.unet.to_json(), c.size, c.channels, seed)
-  return (*model, _images(c, seed))
+def _ddpm_inputs(c, seed: int, device: str):
+  """`_ddpm_model` for row config `c` (its twin on `device`), and a batch
+  of images."""
+  unet, params, twin = _ddpm_model(
+    c.unet.to_json(), c.size, c.channels, seed, c.get("bf16", False)
+  )
+  return unet, params, twin.to(device), _images(c, seed)
 
 
-def udp_step_row(name: str, c, mesh) -> Row:
+def udp_step_row(name: str, c, mesh, device: str) -> Row:
   """One PGD step of UDP / AdvDM: ∇_δ of the denoising loss through the UNet
-  (`udp_perturbation` with steps=1), sign step, projection."""
+  (`udp_perturbation` with steps=1), sign step, projection. With `c.bf16`
+  the UNet computes in bfloat16 on both sides (PyTorch under autocast)."""
   torch = _torch()
-  unet, params, model, x = _ddpm_inputs(c, 0)
+  bf16 = c.get("bf16", False)
+  unet, params, model, x = _ddpm_inputs(c, 0, device)
   schedule = diffusion.linear_schedule(1000)
   b = budget(EPS_255)
   step_size = STEP_255 / 127.5
@@ -162,18 +223,24 @@ def udp_step_row(name: str, c, mesh) -> Row:
   key = parallel.replicate(mesh, jax.random.key(1))
   run_jax = lambda: step(params, *args, key)
 
-  abar = torch.tensor(np.asarray(schedule.alphas_cumprod))
-  x_t, delta_t = _nchw(x), torch.zeros(_nchw(x).shape)
-  gen = torch.Generator().manual_seed(1)
+  abar = torch.tensor(np.asarray(schedule.alphas_cumprod), device=device)
+  x_t = _nchw(x, device)
+  delta_t = torch.zeros_like(x_t)
+  gen = torch.Generator(device).manual_seed(1)
+  autocast = functools.partial(
+    torch.autocast, device, dtype=torch.bfloat16, enabled=bf16
+  )
 
   def run_torch():
     d = delta_t.clone().requires_grad_(True)
     x_adv = (x_t + d).clamp(-1, 1)
-    t = torch.randint(0, 1000, (x_t.shape[0],), generator=gen)
-    noise = torch.randn(x_t.shape, generator=gen)
+    n = x_t.shape[0]
+    t = torch.randint(0, 1000, (n,), generator=gen, device=device)
+    noise = torch.randn(x_t.shape, generator=gen, device=device)
     a = abar[t].view(-1, 1, 1, 1)
-    eps = model(a.sqrt() * x_adv + (1 - a).sqrt() * noise, t).sample
-    loss = (noise - eps).square().flatten(1).mean(1).sum()
+    with autocast():
+      eps = model(a.sqrt() * x_adv + (1 - a).sqrt() * noise, t).sample
+    loss = (noise - eps.float()).square().flatten(1).mean(1).sum()
     (grad,) = torch.autograd.grad(loss, d)
     new = (d.detach() + step_size * grad.sign()).clamp(-b.eps, b.eps)
     return (x_t + new).clamp(-1, 1) - x_t
@@ -181,20 +248,21 @@ def udp_step_row(name: str, c, mesh) -> Row:
   return Row(
     name,
     f"PGD step through the DDPM UNet ({c.size}x{c.size}x{c.channels}, "
-    f"ch {c.unet.ch}, batch {c.batch})",
+    f"ch {c.unet.ch}, batch {c.batch}{', bfloat16' if bf16 else ''})",
     run_jax,
     run_torch,
     step,
     shapes_of(params, *args, key),
     c.batch,
+    "bfloat16" if bf16 else "float32",
   )
 
 
-def jcdp_step_row(name: str, c, mesh) -> Row:
+def jcdp_step_row(name: str, c, mesh, device: str) -> Row:
   """One JCDP guided reverse step: ε̂ from the UNet, then the posterior mean
   moved by -σ² ∇(λ1 MSE + λ2 LPIPS-alex) toward the diffused reference."""
   torch = _torch()
-  unet, params, model, x = _ddpm_inputs(c, 2)
+  unet, params, model, x = _ddpm_inputs(c, 2, device)
   schedule = diffusion.linear_schedule(1000)
   lpips_vars = load_lpips("alex")
   mse_w, lpips_w = guidance_weights(
@@ -226,7 +294,7 @@ def jcdp_step_row(name: str, c, mesh) -> Row:
   key = parallel.replicate(mesh, jax.random.key(3))
   run_jax = lambda: step(params, lpips_vars, *args, key)
 
-  lpips_net = torch_twins.lpips_twin(lpips_vars)
+  lpips_net = torch_twins.lpips_twin(lpips_vars).to(device)
   lpips_net.requires_grad_(False)
   s = {
     k: float(np.asarray(v)[JCDP_T])
@@ -238,9 +306,9 @@ def jcdp_step_row(name: str, c, mesh) -> Row:
     )
   }
   lam1, lam2 = float(mse_w[JCDP_T]), float(lpips_w[JCDP_T])
-  protected, xt0 = _nchw(x), _nchw(x_t)
-  t_vec = torch.full((x.shape[0],), JCDP_T)
-  gen = torch.Generator().manual_seed(3)
+  protected, xt0 = _nchw(x, device), _nchw(x_t, device)
+  t_vec = torch.full((x.shape[0],), JCDP_T, device=device)
+  gen = torch.Generator(device).manual_seed(3)
 
   def run_torch():
     with torch.no_grad():
@@ -252,14 +320,15 @@ def jcdp_step_row(name: str, c, mesh) -> Row:
         s["beta"] * s["abar_prev"] ** 0.5 / (1 - s["abar"]) * x0
         + (1 - s["abar_prev"]) * (1 - s["beta"]) ** 0.5 / (1 - s["abar"]) * xt0
       )
-      noise = torch.randn(protected.shape, generator=gen)
+      noise = torch.randn(protected.shape, generator=gen, device=device)
       reference = s["abar"] ** 0.5 * protected + (1 - s["abar"]) ** 0.5 * noise
     y = xt0.clone().requires_grad_(True)
     energy = lam1 * (y - reference).square().mean((1, 2, 3))
     energy = energy + lam2 * lpips_net(y, reference).flatten()
     (grad,) = torch.autograd.grad(energy.sum(), y)
     mean = mean - s["var"] * grad
-    return mean + s["var"] ** 0.5 * torch.randn(mean.shape, generator=gen)
+    noise = torch.randn(mean.shape, generator=gen, device=device)
+    return mean + s["var"] ** 0.5 * noise
 
   return Row(
     name,
@@ -273,7 +342,7 @@ def jcdp_step_row(name: str, c, mesh) -> Row:
   )
 
 
-def resnet18_step_row(name: str, c, mesh) -> Row:
+def resnet18_step_row(name: str, c, mesh, device: str) -> Row:
   """One SGD step of the CIFAR ResNet-18 (crop, flip, cross-entropy, SGD
   with momentum and weight decay): `train.classifier_train_step`."""
   torch = _torch()
@@ -286,7 +355,8 @@ def resnet18_step_row(name: str, c, mesh) -> Row:
   rng = np.random.default_rng(4)
   images = rng.uniform(-1, 1, (c.batch, *shape)).astype(np.float32)
   labels = rng.integers(0, 10, c.batch).astype(np.int32)
-  twin = torch_twins.resnet18_twin(state.params, state.batch_stats).train()
+  twin = torch_twins.resnet18_twin(state.params, state.batch_stats)
+  twin = twin.to(device).train()
 
   step = jax.jit(
     functools.partial(
@@ -307,20 +377,22 @@ def resnet18_step_row(name: str, c, mesh) -> Row:
   sgd = torch.optim.SGD(
     twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4
   )
-  x_t, y_t = _nchw(images), torch.from_numpy(labels).long()
-  gen = torch.Generator().manual_seed(5)
+  x_t = _nchw(images, device)
+  y_t = torch.from_numpy(labels).long().to(device)
+  gen = torch.Generator(device).manual_seed(5)
+  n, side = x_t.shape[0], torch.arange(c.size, device=device)
+  batch_index = torch.arange(n, device=device)[:, None, None, None]
+  channel_index = torch.arange(3, device=device)[None, :, None, None]
 
   def run_torch():
-    # Random crop (pad 4) and flip per image, as the JAX step does.
+    # Random crop (pad 4) and flip per image, as the JAX step does: one
+    # gather of each image's window, no loop over images.
     padded = torch.nn.functional.pad(x_t, (4, 4, 4, 4))
-    offsets = torch.randint(0, 9, (x_t.shape[0], 2), generator=gen).tolist()
-    flips = torch.rand(x_t.shape[0], generator=gen) < 0.5
-    crops = torch.stack(
-      [
-        padded[i, :, dy : dy + c.size, dx : dx + c.size]
-        for i, (dy, dx) in enumerate(offsets)
-      ]
-    )
+    offsets = torch.randint(0, 9, (n, 2), generator=gen, device=device)
+    flips = torch.rand(n, generator=gen, device=device) < 0.5
+    rows = (offsets[:, :1] + side)[:, None, :, None]
+    cols = (offsets[:, 1:] + side)[:, None, None, :]
+    crops = padded[batch_index, channel_index, rows, cols]
     crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
     loss = torch.nn.functional.cross_entropy(twin(crops), y_t)
     sgd.zero_grad(set_to_none=True)
@@ -339,7 +411,7 @@ def resnet18_step_row(name: str, c, mesh) -> Row:
   )
 
 
-def uce_row(name: str, c, mesh) -> Row:
+def uce_row(name: str, c, mesh, device: str) -> Row:
   """UCE's closed-form edit of SD v1.4's 32 cross-attention projections."""
   del mesh  # one linear solve: nothing to shard
   torch = _torch()
@@ -350,7 +422,7 @@ def uce_row(name: str, c, mesh) -> Row:
   preserve = emb(77 * (1 + c.preserve))
   edit = jax.jit(lambda k, e, t, p: unlearn.uce_edit(k, e, t, p, lam=0.5))
   args = jax.device_put((kernels, erase, target, preserve))
-  to_t = lambda a: torch.from_numpy(a)
+  to_t = lambda a: torch.tensor(a, device=device)
   t_args = (
     {k: to_t(v) for k, v in kernels.items()},
     to_t(erase),
@@ -369,7 +441,7 @@ def uce_row(name: str, c, mesh) -> Row:
   )
 
 
-def sd_unet_step_row(name: str, c, mesh) -> Row:
+def sd_unet_step_row(name: str, c, mesh, device: str) -> Row:
   """One classifier-free-guided DDIM step of an SD-shaped UNet (both
   halves of the guidance in one UNet call, as `sd.guided_eps_fn` does)."""
   from aigc_jax import sd
@@ -388,6 +460,7 @@ def sd_unet_step_row(name: str, c, mesh) -> Row:
     sd.load.abstract_params(unet),
     "unet",
   )
+  twin = twin.to(device)
   schedule = diffusion.scaled_linear_schedule()
   rng = np.random.default_rng(7)
   size, ch = config["sample_size"], config["in_channels"]
@@ -418,9 +491,11 @@ def sd_unet_step_row(name: str, c, mesh) -> Row:
 
   abar = np.asarray(schedule.alphas_cumprod)
   a, a_prev = float(abar[t]), float(abar[t_prev])
-  x_t, cond_t = torch.from_numpy(latents), torch.from_numpy(cond)
-  context_t = torch.cat([torch.from_numpy(uncond).expand_as(cond_t), cond_t])
-  t_vec = torch.full((2 * c.batch,), t)
+  x_t = torch.from_numpy(latents).to(device)
+  cond_t = torch.from_numpy(cond).to(device)
+  uncond_t = torch.from_numpy(uncond).to(device)
+  context_t = torch.cat([uncond_t.expand_as(cond_t), cond_t])
+  t_vec = torch.full((2 * c.batch,), t, device=device)
 
   def run_torch():
     with torch.no_grad():
@@ -446,6 +521,7 @@ def sd_unet_step_row(name: str, c, mesh) -> Row:
 ROWS = {
   "udp_step_digits": udp_step_row,
   "udp_step_cifar10": udp_step_row,
+  "udp_step_cifar10_bf16": udp_step_row,
   "jcdp_step_cifar10": jcdp_step_row,
   "resnet18_step": resnet18_step_row,
   "uce_sd14": uce_row,
@@ -473,12 +549,22 @@ class _CompileEvents:
     jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def time_row(row: Row, *, warmup: int, repeats: int) -> dict:
+def time_row(
+  row: Row,
+  *,
+  warmup: int,
+  repeats: int,
+  sync: Callable[[], Any] = lambda: None,
+  peak: float | None = None,
+) -> dict:
   """Medians of alternating JAX and PyTorch calls, after warm-up.
 
   The first JAX call (tracing and compilation) is timed on its own; every
   later call must reuse its program (`jax_retraces` counts JAX's tracing
-  and compilation events after it, and is 0 for a hot function).
+  and compilation events after it, and is 0 for a hot function). `sync`
+  waits for PyTorch's queued work (`torch.cuda.synchronize` on a GPU);
+  `peak`, the device's TFLOP/s for the row's precision, gives the share
+  of it each side achieves.
   """
   start = time.perf_counter()
   jax.block_until_ready(row.run_jax())
@@ -488,12 +574,14 @@ def time_row(row: Row, *, warmup: int, repeats: int) -> dict:
     for _ in range(warmup):
       jax.block_until_ready(row.run_jax())
       row.run_torch()
+      sync()
     for _ in range(repeats):
       start = time.perf_counter()
       jax.block_until_ready(row.run_jax())
       times["jax"].append(time.perf_counter() - start)
       start = time.perf_counter()
       row.run_torch()
+      sync()
       times["torch"].append(time.perf_counter() - start)
   jax_s, torch_s = (float(np.median(times[k])) for k in ("jax", "torch"))
   out = {
@@ -512,6 +600,10 @@ def time_row(row: Row, *, warmup: int, repeats: int) -> dict:
     out["gflops"] = flops / 1e9
     out["gflop_per_s_jax"] = flops / jax_s / 1e9
     out["gflop_per_s_torch"] = flops / torch_s / 1e9
+    if peak:
+      out["peak_tflops"] = peak
+      out["jax_peak_share"] = flops / jax_s / (peak * 1e12)
+      out["torch_peak_share"] = flops / torch_s / (peak * 1e12)
   return out
 
 
@@ -522,14 +614,14 @@ def _row_config(config, name: str, **updates):
   return c
 
 
-def batch_scaling(config, mesh) -> list[dict]:
+def batch_scaling(config, mesh, timer: Callable[[Row], dict]) -> list[dict]:
   """The scaling row's throughput at each of `scaling.batch_sizes`."""
   name = config.scaling.row
+  device = torch_device(config)
   out = []
   for batch in config.scaling.batch_sizes:
-    row = ROWS[name](name, _row_config(config, name, batch=batch), mesh)
-    result = time_row(row, warmup=config.warmup, repeats=config.repeats)
-    out.append({"batch": batch, **result})
+    c = _row_config(config, name, batch=batch)
+    out.append({"batch": batch, **timer(ROWS[name](name, c, mesh, device))})
   return out
 
 
@@ -581,13 +673,22 @@ def _seconds(s: float) -> str:
 def rows_table(rows: list[dict], first: str = "row") -> str:
   """The markdown table of timed rows (`first`: the leading column)."""
   header = [first, "JAX", "PyTorch", "PyTorch / JAX", "JAX items/s"]
-  header += ["GFLOP", "JAX GFLOP/s", "PyTorch GFLOP/s", "JAX first call"]
+  header += ["GFLOP", "JAX GFLOP/s", "PyTorch GFLOP/s"]
+  with_peak = any("jax_peak_share" in r for r in rows)
+  if with_peak:
+    header += ["JAX % of peak", "PyTorch % of peak"]
+  header.append("JAX first call")
   body = []
   for r in rows:
     flops = [
       f"{r[k]:.2f}" if k in r else "n/a"
       for k in ("gflops", "gflop_per_s_jax", "gflop_per_s_torch")
     ]
+    if with_peak:
+      flops += [
+        f"{100 * r[k]:.2f}" if k in r else "n/a"
+        for k in ("jax_peak_share", "torch_peak_share")
+      ]
     body.append(
       [
         r[first],
@@ -609,11 +710,25 @@ def bench_report(config, workdir: str, result: dict) -> str:
     f"{launch.command_line('bench', config, workdir)}\n\n"
     f"Device: {devices[0].device_kind} ({devices[0].platform}), "
     f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch "
-    f"{result['torch_version']} ({result['torch_threads']} threads); JAX on "
+    f"{result['torch_version']} on {result['torch_device']} "
+    f"({result['torch_threads']} threads); JAX on "
     f"{result['jax_devices']} device(s). Medians of {config.repeats} "
     f"alternating calls after {config.warmup} warm-up calls; PyTorch / JAX "
     "> 1 means JAX is faster. GFLOP is XLA's count for the JAX program "
-    "(both sides compute the same function). No row's JAX function traced "
+    "(both sides compute the same function). "
+    + (
+      "float32 matrix products and convolutions run as TF32 on both sides "
+      "(JAX's default on GPUs; PyTorch's `allow_tf32` set to match). "
+      if result["tf32"]
+      else ""
+    )
+    + (
+      "% of peak: of the device's dense tensor-core peak for the row's "
+      "precision (`PEAK_TFLOPS` or `--config.peak_tflops`). "
+      if any("jax_peak_share" in r for r in result["rows"])
+      else ""
+    )
+    + "No row's JAX function traced "
     "or compiled again after its first call unless its `retraces` says so: "
     + ", ".join(f"{r['row']} {r['jax_retraces']}" for r in result["rows"])
     + ".\n\n"
@@ -642,6 +757,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   torch = _torch()
   if config.torch_threads:
     torch.set_num_threads(config.torch_threads)
+  device = torch_device(config)
+  on_gpu = device.startswith("cuda")
+  tf32 = on_gpu and config.tf32
+  if on_gpu:
+    # JAX computes float32 matrix work as TF32 on these GPUs by default;
+    # PyTorch does so for convolutions only unless told.
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    if not tf32:
+      jax.config.update("jax_default_matmul_precision", "float32")
+  timer = lambda row: time_row(
+    row,
+    warmup=config.warmup,
+    repeats=config.repeats,
+    sync=torch.cuda.synchronize if on_gpu else lambda: None,
+    peak=peak_tflops(config, row.precision),
+  )
   names = [n for n in config.only.split(",") if n] or list(config.rows)
   unknown = sorted(set(names) - set(ROWS))
   if unknown:
@@ -652,16 +784,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = record.MetricWriter(workdir)
   rows = []
   for name in names:
-    row = ROWS[name](name, config.rows[name], mesh)
-    rows.append(time_row(row, warmup=config.warmup, repeats=config.repeats))
+    rows.append(timer(ROWS[name](name, config.rows[name], mesh, device)))
     writer.write(len(rows), rows[-1])
     print(rows_table(rows[-1:]), flush=True)
   result = {
     "torch_version": torch.__version__,
+    "torch_device": device,
     "torch_threads": torch.get_num_threads(),
+    "tf32": tf32,
     "jax_devices": mesh.size,
     "rows": rows,
-    "batch_scaling": batch_scaling(config, mesh),
+    "batch_scaling": batch_scaling(config, mesh, timer),
     "device_scaling": device_scaling(config, workdir),
   }
   if jax.process_index() == 0:

@@ -310,7 +310,8 @@ def uce_edit_twin(
   torch = _torch()
   names = list(kernels)
   d = kernels[names[0]].shape[0]
-  lhs = lam * torch.eye(d) + erase_scale * erase_keys.T @ erase_keys
+  eye = torch.eye(d, dtype=erase_keys.dtype, device=erase_keys.device)
+  lhs = lam * eye + erase_scale * erase_keys.T @ erase_keys
   lhs = lhs + preserve_scale * preserve_keys.T @ preserve_keys
   rhs = []
   for n in names:

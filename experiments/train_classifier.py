@@ -159,7 +159,9 @@ def predict_logits(
   return_features: bool = False,
 ):
   """Evaluation-mode logits (and features) for host images, in sharded
-  chunks."""
+  chunks. The variables are replicated over `mesh` first: a restored
+  classifier (`load_classifier`) lives on one device."""
+  params, batch_stats = parallel.replicate(mesh, (params, batch_stats))
   fn = functools.partial(
     _jitted_logits,
     params,

@@ -42,8 +42,21 @@ def test_train_classifier_smoke(tmp_path):
   assert 0.0 <= result["test_accuracy"] <= 1.0
   for name in ("config.json", "metrics.jsonl", "report.md"):
     assert os.path.exists(os.path.join(workdir, name))
-  model, params, _ = train_classifier.load_classifier(workdir)
+  model, params, stats = train_classifier.load_classifier(workdir)
   assert model.num_classes == 10 and params
+  # The restored classifier lives on one device; it still evaluates batches
+  # split over a larger mesh (udp.py's `:cifar10_small` failed here).
+  from aigc_jax import parallel
+
+  config = clf_configs.get_config("smoke")
+  images = train_classifier.load_train_test(config)[1].images[:8]
+  logits = [
+    train_classifier.predict_logits(
+      model, params, stats, images, 4, parallel.make_mesh(n)
+    )
+    for n in (1, 2)
+  ]
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
 
 
 def test_programs_are_built_once_per_config():

@@ -52,6 +52,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.warmup = 2  # untimed calls of each side after the first (compile) one
   c.repeats = 7  # alternating JAX / PyTorch timed calls; medians reported
   c.torch_threads = 0  # 0: PyTorch's default (one per core)
+  c.torch_device = ""  # "": the GPU when JAX runs on one, else the CPU
+  # On a GPU: float32 matrix work as TF32 on both sides (JAX's default);
+  # False computes it in full float32 on both.
+  c.tf32 = True
+  # The device's dense peak in TFLOP/s by precision, for "% of peak"; 0:
+  # `bench.PEAK_TFLOPS` by device kind (known GPUs), else no such column.
+  c.peak_tflops = ml_collections.ConfigDict({"float32": 0.0, "bfloat16": 0.0})
   c.only = ""  # comma-separated row names to run; empty: every row
   c.rows = ml_collections.ConfigDict(
     {
@@ -99,6 +106,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     pass
   elif variant == "gpu":
     c.rows.udp_step_cifar10.batch = 128
+    # The same step with the UNet computing in bfloat16 on both sides.
+    c.rows.udp_step_cifar10_bf16 = dict(c.rows.udp_step_cifar10, bf16=True)
     c.rows.jcdp_step_cifar10.batch = 128
     c.rows.sd_unet_step.batch = 16
     c.scaling.update(batch_sizes=(64, 256, 1024), device_counts=())
