@@ -95,6 +95,7 @@ def test_bench_smoke_times_every_row_without_retracing(tmp_path):
   config.only = "jcdp_step_cifar10,resnet18_step,sd_unet_step,uce_sd14"
   config.only += ",udp_step_digits"
   config.scaling.device_counts = ()
+  config.peak_tflops.float32 = 0.5  # a CPU has no entry in PEAK_TFLOPS
   workdir = record.prepare_workdir(str(tmp_path), config.to_json())
   result = bench.train_and_evaluate(config, workdir)
   names = config.only.split(",")
@@ -103,12 +104,17 @@ def test_bench_smoke_times_every_row_without_retracing(tmp_path):
     assert row["jax_s"] > 0 and row["torch_s"] > 0
     # Every hot function reuses its first call's program.
     assert row["jax_retraces"] == 0, row["row"]
+    # The share of the peak is the achieved rate over the given peak.
+    assert row["jax_peak_share"] == pytest.approx(
+      row["gflop_per_s_jax"] / 500.0
+    )
   assert [r["batch"] for r in result["batch_scaling"]] == [2]
   assert result["device_scaling"] == []
   with open(os.path.join(workdir, "report.md")) as f:
     text = f.read()
   for name in names:
     assert f"| {name} |" in text
+  assert "JAX % of peak" in text
   with open(os.path.join(workdir, "result.json")) as f:
     saved = json.load(f)
   assert [r["row"] for r in saved["rows"]] == names
