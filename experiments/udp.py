@@ -242,7 +242,9 @@ def protect_methods(
     protected = protect_dataset(
       config, mdir, method, clean, surrogate, mesh, steps, **kwargs
     )
-    seconds[method] = round(time.time() - start, 1)
+    seconds[method] = accumulated_seconds(
+      os.path.join(mdir, "seconds.json"), time.time() - start
+    )
     if jax.process_index() == 0:
       np.savez_compressed(
         os.path.join(mdir, "protected.npz"), images=protected, labels=labels
@@ -258,6 +260,21 @@ def protect_methods(
       },
     )
   return sets, perturbations, seconds
+
+
+def accumulated_seconds(path: str, elapsed: float) -> float:
+  """`elapsed` plus what earlier invocations spent, kept in the JSON file at
+  `path`: a resumed protection reports the time of every chunk, not only of
+  the chunks this invocation computed."""
+  spent = 0.0
+  if os.path.exists(path):
+    with open(path) as f:
+      spent = json.load(f)["seconds"]
+  total = round(spent + elapsed, 1)
+  if jax.process_index() == 0:
+    with open(path, "w") as f:
+      json.dump({"seconds": total}, f)
+  return total
 
 
 def set_slug(name: str) -> str:
@@ -317,9 +334,10 @@ def inception_fid_features(weights_path: str, mesh):
 
 
 def evaluate_training_set(
-  config, workdir, images, classifier, real, x_test, mesh, inception=None
+  config, workdir, images, classifier, real, heldout, mesh, inception=None
 ):
-  """Trains a fresh DDPM on uint8 `images` and scores its samples.
+  """Trains a fresh DDPM on uint8 `images` and scores its samples; its
+  denoising loss is measured on the clean `heldout` images.
 
   `inception`, when given, is `(features_fn, real_features)` for a real
   Inception FID next to the classifier-space distances.
@@ -368,7 +386,7 @@ def evaluate_training_set(
         np.asarray(class_histogram(logits, logits.shape[-1], threshold)) > 0
       ).sum()
     ),
-    "heldout_loss": heldout_loss(config, state.ema_params, x_test, mesh),
+    "heldout_loss": heldout_loss(config, state.ema_params, heldout, mesh),
   }
   if inception is not None:
     features_fn, real_inception = inception
@@ -410,6 +428,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_set, test_set = train_classifier.load_train_test(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)
+  heldout = x_test[: config.eval.heldout_size or None]
   inception = None
   if config.eval.inception_weights:
     features_fn = inception_fid_features(config.eval.inception_weights, mesh)
@@ -462,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       images,
       classifier,
       real,
-      x_test,
+      heldout,
       mesh,
       inception,
     )

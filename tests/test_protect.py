@@ -280,6 +280,15 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     )
 
 
+def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):
+  from experiments import udp
+
+  path = str(tmp_path / "seconds.json")
+  assert udp.accumulated_seconds(path, 300.04) == 300.0
+  # Resumed with every chunk finished: nearly no time this invocation.
+  assert udp.accumulated_seconds(path, 1.2) == 301.2
+
+
 @pytest.mark.parametrize("steps", [1, 4])
 def test_pgd_unrolled_equals_the_loop(steps):
   x = jax.random.uniform(jax.random.key(0), (3, 4, 4, 1), minval=-1.0)

@@ -115,8 +115,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     else:
       # For 2 CPU cores (about an hour): a ch-16 DDPM (1.4 s a step at
       # 32x32 and batch 64; ch 32 takes 8.2 s) trained 400 steps on t < 100,
-      # one round, no ablations, and no AA, whose victim does not train at
-      # this scale (unlearnable.py's note: it stays at 10%).
+      # one round and no ablations.
       local = "../shared/data/cifar10/"
       c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
       c.ddpm = _ddpm(
@@ -129,7 +128,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       )
       c.ddpm.model.update(ch=16, ch_mult=(1, 2, 2), attn_resolutions=(8,))
       c.purify.update(rounds=1, lpips_size=0, batch_size=250)
-      c.countermeasures = ("none", "iss_grayscale", "iss_jpeg", "at")
       c.ablations = ()
   elif variant == "smoke":
     c.protections = ("emn_class", "lsp")
