@@ -113,9 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.manifold.limit = 10_000
       c.purify.update(batch_size=500, lpips_size=0)
     else:
-      # For 2 CPU cores (about an hour): a ch-16 DDPM (1.4 s a step at
-      # 32x32 and batch 64; ch 32 takes 8.2 s) trained 400 steps on t < 100,
-      # one round and no ablations.
+      # For 2 CPU cores: a ch-16 DDPM (1.4 s a step at 32x32 and batch 64;
+      # ch 32 takes 8.2 s) trained 400 steps on t < 100, one round and no
+      # ablations. 49 minutes with unlearnable.py's victims copied in
+      # (README), about two hours without (its AA victims take 8-11 min).
       local = "../shared/data/cifar10/"
       c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
       c.ddpm = _ddpm(
