@@ -60,9 +60,12 @@ from aigc_jax.train import ddpm_eps_fn
 def method_settings(method: str, schedule):
   """(whether the surrogate trains on protected data, timestep policy) of a
   method name; AdvDM attacks the warmed-up surrogate as it is, and AdvDM and
-  UDP draw t uniformly."""
+  UDP draw t uniformly. "random", the control, has no policy: random noise
+  on the budget's boundary, no optimisation."""
   kind, _, policy = method.partition(":")
   uniform = diffusion.uniform_policy(schedule.num_timesteps)
+  if kind == "random" and not policy:
+    return False, None
   if kind == "advdm" and not policy:
     return False, uniform
   if kind == "udp" and not policy:
@@ -70,8 +73,8 @@ def method_settings(method: str, schedule):
   if kind == "eudp" and policy:
     return True, protect.eudp_policy(policy, schedule)
   raise ValueError(
-    f"Unknown protection method {method!r}; use 'advdm', 'udp' or "
-    f"'eudp:<policy>' with a policy in {sorted(protect.EUDP_POLICIES)}."
+    f"Unknown protection method {method!r}; use 'random', 'advdm', 'udp' "
+    f"or 'eudp:<policy>' with a policy in {sorted(protect.EUDP_POLICIES)}."
   )
 
 
@@ -196,13 +199,16 @@ def protect_dataset(
       cond = _padded_chunk(conditions, lo, hi, size)
       xs = (xs, parallel.shard_batch(mesh, cond))
     chunk_key = jax.random.fold_in(key, 100 + c)
-    delta = protect.init_perturbation(
-      chunk_key, chunk.shape, b, random_start=p.random_start
-    )
+    if policy is None:  # the random control: no rounds
+      delta = protect.random_perturbation(chunk_key, chunk.shape, b)
+    else:
+      delta = protect.init_perturbation(
+        chunk_key, chunk.shape, b, random_start=p.random_start
+      )
     delta = parallel.shard_batch(mesh, np.asarray(delta))
     # Surrogate minibatches: a multiple of the device count, at most the chunk.
     batch = max(mesh.size, min(p.batch_size, n) // mesh.size * mesh.size)
-    for r in range(p.rounds):
+    for r in range(p.rounds if policy is not None else 0):
       if trains:
         protected = np.asarray(protect.apply_perturbation(chunk, delta))[:n]
         for m in range(p.inner_steps):

@@ -582,12 +582,12 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   config.sd.model = os.path.join(workdir, "model")
   shutil.copytree(shared_classifier, tmp_path / "udp_sd" / "classifier")
   result, udp_dir = _run(udp, config, tmp_path / "udp_sd")
-  assert list(result["results"]) == ["clean", "advdm", "udp", "eudp:early"]
+  assert list(result["results"]) == ["clean", "random", "eudp:early"]
   for row in result["perturbations"].values():
     assert 0 < row["linf_255"] <= config.protect.eps
   for r in result["results"].values():
     assert 0.0 <= r["prompt_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
-  saved = np.load(os.path.join(udp_dir, "protect", "udp", "protected.npz"))
+  saved = np.load(os.path.join(udp_dir, "protect", "random", "protected.npz"))
   assert saved["images"].shape == (16, 32, 32, 1)
 
 

@@ -160,6 +160,17 @@ def test_random_start_is_inside_the_budget():
   assert not bool(jnp.any(zero))
 
 
+def test_random_perturbation_lies_on_the_budget_boundary():
+  linf = protect.budget(8)
+  d = protect.random_perturbation(jax.random.key(0), (5, 8, 8, 1), linf)
+  np.testing.assert_allclose(jnp.abs(d), linf.eps, rtol=1e-6)
+  assert 0.3 < float(jnp.mean(d > 0)) < 0.7  # both signs
+  l2 = protect.budget(40, "l2")
+  d = protect.random_perturbation(jax.random.key(0), (5, 8, 8, 1), l2)
+  norms = jnp.linalg.norm(d.reshape(5, -1), axis=-1)
+  np.testing.assert_allclose(norms, l2.eps, rtol=1e-5)
+
+
 def _surrogate():
   model = DDPMUNet(**TINY_UNET)
   schedule = diffusion.linear_schedule(100)
@@ -278,6 +289,27 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     udp.protect_dataset(
       config, workdir, "photoguard", images, state, mesh, steps
     )
+
+
+def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("smoke")
+  mesh = parallel.make_mesh()
+  *_, state = _surrogate()
+  config.surrogate.model.update(TINY_UNET)
+  config.surrogate.diffusion.num_timesteps = 100
+  images = _images(8)
+  steps = udp.protection_steps(config, mesh)
+  unused = steps._replace(inner_min=None, outer_max=None)  # no optimisation
+  protected = udp.protect_dataset(
+    config, str(tmp_path / "random"), "random", images, state, mesh, unused
+  )
+  sizes = np.abs(protected.astype(int) - images.astype(int))
+  # ±8 levels wherever the image box does not clip the noise.
+  inside = (images >= 8) & (images <= 247)
+  assert (sizes[inside] == 8).all() and sizes.max() == 8
 
 
 def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):

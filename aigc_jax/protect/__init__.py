@@ -17,6 +17,7 @@ from aigc_jax.protect.pgd import (
   pgd,
   project,
   quantize_protected,
+  random_perturbation,
 )
 from aigc_jax.protect.udp import (
   EUDP_POLICIES,
@@ -42,6 +43,7 @@ __all__ = [
   "pgd",
   "project",
   "quantize_protected",
+  "random_perturbation",
   "robust_objective",
   "udp_perturbation",
 ]

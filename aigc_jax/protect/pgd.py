@@ -83,6 +83,19 @@ def init_perturbation(
   return b.eps * radius * d / _per_example_norm(d)
 
 
+def random_perturbation(key: jax.Array, shape: tuple[int, ...], b: Budget):
+  """A random perturbation on the budget's boundary: ±eps per pixel (L∞), or
+  a random direction of length eps (L2).
+
+  The control a protection is measured against: the largest perturbation the
+  budget allows that knows nothing of any model.
+  """
+  if b.norm == "linf":
+    return b.eps * jax.random.rademacher(key, shape, jnp.float32)
+  d = jax.random.normal(key, shape)
+  return b.eps * d / _per_example_norm(d)
+
+
 def _direction(grad: jax.Array, norm: str) -> jax.Array:
   """Steepest-ascent direction of unit size for the norm."""
   if norm == "linf":

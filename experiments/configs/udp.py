@@ -1,9 +1,9 @@
 """UDP / EUDP / AdvDM protection against diffusion-model training.
 
 Default (`digits`): protects the embedded scikit-learn digits (8/255, L∞),
-then trains fresh DDPMs with the same seed and steps on clean, AdvDM-, UDP-
-and EUDP-protected data (and on EUDP data after JPEG-75 and a Gaussian blur),
-and compares their samples:
+then trains fresh DDPMs with the same seed and steps on clean, randomly
+perturbed (the control), AdvDM-, UDP- and EUDP-protected data (and on EUDP
+data after JPEG-75 and a Gaussian blur), and compares their samples:
 
   python experiments/udp.py --config=experiments/configs/udp.py \
     --workdir=runs/udp_digits
@@ -44,9 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config(variant)
   c.protect = ml_collections.ConfigDict(
     {
-      # "advdm", "udp" or "eudp:<policy>" (policies: uniform, signal, snr,
-      # early, late).
-      "methods": ("advdm", "udp", "eudp:early"),
+      # "random" (the control: ±eps noise, no model), "advdm", "udp" or
+      # "eudp:<policy>" (policies: uniform, signal, snr, early, late).
+      "methods": ("random", "advdm", "udp", "eudp:early"),
       "eps": 8.0,  # [0, 255] units
       "norm": "linf",
       "step_size": 1.0,  # [0, 255] units
@@ -189,6 +189,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.robust_method = ""
     if variant == "sd_smoke":
       c.sd.model = ""  # set by the test
+      # The control and one optimised method: both code paths, half the time.
+      c.protect.methods = ("random", "eudp:early")
       c.data.limit = 16
       c.protect.update(chunk_size=8, rounds=1, inner_steps=1, pgd_steps=1)
       c.protect.batch_size = 4
