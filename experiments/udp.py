@@ -164,6 +164,7 @@ def protect_dataset(
   p = config.protect
   os.makedirs(workdir, exist_ok=True)
   trains, policy = method_settings(method, steps.schedule)
+  rounds = 0 if policy is None else p.rounds  # the random control has none
   b = protect.budget(p.eps, p.norm)
   rep = parallel.replicated(mesh)
   key = _protection_key(config)
@@ -181,7 +182,7 @@ def protect_dataset(
   bounds = [*range(0, len(x), size), len(x)]
   deltas = []
   bar = tqdm(
-    total=(len(bounds) - 1) * p.rounds,
+    total=(len(bounds) - 1) * rounds,
     desc=f"protect {method}",
     disable=jax.process_index() != 0,
   )
@@ -189,7 +190,7 @@ def protect_dataset(
     path = os.path.join(workdir, f"chunk_{c:04d}.npy")
     if os.path.exists(path):
       deltas.append(np.load(path))
-      bar.update(p.rounds)
+      bar.update(rounds)
       continue
     n = hi - lo
     chunk = _padded_chunk(x, lo, hi, size)
@@ -199,7 +200,7 @@ def protect_dataset(
       cond = _padded_chunk(conditions, lo, hi, size)
       xs = (xs, parallel.shard_batch(mesh, cond))
     chunk_key = jax.random.fold_in(key, 100 + c)
-    if policy is None:  # the random control: no rounds
+    if policy is None:
       delta = protect.random_perturbation(chunk_key, chunk.shape, b)
     else:
       delta = protect.init_perturbation(
@@ -208,7 +209,7 @@ def protect_dataset(
     delta = parallel.shard_batch(mesh, np.asarray(delta))
     # Surrogate minibatches: a multiple of the device count, at most the chunk.
     batch = max(mesh.size, min(p.batch_size, n) // mesh.size * mesh.size)
-    for r in range(p.rounds if policy is not None else 0):
+    for r in range(rounds):
       if trains:
         protected = np.asarray(protect.apply_perturbation(chunk, delta))[:n]
         for m in range(p.inner_steps):

@@ -78,12 +78,13 @@ def init_perturbation(
   if b.norm == "linf":
     return jax.random.uniform(key, shape, jnp.float32, -b.eps, b.eps)
   direction_key, radius_key = jax.random.split(key)
-  d = jax.random.normal(direction_key, shape)
   radius = jax.random.uniform(radius_key, (shape[0],) + (1,) * (len(shape) - 1))
-  return b.eps * radius * d / _per_example_norm(d)
+  return radius * random_perturbation(direction_key, shape, b)
 
 
-def random_perturbation(key: jax.Array, shape: tuple[int, ...], b: Budget):
+def random_perturbation(
+  key: jax.Array, shape: tuple[int, ...], b: Budget
+) -> jax.Array:
   """A random perturbation on the budget's boundary: ±eps per pixel (L∞), or
   a random direction of length eps (L2).
 
