@@ -156,7 +156,7 @@ def protect_dataset(
   AdvDM), then `pgd_steps` ascent steps on the chunk's δ (`steps`, from
   `protection_steps`). Chunks are equal, at most `chunk_size` rounded up to
   the device count. Each finished chunk's δ is written to chunk_XXXX.npy and
-  the surrogate's state after it to ckpt/ (step = chunks done), so an
+  a training surrogate's state after it to ckpt/ (step = chunks done), so an
   interrupted run restarts at the first unfinished chunk with the surrogate
   it had there. `conditions` (one row per image, e.g. caption embeddings)
   go with their images into both halves.
@@ -168,10 +168,13 @@ def protect_dataset(
   b = protect.budget(p.eps, p.norm)
   rep = parallel.replicated(mesh)
   key = _protection_key(config)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  target = checkpoint.abstract_state(surrogate, rep)
-  if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(target)
+  # Only a surrogate that trains changes between chunks, so only its state
+  # is checkpointed (AdvDM and the control attack the one they were given).
+  checkpointer = None
+  if trains:
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
+  if checkpointer is not None and checkpointer.latest_step() is not None:
+    state = checkpointer.restore(checkpoint.abstract_state(surrogate, rep))
   else:  # a copy: the inner steps donate their state
     state = parallel.replicated_copy(mesh, surrogate)
   x = data.to_model_range(images)
@@ -228,10 +231,12 @@ def protect_dataset(
     delta = np.asarray(delta)[:n]
     if jax.process_index() == 0:
       np.save(path, delta)
-    checkpointer.save(c + 1, state)
+    if checkpointer is not None:
+      checkpointer.save(c + 1, state)
     deltas.append(delta)
   bar.close()
-  checkpointer.close()
+  if checkpointer is not None:
+    checkpointer.close()
   return protect.quantize_protected(images, np.concatenate(deltas), b)
 
 

@@ -310,6 +310,8 @@ def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
   # ±8 levels wherever the image box does not clip the noise.
   inside = (images >= 8) & (images <= 247)
   assert (sizes[inside] == 8).all() and sizes.max() == 8
+  # The surrogate never changed: only the δ chunks are written, no ckpt/.
+  assert os.listdir(tmp_path / "random") == ["chunk_0000.npy"]
 
 
 def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):
