@@ -5,6 +5,7 @@ module runs JAX code.
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -122,19 +123,36 @@ def pytest_xdist_make_scheduler(config, log):
   return LoadScheduling(config, log)
 
 
+@contextlib.contextmanager
+def _full_xla_optimisation():
+  jax.config.update("jax_disable_most_optimizations", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture(autouse=True)
 def _xla_optimisation(request):
   """Full optimisation for tests marked `optimized_xla`.
 
   Unoptimised code can run far slower: the JCDP vmap test (LPIPS
-  gradients through AlexNet) runs 24 s unoptimised against 0.2 s, and a
-  smoke run of hundreds of steps five times slower. For the other unit
-  tests compiling fast wins: measured on the 30 slowest, 388 s with most
-  optimisations off against 648 s with all on (pytest -n 2).
+  gradients through AlexNet) runs 24 s unoptimised against 0.2 s, and
+  the LE smoke run 196 s against 44 s. Where compiling dominates, fast
+  compiling wins: measured on the 30 slowest, 388 s with most
+  optimisations off against 648 s with all on (pytest -n 2), and the
+  unlearnable smoke run alone 37 s against 85 s.
   """
   if request.node.get_closest_marker("optimized_xla") is None:
     yield
-    return
-  jax.config.update("jax_disable_most_optimizations", False)
-  yield
-  jax.config.update("jax_disable_most_optimizations", True)
+  else:
+    with _full_xla_optimisation():
+      yield
+
+
+@pytest.fixture
+def full_xla_optimisation():
+  """A context manager with full optimisation inside, for the part of a
+  test whose run time, not compile time, dominates (an experiment's smoke
+  run followed by LE's LPIPS-guided purification of its sets)."""
+  return _full_xla_optimisation
