@@ -30,10 +30,21 @@ from tqdm.auto import tqdm
 
 from aigc_jax import checkpoint, data, models, parallel, protect, record, train
 from experiments import train_classifier
-from experiments.unlearnable import make_protection, padded_batches
+from experiments.unlearnable import (
+  generate_random,
+  make_protection,
+  padded_batches,
+)
 
-PROTECTIONS = ("cp_class", "cp_sample")
-LABELS = {"clean": "clean", "cp_class": "CP-C", "cp_sample": "CP-S"}
+# The random controls last: CP-S starts from CP-C's noise, not theirs.
+PROTECTIONS = ("cp_class", "cp_sample", "random_sample", "random_class")
+LABELS = {
+  "clean": "clean",
+  "cp_class": "CP-C",
+  "cp_sample": "CP-S",
+  "random_sample": "random",
+  "random_class": "random (C)",
+}
 METHOD_LABELS = {"simclr": "SimCLR", "moco": "MoCo v2", "byol": "BYOL"}
 
 
@@ -339,6 +350,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name in PROTECTIONS:  # CP-C first: CP-S starts from it
     if name not in config.protections:
       continue
+    if name.startswith("random_"):
+      sets[name], infos[name] = make_protection(
+        workdir,
+        name,
+        train_set,
+        b,
+        functools.partial(
+          generate_random,
+          config,
+          train_set,
+          classwise=name == "random_class",
+        ),
+      )
+      continue
     init = None
     if name == "cp_sample" and "cp_class" in sets:
       init = data.to_model_range(sets["cp_class"]) - data.to_model_range(
@@ -416,7 +441,7 @@ def cp_report(config, workdir, results, infos, total) -> str:
         f"{i['norm']} {i['eps_255']:.3g}/255",
         f"{i['linf_255']:.0f}",
         i["rounds"],
-        f"{i['final_loss']:.3f}",
+        f"{i['final_loss']:.3f}" if "final_loss" in i else "–",
         i["seconds"],
       ]
       for s, i in infos.items()

@@ -26,6 +26,7 @@ else:
   from experiments import launch
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,7 +37,14 @@ from aigc_jax.purify import squeeze
 from experiments import train_classifier
 from experiments.udp import noise_grid
 
-PROTECTIONS = ("emn_sample", "emn_class", "remn", "lsp")
+PROTECTIONS = (
+  "emn_sample",
+  "emn_class",
+  "remn",
+  "lsp",
+  "random_sample",
+  "random_class",
+)
 COUNTERMEASURES = (
   "none",
   "iss_grayscale",
@@ -51,6 +59,8 @@ LABELS = {
   "emn_class": "EMN (C)",
   "remn": "REMN",
   "lsp": "LSP",
+  "random_sample": "random",
+  "random_class": "random (C)",
 }
 
 
@@ -326,6 +336,27 @@ def generate_lsp(config, train_set):
   return np.asarray(delta), {"rounds": 0}
 
 
+def generate_random(config, train_set, *, classwise: bool):
+  """The controls of Huang et al.'s Table 1: noise that knows no model, ±ε
+  per block of `protect.random.patch` pixels (the budget's largest
+  perturbation), one per example or (`classwise`) one per class. Class-wise,
+  it is the crudest shortcut of that size (the same ±ε pattern on every
+  example of a class): it shows whether the victim takes any such shortcut
+  over the data's own features."""
+  h, w, c = train_set.images.shape[1:]
+  patch = config.protect.random.patch
+  count = train_set.num_classes if classwise else len(train_set.images)
+  blocks = protect.random_perturbation(
+    jax.random.fold_in(jax.random.key(config.seed), 19 + classwise),
+    (count, -(-h // patch), -(-w // patch), c),
+    protect.budget(config.protect.eps),
+  )
+  delta = jnp.repeat(jnp.repeat(blocks, patch, 1), patch, 2)[:, :h, :w]
+  if classwise:
+    delta = delta[train_set.labels]
+  return np.asarray(delta), {"rounds": 0}
+
+
 def protection_budget(config, name, image_shape) -> protect.Budget:
   if name == "lsp":
     return protect.budget(lsp_l2(config, image_shape), "l2")
@@ -340,6 +371,8 @@ def generate_protection(config, name, train_set, mesh):
     return generate_remn(config, train_set, mesh)
   if name == "lsp":
     return generate_lsp(config, train_set)
+  if name in ("random_sample", "random_class"):
+    return generate_random(config, train_set, classwise=name == "random_class")
   raise ValueError(f"Unknown protection {name!r}; choose from {PROTECTIONS}.")
 
 
@@ -468,11 +501,18 @@ def victim_trainer(config, test_set, mesh):
   victim on uint8 `images` and returns its clean test accuracy, read back if
   that cell finished. Recipes are shared between calls, so each
   countermeasure compiles once per run (on a CPU, fifteen digits victims
-  spent three of their four minutes compiling identical steps)."""
+  spent three of their four minutes compiling identical steps).
+
+  Grayscale is the identity on single-channel images, so there the
+  `iss_grayscale` cell is the vanilla victim of the same images, trained
+  (or read back) in the sibling folder `none`."""
   config = config.copy_and_resolve_references()  # later edits stay out
   recipe = functools.cache(functools.partial(victim_recipe, config))
 
   def train_one(workdir, images, labels, name):
+    if name == "iss_grayscale" and images.shape[-1] == 1:
+      vanilla = os.path.join(os.path.dirname(workdir), "none")
+      return train_one(vanilla, images, labels, "none")
     num_classes = int(max(labels.max(), test_set.labels.max())) + 1
     return record.cached_result(
       workdir,
@@ -625,6 +665,8 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
     for s in infos:
       drop = 100 * (clean - results[s, "none"]["test_accuracy"])
       verdict = "met" if drop >= 40 else "missed"
+      if s.startswith("random_"):
+        verdict = "a control"
       lines.append(f"- {LABELS[s]}: {drop:.1f} points ({verdict})")
   ptable = record.markdown_table(
     [
@@ -653,7 +695,7 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
   if channels == 1 and "iss_grayscale" in config.countermeasures:
     grayscale_note = (
       "\nGrayscale is the identity on single-channel images, so its row "
-      "repeats the vanilla one here.\n"
+      "is the vanilla victims' (not trained twice).\n"
     )
   title = f"Unlearnable examples on {config.data.train}"
   return f"""# {title} (variant `{config.variant}`)

@@ -348,10 +348,18 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
   from experiments.configs import unlearnable as ul_configs
 
   config = ul_configs.get_config("smoke")
-  config.countermeasures = ("none", "at", "aa")
+  config.countermeasures = ("iss_grayscale", "none", "at", "aa")
   result, workdir = _run(unlearnable, config, tmp_path / "ul", num_devices=4)
-  assert len(result["accuracy"]) == 5 * 3
-  assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+  accuracy = result["accuracy"]
+  assert len(accuracy) == 5 * 4
+  assert all(0.0 <= a <= 1.0 for a in accuracy.values())
+  # Grayscale is the identity on one channel: the vanilla victim, trained
+  # once (first, here, for the grayscale cell) and read back for "none".
+  for s in ("clean", *config.protections):
+    assert accuracy[f"{s}/iss_grayscale"] == accuracy[f"{s}/none"]
+    assert not os.path.exists(
+      os.path.join(workdir, "victims", s, "iss_grayscale")
+    )
   clean = np.asarray(  # the class-balanced 200-image subset
     train_classifier.load_train_test(config)[0].images, np.int16
   )
@@ -426,6 +434,28 @@ def test_cp_smoke_saves_poisons_and_resumes(tmp_path, full_xla_optimisation):
     assert f["images"].shape == clean.shape
   with open(os.path.join(le_dir, "report.md")) as f:
     assert "| SimCLR |" in f.read()
+
+
+def test_cp_runs_the_random_control(tmp_path):
+  from experiments import cp
+  from experiments.configs import cp as cp_configs
+
+  config = cp_configs.get_config("smoke")
+  config.methods, config.protections = ("simclr",), ("random_class",)
+  result, workdir = _run(cp, config, tmp_path / "cp")
+  assert set(result["probe_accuracy"]) == {
+    "clean/simclr",
+    "random_class/simclr",
+  }
+  labels = train_classifier.load_train_test(config)[0].labels
+  with np.load(os.path.join(workdir, "protections", "random_class.npz")) as f:
+    delta = f["delta"]
+  assert np.abs(delta).max() <= 8
+  for c in np.unique(labels):  # one pattern per class (clipping aside)
+    members = delta[labels == c]
+    assert (members == members[:1]).mean() > 0.8
+  with open(os.path.join(workdir, "report.md")) as f:
+    assert "random (C)" in f.read()
 
 
 def test_cp_rejects_unknown_methods_before_any_work(tmp_path):

@@ -214,7 +214,17 @@ def _generator_case(name):
 
 
 @pytest.mark.parametrize(
-  "name", ["emn_sample", "emn_class", "remn", "lsp", "cp_class", "cp_sample"]
+  "name",
+  [
+    "emn_sample",
+    "emn_class",
+    "remn",
+    "lsp",
+    "random_sample",
+    "random_class",
+    "cp_class",
+    "cp_sample",
+  ],
 )
 def test_generators_keep_the_budget_repeat_and_agree_on_1_and_4_devices(name):
   generate, b = _generator_case(name)
@@ -239,6 +249,26 @@ def test_generators_keep_the_budget_repeat_and_agree_on_1_and_4_devices(name):
       np.testing.assert_array_equal(
         members, np.broadcast_to(members[0], members.shape)
       )
+
+
+def test_random_controls_fill_the_budget_in_blocks():
+  from experiments import unlearnable
+  from experiments.configs import unlearnable as ul_configs
+
+  ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
+  config = ul_configs.get_config("smoke")
+  config.protect.random.patch = 3  # 8 is not a multiple: the edge is cut
+  delta, _ = unlearnable.generate_random(config, ds, classwise=False)
+  eps = protect.budget(config.protect.eps).eps
+  assert delta.shape == ds.images.shape
+  np.testing.assert_allclose(np.abs(delta), eps)  # every value at ±ε
+  blocks = delta[:, :6, :6].reshape(64, 2, 3, 2, 3, 1)
+  np.testing.assert_array_equal(  # constant within each 3x3 block
+    blocks, np.broadcast_to(blocks[:, :, :1, :, :1], blocks.shape)
+  )
+  # One draw per example (2^9 patterns of 3x3 blocks: a few may repeat),
+  # not one per class.
+  assert len(np.unique(delta.reshape(64, -1), axis=0)) > 32
 
 
 def test_emn_stops_at_its_accuracy_threshold():

@@ -84,6 +84,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "pgd_steps": 5,
         "step_size": 0.8,
       },
+      # The random controls ("random_sample", "random_class"; not run by
+      # default): ±eps per block of `patch` x `patch` pixels.
+      "random": {"patch": 1},
     }
   )
 
