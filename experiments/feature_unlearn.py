@@ -194,6 +194,28 @@ def generate(gen: Generator, params, z, batch_size: int, mesh) -> np.ndarray:
 _jitted_generate = jax.jit(_apply_generator, static_argnums=(0, 1))
 
 
+def labeller(config, test_set, workdir, mesh):
+  """(model, params, batch_stats, test accuracy) of the digit classifier
+  that labels and evaluates: the pretrained LeNet-5 in
+  `eval.pretrained_classifier`, else one trained on `eval.classifier`."""
+  if not config.eval.pretrained_classifier:
+    return train_classifier.trained_classifier(
+      config.eval.classifier, os.path.join(workdir, "classifier")
+    )
+  model = models.LeNet5()
+  params = models.load_mnist_lenet5(config.eval.pretrained_classifier)
+  logits = train_classifier.predict_logits(
+    model,
+    params,
+    {},
+    data.to_model_range(test_set.images),
+    config.eval.batch_size,
+    mesh,
+  )
+  accuracy = float((np.asarray(logits).argmax(1) == test_set.labels).mean())
+  return model, params, {}, accuracy
+
+
 class FeatureMeasure(NamedTuple):
   """How a run decides that an image shows the feature: score >= cutoff."""
 
@@ -291,9 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for size in (config.generator.batch_size, config.unlearn.batch_size):
     parallel.check_batch_size(size, mesh)
   train_set, test_set = train_classifier.load_train_test(config)
-  *classifier, clf_accuracy = train_classifier.trained_classifier(
-    config.eval.classifier, os.path.join(workdir, "classifier")
-  )
+  *classifier, clf_accuracy = labeller(config, test_set, workdir, mesh)
   gen = pretrained_generator(
     config, data.to_model_range(train_set.images), workdir, mesh
   )
@@ -413,6 +433,11 @@ def report(config, workdir, r, measure) -> str:
   source = g.weights or (
     f"trained here, {g.steps} steps ({_seconds(r['generator_train_seconds'])})"
   )
+  clf = (
+    f"the pretrained LeNet-5 {config.eval.pretrained_classifier}"
+    if config.eval.pretrained_classifier
+    else f"a {config.eval.classifier.model.name} of real digits trained here"
+  )
   met = r["relative_drop"] >= 0.9
   table = record.markdown_table(
     ["generator", "with the feature", "FD to real digits without it"],
@@ -443,9 +468,8 @@ def report(config, workdir, r, measure) -> str:
       "",
       launch.command_line("feature_unlearn", config, workdir),
       "",
-      f"Generator: {g.kind}, {source}. Labeller/evaluator: a "
-      f"{config.eval.classifier.model.name} of real digits, test accuracy "
-      f"{r['classifier_accuracy']:.4f}.",
+      f"Generator: {g.kind}, {source}. Labeller/evaluator: {clf}, test "
+      f"accuracy {r['classifier_accuracy']:.4f}.",
       f"Labelling: {r['labelled_positive']} positive and "
       f"{r['labelled_negative']} negative of {config.feature.num_labelled} "
       f"samples; threshold t = {r['threshold']:.3f}; the rule moves "

@@ -38,6 +38,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 os.environ.setdefault("JAX_THREEFRY_PARTITIONABLE", "false")
 
 import jax
+import numpy as np
 import pytest
 
 # Tests run tiny models for a few steps, where XLA's compile time dominates:
@@ -83,6 +84,19 @@ _compiler.get_compile_options = _with_legacy_cpu_emitters(
 SHARED_DATA = os.path.join(
   os.path.dirname(__file__), os.pardir, os.pardir, "shared", "data"
 )
+
+
+def write_torch_state_dict(path, layers) -> dict:
+  """An .npz in the layout of the pretrained MNIST models: PyTorch weights
+  ((out, in) or OIHW) and biases under state-dict keys with '/', random."""
+  rng = np.random.default_rng(0)
+  arrays = {}
+  for name, shape in layers:
+    weight = rng.normal(size=shape) / np.sqrt(np.prod(shape[1:]))
+    arrays[f"{name}/weight"] = weight.astype(np.float32)
+    arrays[f"{name}/bias"] = rng.normal(size=shape[:1]).astype(np.float32)
+  np.savez(path, **arrays)
+  return arrays
 
 
 @pytest.fixture(scope="session", autouse=True)

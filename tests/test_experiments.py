@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import write_torch_state_dict
 
 from aigc_jax import record
 from experiments import train_classifier, train_ddpm
@@ -686,16 +687,25 @@ def test_feature_unlearn_smoke_resumes_and_takes_user_labels(tmp_path):
   assert again["l1_without_feature"] == result["l1_without_feature"]
 
   # A user's own labels for the saved latents (every third one) drive the
-  # direction; the trained classifier and generator are reused.
+  # direction; the generator is reused, and a pretrained LeNet-5 (a
+  # stand-in of its layout) evaluates instead of a trained classifier.
   latents = np.load(os.path.join(workdir, "labelling", "latents.npy"))
   labels = np.arange(len(latents)) % 3 == 0
   np.save(tmp_path / "labels.npy", labels)
   other = tmp_path / "b"
-  for stage in ("classifier", "generator"):
-    shutil.copytree(os.path.join(workdir, stage), other / stage)
+  shutil.copytree(os.path.join(workdir, "generator"), other / "generator")
   config.feature.labels = str(tmp_path / "labels.npy")
+  lenet = tmp_path / "lenet5_classifier.npz"
+  shapes = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 16, 5, 5), (84, 120), (10, 84)]
+  write_torch_state_dict(
+    lenet, zip(("c1", "c3", "c5", "f6", "f7"), shapes, strict=True)
+  )
+  config.eval.pretrained_classifier = str(lenet)
   mine, _ = _run(feature_unlearn, config, other)
   assert mine["labelled_positive"] == labels.sum()
+  assert not os.path.exists(other / "classifier")
+  with open(other / "report.md") as f:
+    assert f"the pretrained LeNet-5 {lenet}" in f.read()
   np.save(tmp_path / "bad.npy", labels[:10])
   config.feature.labels = str(tmp_path / "bad.npy")
   with pytest.raises(ValueError, match="one label per row"):

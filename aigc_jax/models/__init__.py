@@ -3,6 +3,7 @@
 from aigc_jax.models.classifiers import (
   CLASSIFIERS,
   ContrastiveNet,
+  LeNet5,
   ResNet18,
   SmallCNN,
   count_params,
@@ -16,6 +17,7 @@ from aigc_jax.models.generators import (
   MLPDiscriminator,
   MLPGenerator,
   load_mnist_gan_generator,
+  load_mnist_lenet5,
   load_mnist_vae,
 )
 from aigc_jax.models.inception import (
@@ -45,6 +47,7 @@ __all__ = [
   "ConvGenerator",
   "DDPMUNet",
   "FIDInceptionV3",
+  "LeNet5",
   "MLPDiscriminator",
   "MLPGenerator",
   "ResNet18",
@@ -54,6 +57,7 @@ __all__ = [
   "load_fid_inception",
   "load_lpips",
   "load_mnist_gan_generator",
+  "load_mnist_lenet5",
   "load_mnist_vae",
   "lpips_distance",
   "lpips_weights_path",

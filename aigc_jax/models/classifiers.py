@@ -1,6 +1,6 @@
-"""Image classifiers: the CIFAR ResNet-18 and a small CNN.
+"""Image classifiers: the CIFAR ResNet-18, a small CNN and LeNet-5.
 
-Both map NHWC images in [-1, 1] to logits; `return_features=True` also returns
+All map NHWC images in [-1, 1] to logits; `return_features=True` also returns
 the penultimate activations (used for Fréchet distances in feature space).
 """
 
@@ -102,7 +102,40 @@ class SmallCNN(nn.Module):
     return (logits, features) if return_features else logits
 
 
+class LeNet5(nn.Module):
+  """LeNet-5 of the pretrained MNIST classifier (`load_mnist_lenet5`).
+
+  Conv 6@5x5, ReLU, max-pool 2; conv 16@5x5, ReLU, max-pool 2; conv
+  120@5x5, ReLU; dense 84, ReLU; dense `num_classes`. It was trained on
+  1x32x32 digits in [0, 1]: 28x28 inputs are zero-padded by 2 (the
+  background, -1 in this library's range) and rescaled here. The features
+  are the 84 activations of the hidden dense layer.
+  """
+
+  num_classes: int = 10
+
+  @nn.compact
+  def __call__(self, x, train: bool = False, return_features: bool = False):
+    del train  # no dropout or normalisation
+    if x.shape[1:3] == (28, 28):
+      x = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
+    if x.shape[1:] != (32, 32, 1):
+      raise ValueError(
+        f"LeNet5 takes 28x28 or 32x32 grey images, got {x.shape[1:]}; "
+        "resize the digits first."
+      )
+    h = (x + 1) / 2
+    for name, channels in (("c1", 6), ("c3", 16)):
+      h = nn.relu(Conv(channels, (5, 5), padding="VALID", name=name)(h))
+      h = nn.max_pool(h, (2, 2), (2, 2))
+    h = nn.relu(Conv(120, (5, 5), padding="VALID", name="c5")(h))
+    features = nn.relu(nn.Dense(84, name="f6")(h.reshape(h.shape[0], -1)))
+    logits = nn.Dense(self.num_classes, name="f7")(features)
+    return (logits, features) if return_features else logits
+
+
 CLASSIFIERS: dict[str, Callable[..., nn.Module]] = {
+  "lenet5": LeNet5,
   "resnet18": ResNet18,
   "small_cnn": SmallCNN,
 }

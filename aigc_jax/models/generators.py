@@ -1,6 +1,7 @@
 """Generators whose features are unlearned: an MLP GAN, a small convolutional
 GAN and an MLP VAE, sized for 28x28 digits, and loaders for the pretrained
-MNIST GAN and VAE that come as PyTorch state dicts saved as `.npz`.
+MNIST GAN and VAE (and the LeNet-5 classifier that comes with them) that
+come as PyTorch state dicts saved as `.npz`.
 
 Every generator maps latents (B, latent_dim) to NHWC images in [-1, 1]
 through `apply({"params": p}, z)` (the VAE through `method="decode"`), which
@@ -114,34 +115,40 @@ class MLPVAE(nn.Module):
     return self.decode_logits(z), mu, logvar
 
 
-def _linear_layers(path: str, shapes: Sequence[tuple[int, int]]) -> list:
-  """The Linear layers of a PyTorch state dict saved as `.npz` (keys with
-  `/` for `.`), in file order, checked against `shapes` ((out, in) each),
-  as Flax {"kernel", "bias"} dicts."""
+def _state_dict_layers(path: str, shapes: Sequence[tuple[int, ...]]) -> list:
+  """The Linear and convolution layers of a PyTorch state dict saved as
+  `.npz` (keys with `/` for `.`), in file order, checked against `shapes`
+  (PyTorch's: (out, in) or (out, in, kh, kw)), as Flax {"kernel", "bias"}
+  dicts (Linear weights transposed, OIHW convolution kernels as HWIO)."""
   if not os.path.exists(path):
     raise FileNotFoundError(
       f"No weights at {path!r}. The pretrained MNIST models live in "
-      "../shared/data/models/mnist on the project's machines; elsewhere "
-      "train a generator with experiments/feature_unlearn.py instead."
+      "../shared/data/models/mnist or ../shared/models/mnist on the "
+      "project's machines; elsewhere train a generator with "
+      "experiments/feature_unlearn.py instead."
     )
   with np.load(path) as f:
     arrays = {k: f[k] for k in f.files}
-  weights = [k for k in arrays if k.endswith("weight") and arrays[k].ndim == 2]
+  weights = [
+    k for k in arrays if k.endswith("weight") and arrays[k].ndim in (2, 4)
+  ]
   found = [tuple(arrays[k].shape) for k in weights]
   if found != [tuple(s) for s in shapes]:
     held = dict(zip(weights, found, strict=True))
     raise ValueError(
-      f"{path!r} holds Linear weights {held}; expected "
-      f"the shapes {list(shapes)} (out, in) in this order."
+      f"{path!r} holds weights {held}; expected the shapes {list(shapes)} "
+      "(PyTorch's (out, in) or (out, in, kh, kw)) in this order."
     )
   layers = []
   for key in weights:
     bias_key = key[: -len("weight")] + "bias"
     if bias_key not in arrays:
       raise ValueError(f"{path!r} has {key!r} but no {bias_key!r}.")
+    weight = arrays[key]
+    kernel = weight.T if weight.ndim == 2 else weight.transpose(2, 3, 1, 0)
     layers.append(
       {
-        "kernel": jnp.asarray(arrays[key].T, jnp.float32),
+        "kernel": jnp.asarray(kernel, jnp.float32),
         "bias": jnp.asarray(arrays[bias_key], jnp.float32),
       }
     )
@@ -152,7 +159,7 @@ def load_mnist_gan_generator(path: str, latent_dim: int = 64) -> dict:
   """`MLPGenerator()` parameters from `gan_mlp_generator.npz` (Linear
   64-256, 256-256, 256-784)."""
   shapes = [(256, latent_dim), (256, 256), (784, 256)]
-  layers = _linear_layers(path, shapes)
+  layers = _state_dict_layers(path, shapes)
   return {f"Dense_{i}": layer for i, layer in enumerate(layers)}
 
 
@@ -160,8 +167,22 @@ def load_mnist_vae(path: str) -> dict:
   """`MLPVAE()` parameters from `vae_mlp.npz` (fc1 784-400, fc21 and fc22
   400-20 for mu and logvar, in that order, fc3 20-400, fc4 400-784)."""
   shapes = [(400, 784), (20, 400), (20, 400), (400, 20), (784, 400)]
-  layers = _linear_layers(path, shapes)
+  layers = _state_dict_layers(path, shapes)
   return dict(zip(("fc1", "fc21", "fc22", "fc3", "fc4"), layers, strict=True))
+
+
+def load_mnist_lenet5(path: str) -> dict:
+  """`LeNet5()` parameters from `lenet5_classifier.npz` (conv c1 6@5x5, c3
+  16@5x5, c5 120@5x5, Linear f6 120-84, f7 84-10)."""
+  shapes = [
+    (6, 1, 5, 5),
+    (16, 6, 5, 5),
+    (120, 16, 5, 5),
+    (84, 120),
+    (10, 84),
+  ]
+  layers = _state_dict_layers(path, shapes)
+  return dict(zip(("c1", "c3", "c5", "f6", "f7"), layers, strict=True))
 
 
 GENERATORS = {

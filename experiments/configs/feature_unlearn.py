@@ -15,8 +15,9 @@ Variants: `gan` (default), `mlp_gan` (the pretrained MNIST GAN's MLP
 architecture, trained here), `vae` (the MLP VAE, trained here),
 `thickness` (the VAE, feature: the thickest 10% of strokes),
 `pretrained_gan` and `pretrained_vae` (the MNIST models in
-../shared/data/models/mnist; point elsewhere with
-`--config.generator.weights=`), `smoke` (a few steps, for tests).
+../shared/data/models/mnist or ../shared/models/mnist, whichever exists;
+point elsewhere with `--config.generator.weights=`), `smoke` (a few steps,
+for tests).
 
 Your own labels: a run writes the latents it labels to
 `labelling/latents.npy` and their images to `labelling/grid.png`; pass a
@@ -28,12 +29,24 @@ Expected: the share of samples with the feature falls by at least 90%
 (relative) while samples without it stay close to the original's.
 """
 
+import os
+
 import ml_collections
 
 from experiments.configs import train_classifier
 from experiments.configs.base import base_config
 
-SHARED_MODELS = "../shared/data/models/mnist"
+# Where ../shared/data/README.md puts the pretrained MNIST models, and where
+# the project's machines have held them (session 25): relative to the
+# project root, from which the launchers run.
+SHARED_MODEL_DIRS = ("../shared/data/models/mnist", "../shared/models/mnist")
+
+
+def shared_models_dir(root: str = ".") -> str:
+  """The first of `SHARED_MODEL_DIRS` under `root` that exists; the
+  documented one when neither does (the loaders then name it)."""
+  found = [d for d in SHARED_MODEL_DIRS if os.path.isdir(os.path.join(root, d))]
+  return os.path.normpath(os.path.join(root, (found or SHARED_MODEL_DIRS)[0]))
 
 
 def _generator(kind: str, steps: int, learning_rate: float, **extra):
@@ -94,6 +107,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(
     {
       "classifier": train_classifier.get_config("mnist5k"),
+      # A LeNet-5 .npz (lenet5_classifier.npz) labels and evaluates instead
+      # of a classifier trained on `classifier`.
+      "pretrained_classifier": "",
       "num_samples": 10000,
       "grid_size": 16,  # latents per row of the before/after grids
       "batch_size": 500,
@@ -109,15 +125,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.unlearn.learning_rate = 1e-3
     if variant == "thickness":
       c.feature.kind = "thickness"
-  elif variant == "pretrained_gan":
-    c.generator = _generator(
-      "mlp_gan", 0, 0.0, weights=f"{SHARED_MODELS}/gan_mlp_generator.npz"
-    )
-  elif variant == "pretrained_vae":
-    c.generator = _generator(
-      "mlp_vae", 0, 0.0, weights=f"{SHARED_MODELS}/vae_mlp.npz"
-    )
-    c.unlearn.learning_rate = 1e-3
+  elif variant in ("pretrained_gan", "pretrained_vae"):
+    # The models that come together: generator and labelling LeNet-5.
+    shared = shared_models_dir()
+    c.eval.pretrained_classifier = f"{shared}/lenet5_classifier.npz"
+    if variant == "pretrained_gan":
+      c.generator = _generator(
+        "mlp_gan", 0, 0.0, weights=f"{shared}/gan_mlp_generator.npz"
+      )
+    else:
+      c.generator = _generator(
+        "mlp_vae", 0, 0.0, weights=f"{shared}/vae_mlp.npz"
+      )
+      c.unlearn.learning_rate = 1e-3
   elif variant == "smoke":
     c.generator = _generator("mlp_gan", 20, 2e-4, checkpoint_every=10)
     c.generator.log_every = 10
