@@ -124,8 +124,8 @@ def _state_dict_layers(path: str, shapes: Sequence[tuple[int, ...]]) -> list:
     raise FileNotFoundError(
       f"No weights at {path!r}. The pretrained MNIST models live in "
       "../shared/data/models/mnist or ../shared/models/mnist on the "
-      "project's machines; elsewhere train a generator with "
-      "experiments/feature_unlearn.py instead."
+      "project's machines; elsewhere let experiments/feature_unlearn.py "
+      "train them (clear generator.weights and eval.pretrained_classifier)."
     )
   with np.load(path) as f:
     arrays = {k: f[k] for k in f.files}

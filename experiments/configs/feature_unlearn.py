@@ -15,8 +15,10 @@ Variants: `gan` (default), `mlp_gan` (the pretrained MNIST GAN's MLP
 architecture, trained here), `vae` (the MLP VAE, trained here),
 `thickness` (the VAE, feature: the thickest 10% of strokes),
 `pretrained_gan` and `pretrained_vae` (the MNIST models in
-../shared/data/models/mnist or ../shared/models/mnist, whichever exists;
-point elsewhere with `--config.generator.weights=`), `smoke` (a few steps,
+../shared/data/models/mnist or ../shared/models/mnist, whichever exists,
+labelled by the LeNet-5 that comes with them; point elsewhere with
+`--config.generator.weights=` and `--config.eval.pretrained_classifier=`,
+or clear the latter to train the digit classifier), `smoke` (a few steps,
 for tests).
 
 Your own labels: a run writes the latents it labels to
