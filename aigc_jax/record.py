@@ -1,11 +1,13 @@
 """What every run leaves in its workdir: the resolved config, JSON-lines
 metrics and a markdown report. Writes happen on process 0 only."""
 
+import hashlib
 import json
 import os
 import time
 
 import jax
+import numpy as np
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -107,11 +109,31 @@ def write_report(workdir: str, text: str) -> str:
   return path
 
 
-def cached_result(workdir: str, compute) -> dict:
+def array_digest(*arrays) -> str:
+  """sha256 of the arrays' dtypes, shapes and bytes: what a cell of an
+  experiment was computed from, for `cached_result(inputs=...)`."""
+  h = hashlib.sha256()
+  for a in arrays:
+    a = np.ascontiguousarray(a)
+    h.update(f"{a.dtype}{a.shape}".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def cached_result(workdir: str, compute, inputs: str | None = None) -> dict:
   """`compute()` once for this cell of an experiment, its dict saved as
   `workdir/result.json` (by process 0) and read back on every later call,
-  so a re-run skips finished cells."""
+  so a re-run skips finished cells.
+
+  `inputs`, a digest of what the cell computes from (`array_digest` of its
+  training data), is written to `workdir/inputs.sha256` before `compute`
+  starts. A later call with other inputs is refused, whether the cell
+  finished or left a checkpoint: a folder copied in from a run with other
+  settings would otherwise be read back as if it were this run's. A cell
+  from before digests were kept is taken as it is."""
   path = os.path.join(workdir, "result.json")
+  if inputs is not None:
+    _check_inputs(workdir, inputs)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f)
@@ -121,3 +143,21 @@ def cached_result(workdir: str, compute) -> dict:
     with open(path, "w") as f:
       json.dump(result, f)
   return result
+
+
+def _check_inputs(workdir: str, inputs: str) -> None:
+  path = os.path.join(workdir, "inputs.sha256")
+  if os.path.exists(path):
+    with open(path) as f:
+      held = f.read().strip()
+    if held != inputs:
+      raise ValueError(
+        f"{workdir} was computed from other inputs than this run's "
+        f"(sha256 {held[:12]}... against {inputs[:12]}...), for instance "
+        "copied from a run with other settings; delete the folder to "
+        "compute it again."
+      )
+  elif jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+      f.write(inputs + "\n")

@@ -270,6 +270,7 @@ def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
     functools.partial(
       _train_encoder, config, workdir, images, method, train_set, test_set, mesh
     ),
+    inputs=record.array_digest(images),
   )
 
 

@@ -354,10 +354,26 @@ def evaluate_training_set(
   `inception`, when given, is `(features_fn, real_features)` for a real
   Inception FID next to the classifier-space distances.
   """
-  result_path = os.path.join(workdir, "result.json")
-  if os.path.exists(result_path):
-    with open(result_path) as f:
-      return json.load(f)
+  return record.cached_result(
+    workdir,
+    functools.partial(
+      _train_and_score_ddpm,
+      config,
+      workdir,
+      images,
+      classifier,
+      real,
+      heldout,
+      mesh,
+      inception,
+    ),
+    inputs=record.array_digest(images),
+  )
+
+
+def _train_and_score_ddpm(
+  config, workdir, images, classifier, real, heldout, mesh, inception
+):
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
   state = train_ddpm.train_ddpm(
@@ -406,9 +422,6 @@ def evaluate_training_set(
       real_inception, features_fn(samples)
     )
   result["seconds"] = round(time.time() - start, 1)
-  if jax.process_index() == 0:
-    with open(result_path, "w") as f:
-      json.dump(result, f)
   return result
 
 

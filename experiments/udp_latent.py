@@ -244,7 +244,9 @@ def evaluate_finetuning(
       "seconds": round(time.time() - start, 1),
     }
 
-  return record.cached_result(workdir, compute)
+  return record.cached_result(
+    workdir, compute, inputs=record.array_digest(images, contexts)
+  )
 
 
 def classify(classifier, images, mesh):

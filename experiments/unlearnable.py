@@ -525,6 +525,7 @@ def victim_trainer(config, test_set, mesh):
         test_set,
         mesh,
       ),
+      inputs=record.array_digest(images, labels),
     )
 
   return train_one
