@@ -363,22 +363,37 @@ def test_loaders_match_pytorch_layout(tmp_path):
     for k, v in arrays.items()
   }
   x = np.random.default_rng(3).uniform(size=(2, 28, 28, 1)).astype(np.float32)
-  h = torch.nn.functional.pad(torch.tensor(x).permute(0, 3, 1, 2), (2,) * 4)
-  for name in ("c1", "c3", "c5"):
-    h = torch.relu(
-      torch.nn.functional.conv2d(h, t[f"{name}.weight"], t[f"{name}.bias"])
-    )
-    if name != "c5":
-      h = torch.nn.functional.max_pool2d(h, 2)
-  h = torch.relu(h.flatten(1) @ t["f6.weight"].T + t["f6.bias"])
-  want = h @ t["f7.weight"].T + t["f7.bias"]
+
+  def torch_lenet(images):  # NHWC in [0, 1] -> (logits, features)
+    h = torch.nn.functional.pad(images.permute(0, 3, 1, 2), (2,) * 4)
+    for name in ("c1", "c3", "c5"):
+      w, b = t[f"{name}.weight"], t[f"{name}.bias"]
+      h = torch.relu(torch.nn.functional.conv2d(h, w, b))
+      if name != "c5":
+        h = torch.nn.functional.max_pool2d(h, 2)
+    h = torch.relu(h.flatten(1) @ t["f6.weight"].T + t["f6.bias"])
+    return h @ t["f7.weight"].T + t["f7.bias"], h
+
+  want, want_features = torch_lenet(torch.tensor(x))
+  lenet = {"params": models.load_mnist_lenet5(str(path))}
   logits, features = models.LeNet5().apply(
-    {"params": models.load_mnist_lenet5(str(path))},
-    jnp.asarray(2 * x - 1),
-    return_features=True,
+    lenet, jnp.asarray(2 * x - 1), return_features=True
   )
-  np.testing.assert_allclose(logits, want.numpy(), atol=1e-4)
-  np.testing.assert_allclose(features, h.numpy(), atol=1e-4)
+  np.testing.assert_allclose(logits, want.detach().numpy(), atol=1e-4)
+  np.testing.assert_allclose(
+    features, want_features.detach().numpy(), atol=1e-4
+  )
+  # Per image under vmap, and the input gradient PyTorch's autograd gives
+  # (a labeller whose gradient a guided sampler or an attack can follow).
+  one = lambda image: models.LeNet5().apply(lenet, image[None])[0]
+  np.testing.assert_allclose(
+    jax.vmap(one)(jnp.asarray(2 * x - 1)), want.detach().numpy(), atol=1e-4
+  )
+  grad = jax.grad(lambda image: one(image)[3])(jnp.asarray(2 * x[0] - 1))
+  xt = torch.tensor(x[:1]).requires_grad_(True)
+  torch_lenet(xt)[0][0, 3].backward()
+  # d/d(2x - 1) = (d/dx) / 2.
+  np.testing.assert_allclose(grad, xt.grad[0].numpy() / 2, atol=1e-5)
   with pytest.raises(ValueError, match="28x28 or 32x32"):
     models.LeNet5().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
