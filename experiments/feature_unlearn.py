@@ -212,8 +212,7 @@ def labeller(config, test_set, workdir, mesh):
     config.eval.batch_size,
     mesh,
   )
-  accuracy = float((np.asarray(logits).argmax(1) == test_set.labels).mean())
-  return model, params, {}, accuracy
+  return model, params, {}, float(metrics.accuracy(logits, test_set.labels))
 
 
 class FeatureMeasure(NamedTuple):

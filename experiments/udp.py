@@ -354,75 +354,61 @@ def evaluate_training_set(
   `inception`, when given, is `(features_fn, real_features)` for a real
   Inception FID next to the classifier-space distances.
   """
-  return record.cached_result(
-    workdir,
-    functools.partial(
-      _train_and_score_ddpm,
-      config,
-      workdir,
-      images,
-      classifier,
-      real,
-      heldout,
+
+  def compute():
+    os.makedirs(workdir, exist_ok=True)
+    start = time.time()
+    state = train_ddpm.train_ddpm(
+      config.ddpm, workdir, images, mesh, desc=os.path.basename(workdir)
+    )
+    samples = train_ddpm.sample_ddpm(
+      config.ddpm,
+      state.ema_params,
+      images.shape[1:],
       mesh,
-      inception,
-    ),
-    inputs=record.array_digest(images),
-  )
-
-
-def _train_and_score_ddpm(
-  config, workdir, images, classifier, real, heldout, mesh, inception
-):
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  state = train_ddpm.train_ddpm(
-    config.ddpm, workdir, images, mesh, desc=os.path.basename(workdir)
-  )
-  samples = train_ddpm.sample_ddpm(
-    config.ddpm,
-    state.ema_params,
-    images.shape[1:],
-    mesh,
-    jax.random.key(config.seed + 1),
-  )
-  data.save_image_grid(
-    os.path.join(workdir, "samples.png"), samples[:100], ncol=10
-  )
-
-  def classify(u8):
-    return train_classifier.predict_logits(
-      *classifier, data.to_model_range(u8), 1000, mesh, return_features=True
+      jax.random.key(config.seed + 1),
+    )
+    data.save_image_grid(
+      os.path.join(workdir, "samples.png"), samples[:100], ncol=10
     )
 
-  logits, features = classify(samples)
-  _, real_features = real
-  threshold = config.eval.confidence
-  precision, recall = precision_recall(real_features, features)
-  # The training images themselves: what a DDPM that fitted them perfectly
-  # would score, so a protection's effect on the data is told apart from its
-  # effect on training.
-  _, data_features = classify(images)
-  result = {
-    "data_frechet_distance": frechet_distance(real_features, data_features),
-    "frechet_distance": frechet_distance(real_features, features),
-    "precision": precision,
-    "recall": recall,
-    "confident_share": float(confident_share(logits, threshold)),
-    "classes_covered": int(
-      (
-        np.asarray(class_histogram(logits, logits.shape[-1], threshold)) > 0
-      ).sum()
-    ),
-    "heldout_loss": heldout_loss(config, state.ema_params, heldout, mesh),
-  }
-  if inception is not None:
-    features_fn, real_inception = inception
-    result["inception_fid"] = frechet_distance(
-      real_inception, features_fn(samples)
-    )
-  result["seconds"] = round(time.time() - start, 1)
-  return result
+    def classify(u8):
+      return train_classifier.predict_logits(
+        *classifier, data.to_model_range(u8), 1000, mesh, return_features=True
+      )
+
+    logits, features = classify(samples)
+    _, real_features = real
+    threshold = config.eval.confidence
+    precision, recall = precision_recall(real_features, features)
+    # The training images themselves: what a DDPM that fitted them perfectly
+    # would score, so a protection's effect on the data is told apart from its
+    # effect on training.
+    _, data_features = classify(images)
+    result = {
+      "data_frechet_distance": frechet_distance(real_features, data_features),
+      "frechet_distance": frechet_distance(real_features, features),
+      "precision": precision,
+      "recall": recall,
+      "confident_share": float(confident_share(logits, threshold)),
+      "classes_covered": int(
+        (
+          np.asarray(class_histogram(logits, logits.shape[-1], threshold)) > 0
+        ).sum()
+      ),
+      "heldout_loss": heldout_loss(config, state.ema_params, heldout, mesh),
+    }
+    if inception is not None:
+      features_fn, real_inception = inception
+      result["inception_fid"] = frechet_distance(
+        real_inception, features_fn(samples)
+      )
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+  return record.cached_result(
+    workdir, compute, inputs=record.array_digest(images)
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
