@@ -441,11 +441,15 @@ class VictimRecipe(NamedTuple):
   model: Any
   init: Callable[[], train.ClassifierState]
   phases: tuple[tuple[Callable, int], ...]  # (step function, until step)
+  seed: int  # of the initialisation, the augmentation and the batch order
 
 
-def victim_recipe(config, name, num_examples, num_classes, image_shape):
+def victim_recipe(
+  config, name, num_examples, num_classes, image_shape, seed_offset=0
+):
   """The victim's model, initialiser and training phases under countermeasure
-  `name` (standard, AT or UEraser's K-view then one-view phases)."""
+  `name` (standard, AT or UEraser's K-view then one-view phases), with the
+  seed `config.seed + seed_offset`."""
   if name not in COUNTERMEASURES:
     raise ValueError(
       f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
@@ -457,7 +461,8 @@ def victim_recipe(config, name, num_examples, num_classes, image_shape):
   model, optimizer = train_classifier.build_classifier(
     config, num_classes, num_steps
   )
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  seed = config.seed + seed_offset
+  init_key, train_key = jax.random.split(jax.random.key(seed))
   init = functools.partial(
     train.init_classifier_state, model, optimizer, init_key, image_shape
   )
@@ -493,15 +498,18 @@ def victim_recipe(config, name, num_examples, num_classes, image_shape):
       (step_fn(cm.aa_views), min(cm.aa_max_epochs * per_epoch, num_steps)),
       (step_fn(1), num_steps),
     )
-  return VictimRecipe(model, init, phases)
+  return VictimRecipe(model, init, phases, seed)
 
 
 def victim_trainer(config, test_set, mesh):
-  """`train(workdir, images, labels, countermeasure) -> result`: trains the
-  victim on uint8 `images` and returns its clean test accuracy, read back if
-  that cell finished. Recipes are shared between calls, so each
-  countermeasure compiles once per run (on a CPU, fifteen digits victims
-  spent three of their four minutes compiling identical steps).
+  """`train(workdir, images, labels, countermeasure, seed_offset=0) ->
+  result`: trains the victim on uint8 `images` and returns its clean test
+  accuracy, read back if that cell finished. Recipes are shared between
+  calls, so each countermeasure compiles once per run and seed (on a CPU,
+  fifteen digits victims spent three of their four minutes compiling
+  identical steps). A victim with `seed_offset` k > 0 (another draw of the
+  initialisation and batch order) lives in the sibling folder
+  `<workdir>_seed<k>`.
 
   Grayscale is the identity on single-channel images, so there the
   `iss_grayscale` cell is the vanilla victim of the same images, trained
@@ -509,17 +517,19 @@ def victim_trainer(config, test_set, mesh):
   config = config.copy_and_resolve_references()  # later edits stay out
   recipe = functools.cache(functools.partial(victim_recipe, config))
 
-  def train_one(workdir, images, labels, name):
+  def train_one(workdir, images, labels, name, seed_offset=0):
     if name == "iss_grayscale" and images.shape[-1] == 1:
       vanilla = os.path.join(os.path.dirname(workdir), "none")
-      return train_one(vanilla, images, labels, "none")
+      return train_one(vanilla, images, labels, "none", seed_offset)
+    if seed_offset:
+      workdir = f"{workdir}_seed{seed_offset}"
     num_classes = int(max(labels.max(), test_set.labels.max())) + 1
     return record.cached_result(
       workdir,
       lambda: _train_victim(
         config,
         workdir,
-        recipe(name, len(images), num_classes, images.shape[1:]),
+        recipe(name, len(images), num_classes, images.shape[1:], seed_offset),
         apply_countermeasure_to_data(config, name, images),
         labels,
         test_set,
@@ -540,7 +550,7 @@ def _train_victim(config, workdir, recipe, images, labels, test_set, mesh):
   state = train.init_or_restore(recipe.init, mesh, checkpointer)
 
   def batch_fn(step):
-    idx = data.batch_indices(config.seed, step, n, bs)
+    idx = data.batch_indices(recipe.seed, step, n, bs)
     return {"images": x[idx], "labels": labels[idx]}
 
   writer = record.MetricWriter(workdir, prefix="train/")

@@ -79,6 +79,8 @@ def test_programs_are_built_once_per_config():
 
 
 def test_victim_recipes_follow_the_countermeasure():
+  import jax
+
   from experiments import unlearnable
   from experiments.configs import unlearnable as ul_configs
 
@@ -96,6 +98,11 @@ def test_victim_recipes_follow_the_countermeasure():
   ]
   with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
     unlearnable.victim_recipe(config, "cutout", 200, 10, (8, 8, 1))
+  # Another seed: another initialisation (and batch order, recipe.seed).
+  other = unlearnable.victim_recipe(config, "none", 200, 10, (8, 8, 1), 1)
+  assert (plain.seed, other.seed) == (config.seed, config.seed + 1)
+  first, second = (jax.tree.leaves(r.init().params) for r in (plain, other))
+  assert not all(np.allclose(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_train_ddpm_smoke_and_resume(tmp_path):
@@ -510,11 +517,25 @@ def test_le_smoke_purifies_trains_and_resumes(tmp_path):
   from experiments.configs import le as le_configs
 
   config = le_configs.get_config("smoke")
+  config.victim_seeds = 2
   result, workdir = _run(le, config, tmp_path / "le")
   cells = le.victim_cells(config)
   assert ("lsp", "le_mse") in cells and ("emn_class", "le_mse") not in cells
   assert set(result["accuracy"]) == {f"{s}/{r}" for s, r in cells}
   assert all(0.0 <= a <= 1.0 for a in result["accuracy"].values())
+  # Purified and clean cells: two victims each, the table shows the mean.
+  for s, r in cells:
+    seeded = r in le.PURIFIERS or s == "clean"
+    second = os.path.join(workdir, "victims", s, f"{r}_seed1")
+    assert os.path.exists(second) == seeded, (s, r)
+    if seeded:
+      accuracies = []
+      for d in (r, f"{r}_seed1"):
+        with open(os.path.join(workdir, "victims", s, d, "result.json")) as f:
+          accuracies.append(json.load(f)["test_accuracy"])
+      assert result["accuracy"][f"{s}/{r}"] == pytest.approx(
+        np.mean(accuracies)
+      )
   shape = train_classifier.load_train_test(config)[0].images.shape
   for key in result["purification"]:
     name, set_name = key.split("/")
@@ -524,6 +545,7 @@ def test_le_smoke_purifies_trains_and_resumes(tmp_path):
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
   assert "| LE (JCDP) |" in report and "mean over the protections" in report
+  assert "the mean of 2" in report and "per victim seed" in report
   # Same command again: purified sets and victims are read back.
   again, _ = _run(le, config, tmp_path / "le")
   assert again["accuracy"] == result["accuracy"]
