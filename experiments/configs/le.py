@@ -53,8 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.ablation_sets = ("emn_sample",)
   # The rows also measured on clean data (the seed's table has one).
   c.clean_rows = ("none",)
-  # Victims trained on each purified set and on clean data, with seeds
-  # seed, seed + 1, ...; the table shows their mean.
+  # Victims trained per cell, with seeds seed, seed + 1, ...; the table
+  # shows their mean. AT and AA cells train one (le.ONE_SEED_ROWS).
   c.victim_seeds = 1
   # An experiments/cp.py workdir: its CP sets are purified by `purifiers`
   # and an encoder of each of `contrastive_methods` (among that run's
@@ -102,8 +102,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # AA 10/40 20.5 min. The victims train 40 epochs of batch 128, as for
     # the README's table (unlearnable.py's default: 20 of batch 64).
     c.train.update(num_epochs=40, batch_size=128)
-    # LE and AVATAR-style purification differ by a test digit or two here;
-    # three victims each (7 s apiece) tell that from the victim's seed.
+    # LE and AVATAR-style purification differ by a test digit or two here,
+    # and the victim's seed moves a cell by up to 1.7 points: three victims
+    # a cell (7 s apiece).
     c.victim_seeds = 3
     c.ddpm.model.ch = 16
     c.ddpm.train.update(batch_size=64, num_steps=1000, max_timestep=100)
