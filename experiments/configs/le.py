@@ -103,7 +103,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # the README's table (unlearnable.py's default: 20 of batch 64).
     c.train.update(num_epochs=40, batch_size=128)
     # LE and AVATAR-style purification differ by a test digit or two here,
-    # and the victim's seed moves a cell by up to 1.7 points: three victims
+    # and the victim's seed moves a cell by up to 2.8 points: three victims
     # a cell (7 s apiece).
     c.victim_seeds = 3
     c.ddpm.model.ch = 16
