@@ -634,7 +634,8 @@ def le_report(
   seeds_line = ""
   if config.victim_seeds > 1:
     seeds_line = (
-      f"\nEvery row but AT and AA: the mean of {config.victim_seeds} "
+      f"\nEvery row but {' and '.join(r.upper() for r in ONE_SEED_ROWS)}: "
+      f"the mean of {config.victim_seeds} "
       "victims with different seeds (initialisation and batch order); "
       "`seed_accuracies` in metrics.jsonl has each.\n"
     )
