@@ -128,6 +128,21 @@ def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
   return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)
 
 
+def to_host(tree):
+  """A global array (or pytree of them) as numpy on every process.
+
+  `np.asarray` reads only what this process's devices hold and fails on an
+  array that spans other processes; gather those first.
+  """
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  from jax.experimental import multihost_utils
+
+  return jax.tree.map(
+    np.asarray, multihost_utils.process_allgather(tree, tiled=True)
+  )
+
+
 def settle(tree, mesh: Mesh):
   """Waits for `tree` when several CPU devices share the host; returns it.
 

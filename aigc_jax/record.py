@@ -94,6 +94,39 @@ def last_metric(workdir: str, key: str):
   return value
 
 
+def atomic_write(path: str, write) -> str:
+  """Calls `write(file)` on a temporary file beside `path`, then renames it
+  to `path` (on process 0 only): a kill at any instant leaves the old file
+  or the new one, never a truncated one that a resumed run would read."""
+  if jax.process_index() != 0:
+    return path
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+  return path
+
+
+def save_arrays(path: str, **arrays) -> str:
+  """Writes named arrays as one `.npz`, atomically (`atomic_write`)."""
+  return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_arrays(path: str) -> dict:
+  """The arrays of an `.npz` written by `save_arrays`; an unreadable file is
+  named, with the fix."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      return {k: f[k] for k in f.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise ValueError(
+      f"Cannot read {path}: {e}. Delete it to compute it again."
+    ) from e
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
   """A GitHub-flavoured markdown table."""
   lines = [header, ["---"] * len(header), *rows]

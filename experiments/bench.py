@@ -216,7 +216,7 @@ def udp_step_row(name: str, c, mesh, device: str) -> Row:
       steps=1,
       step_size=step_size,
       unroll=UNROLL,  # as experiments/udp.py runs it
-    )
+    )[0]
 
   args = parallel.shard_batch(mesh, (x, np.zeros_like(x)))
   params = parallel.replicate(mesh, params)

@@ -118,3 +118,24 @@ def test_weights_loader_admits_numpy_arrays_only(tmp_path):
     load_lpips("vgg", path=lpips_weights_path("alex"))
   with pytest.raises(ValueError, match="Unknown LPIPS backbone"):
     lpips_weights_path("squeeze")
+
+
+def test_imagenet_features_rank_noise_by_its_size_and_vmap(alex):
+  from aigc_jax.metrics import frechet_distance
+  from aigc_jax.models import imagenet_features
+
+  x = _images(24, size=32)
+  features = jax.jit(lambda v: imagenet_features(alex, v))
+  clean = np.asarray(features(x))
+  assert clean.shape == (24, 256) and np.isfinite(clean).all()
+  noise = jax.random.normal(jax.random.key(0), x.shape)
+  distances = [
+    frechet_distance(
+      clean, np.asarray(features(jnp.clip(x + s * noise, -1, 1)))
+    )
+    for s in (0.05, 0.3)
+  ]
+  assert 0 < distances[0] < distances[1]
+  # One image at a time under vmap gives the batch's features.
+  single = jax.vmap(lambda v: imagenet_features(alex, v[None])[0])(x[:3])
+  np.testing.assert_allclose(single, clean[:3], rtol=1e-4, atol=1e-5)

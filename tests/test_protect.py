@@ -193,14 +193,15 @@ def test_udp_perturbation_raises_the_loss_and_vmaps_over_images():
     step_size=b.eps / 2,
     num_draws=4,
   )
-  delta = step(x, jnp.zeros_like(x), jax.random.key(1))
+  delta, trace = step(x, jnp.zeros_like(x), jax.random.key(1))
+  assert trace.shape == (3,)
   loss = lambda d: protect.denoising_objective(eps_fn, schedule, num_draws=64)(
     protect.apply_perturbation(x, d), jax.random.key(9)
   ).mean()
   assert float(loss(delta)) > float(loss(jnp.zeros_like(x)))
   assert float(jnp.abs(delta).max()) <= b.eps + 1e-6
   per_image = jax.vmap(
-    lambda xi, k: step(xi[None], jnp.zeros_like(xi[None]), k)[0]
+    lambda xi, k: step(xi[None], jnp.zeros_like(xi[None]), k)[0][0]
   )(x, jax.random.split(jax.random.key(1), 4))
   assert per_image.shape == x.shape
   assert float(jnp.abs(per_image).max()) <= b.eps + 1e-6
@@ -233,7 +234,7 @@ def test_udp_perturbation_is_deterministic_and_same_on_1_and_4_devices():
       steps=3,
       step_size=b.eps / 4,
       policy=policy,
-    )
+    )[0]
 
   outs = []
   for n in (1, 4, 4):
@@ -253,37 +254,45 @@ def test_udp_perturbation_is_deterministic_and_same_on_1_and_4_devices():
   assert np.abs(outs[0]).max() <= b.eps + 1e-6
 
 
-def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
-  from experiments import udp
+def _udp_smoke_config():
   from experiments.configs import udp as udp_configs
 
   config = udp_configs.get_config("smoke")
+  config.surrogate.model.update(TINY_UNET)
+  config.surrogate.diffusion.num_timesteps = 100
+  return config
+
+
+def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
+  from experiments import udp
+
+  config = _udp_smoke_config()
   config.protect.chunk_size = 4
   mesh = parallel.make_mesh()
   *_, state = _surrogate()
-  config.surrogate.model.update(TINY_UNET)
-  config.surrogate.diffusion.num_timesteps = 100
   images = _images(10)
   workdir = str(tmp_path / "eudp")
   steps = udp.protection_steps(config, mesh)
-  first = udp.protect_dataset(
+  first, trace = udp.protect_dataset(
     config, workdir, "eudp:early", images, state, mesh, steps
   )
+  assert trace.shape == (3, config.protect.rounds, config.protect.pgd_steps)
   assert sorted(os.listdir(workdir)) == [
-    "chunk_0000.npy",
-    "chunk_0001.npy",
-    "chunk_0002.npy",
+    "chunk_0000.npz",
+    "chunk_0001.npz",
+    "chunk_0002.npz",
     "ckpt",
+    "layout.json",
   ]
   # Interrupted during the last chunk: its δ and checkpoint never landed.
-  os.remove(os.path.join(workdir, "chunk_0002.npy"))
+  os.remove(os.path.join(workdir, "chunk_0002.npz"))
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
-  done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npy"))
-  again = udp.protect_dataset(
+  done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npz"))
+  again, _ = udp.protect_dataset(
     config, workdir, "eudp:early", images, state, mesh, steps
   )
   np.testing.assert_array_equal(first, again)
-  assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npy")) == done
+  assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npz")) == done
   assert protect.perturbation_sizes(images, again).max() <= 8
   with pytest.raises(ValueError, match="eudp:<policy>"):
     udp.protect_dataset(
@@ -293,17 +302,14 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
 
 def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
   from experiments import udp
-  from experiments.configs import udp as udp_configs
 
-  config = udp_configs.get_config("smoke")
+  config = _udp_smoke_config()
   mesh = parallel.make_mesh()
   *_, state = _surrogate()
-  config.surrogate.model.update(TINY_UNET)
-  config.surrogate.diffusion.num_timesteps = 100
   images = _images(8)
   steps = udp.protection_steps(config, mesh)
-  unused = steps._replace(inner_min=None, outer_max=None)  # no optimisation
-  protected = udp.protect_dataset(
+  unused = steps._replace(inner_min=None, perturb=None)  # no optimisation
+  protected, _ = udp.protect_dataset(
     config, str(tmp_path / "random"), "random", images, state, mesh, unused
   )
   sizes = np.abs(protected.astype(int) - images.astype(int))
@@ -311,7 +317,28 @@ def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
   inside = (images >= 8) & (images <= 247)
   assert (sizes[inside] == 8).all() and sizes.max() == 8
   # The surrogate never changed: only the δ chunks are written, no ckpt/.
-  assert os.listdir(tmp_path / "random") == ["chunk_0000.npy"]
+  assert sorted(os.listdir(tmp_path / "random")) == [
+    "chunk_0000.npz",
+    "layout.json",
+  ]
+
+
+@pytest.mark.parametrize("method", ["min", "bilevel"])
+def test_every_reading_runs_through_the_launcher_steps(tmp_path, method):
+  from experiments import udp
+
+  config = _udp_smoke_config()
+  config.protect.update(rounds=2, pgd_steps=2)
+  mesh = parallel.make_mesh()
+  *_, state = _surrogate()
+  images = _images(8)
+  steps = udp.protection_steps(config, mesh)
+  protected, trace = udp.protect_dataset(
+    config, str(tmp_path / method), method, images, state, mesh, steps
+  )
+  assert trace.shape == (1, 2, 2) and np.isfinite(trace).all()
+  sizes = protect.perturbation_sizes(images, protected)
+  assert 0 < sizes.max() <= 8
 
 
 def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):

@@ -380,7 +380,7 @@ def test_udp_through_the_vae_raises_the_latent_denoising_loss(loaded):
       step_size=b.eps / 2,
       num_draws=4,
       encode=encode,
-    )
+    )[0]
   )(x)
   assert delta.shape == x.shape and float(jnp.abs(delta).max()) <= b.eps + 1e-6
   # The gradient reaches the pixels through the encoder and ascends the

@@ -57,6 +57,16 @@ def signal_policy(schedule: NoiseSchedule) -> TimestepPolicy:
   return TimestepPolicy(signal / signal.sum(), jnp.ones_like(signal))
 
 
+def snr_sampling_policy(schedule: NoiseSchedule) -> TimestepPolicy:
+  """p(t) ∝ √SNR(t) = √ᾱ_t / √(1 - ᾱ_t), w(t) = 1: timesteps drawn in
+  proportion to how far a perturbation of x_0 stands above the noise added
+  at t (EUDP's "timestep-aware sampling based on forward-process noise
+  scales")."""
+  abar = schedule.alphas_cumprod
+  root_snr = jnp.sqrt(abar / (1.0 - abar))
+  return TimestepPolicy(root_snr / root_snr.sum(), jnp.ones_like(root_snr))
+
+
 def snr_weight_policy(schedule: NoiseSchedule) -> TimestepPolicy:
   """p(t) uniform with w(t) ∝ √SNR(t) = √(ᾱ_t / (1 - ᾱ_t)), mean weight 1."""
   abar = schedule.alphas_cumprod

@@ -4,6 +4,7 @@ from aigc_jax.metrics.classification import (
   accuracy,
   class_histogram,
   confident_share,
+  share_interval,
 )
 from aigc_jax.metrics.distribution import frechet_distance, precision_recall
 from aigc_jax.metrics.image_quality import (
@@ -23,6 +24,7 @@ __all__ = [
   "ms_ssim",
   "precision_recall",
   "psnr",
+  "share_interval",
   "ssim",
   "ssim_components",
 ]

@@ -28,6 +28,7 @@ from aigc_jax.models.inception import (
 from aigc_jax.models.lpips import (
   LPIPS,
   LPIPS_BACKBONES,
+  imagenet_features,
   load_lpips,
   lpips_distance,
   lpips_weights_path,
@@ -54,6 +55,7 @@ __all__ = [
   "SmallCNN",
   "count_params",
   "fid_features",
+  "imagenet_features",
   "load_fid_inception",
   "load_lpips",
   "load_mnist_gan_generator",

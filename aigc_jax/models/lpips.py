@@ -222,6 +222,31 @@ def lpips_distance(
   return LPIPS(backbone).apply(variables, x, y)
 
 
+def imagenet_features(
+  variables: dict, images: jax.Array, *, size: int = 64
+) -> jax.Array:
+  """ImageNet features of NHWC images in [-1, 1] for distribution metrics:
+  the last layer of the LPIPS backbone in `variables` (AlexNet relu5, 256
+  values; VGG16 relu5_3, 512), averaged over space. Images are resized to
+  `size` first (bilinear), so CIFAR's 32x32 reach the deep layers with
+  some extent.
+
+  A Fréchet distance in these features is FID's recipe (Heusel et al. 2017,
+  Eq. 6) with an ImageNet network that works offline instead of
+  Inception-v3, whose weights are not shipped: its values are not FID's,
+  but they rank sample sets by perceptual quality the same way.
+  """
+  backbone = _backbone_of(variables["params"])
+  if images.shape[1] != size or images.shape[2] != size:
+    images = resize_for_lpips(images, size)
+  net = {"alex": AlexNetFeatures, "vgg": VGG16Features}[backbone]
+  last = net().apply(
+    {"params": variables["params"][backbone]},
+    _to_network_input(images, backbone),
+  )[-1]
+  return jnp.mean(last, axis=(1, 2))
+
+
 def _backbone_of(params: dict) -> str:
   found: Sequence[str] = [b for b in LPIPS_BACKBONES if b in params]
   if len(found) != 1:

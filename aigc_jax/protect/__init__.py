@@ -1,15 +1,23 @@
 """Perturbations a data owner adds so that models cannot learn the data."""
 
+from aigc_jax.protect.alternation import (
+  Chunk,
+  Schedule,
+  alternate,
+  chunk_bounds,
+)
 from aigc_jax.protect.cp import contrastive_objective
 from aigc_jax.protect.emn import (
   cross_entropy_objective,
   robust_objective,
 )
+from aigc_jax.protect.encoder import latent_distance_objective
 from aigc_jax.protect.lsp import lsp_perturbations
 from aigc_jax.protect.pgd import (
   LEVELS_PER_UNIT,
   NORMS,
   Budget,
+  Objective,
   apply_perturbation,
   budget,
   init_perturbation,
@@ -21,8 +29,13 @@ from aigc_jax.protect.pgd import (
 )
 from aigc_jax.protect.udp import (
   EUDP_POLICIES,
+  READINGS,
+  Reading,
+  bilevel_objective,
   denoising_objective,
   eudp_policy,
+  parse_method,
+  reading_objective,
   udp_perturbation,
 )
 
@@ -30,20 +43,31 @@ __all__ = [
   "EUDP_POLICIES",
   "LEVELS_PER_UNIT",
   "NORMS",
+  "READINGS",
   "Budget",
+  "Chunk",
+  "Objective",
+  "Reading",
+  "Schedule",
+  "alternate",
   "apply_perturbation",
+  "bilevel_objective",
   "budget",
+  "chunk_bounds",
   "contrastive_objective",
   "cross_entropy_objective",
   "denoising_objective",
   "eudp_policy",
   "init_perturbation",
+  "latent_distance_objective",
   "lsp_perturbations",
+  "parse_method",
   "perturbation_sizes",
   "pgd",
   "project",
   "quantize_protected",
   "random_perturbation",
+  "reading_objective",
   "robust_objective",
   "udp_perturbation",
 ]

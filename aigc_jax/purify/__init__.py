@@ -16,13 +16,18 @@ from aigc_jax.purify.jcdp import (
   lpips_guidance_distance,
   mse_distance,
 )
-from aigc_jax.purify.transforms import gaussian_blur, jpeg_compress
+from aigc_jax.purify.transforms import (
+  blur_model_images,
+  gaussian_blur,
+  jpeg_compress,
+)
 
 __all__ = [
   "GUIDANCE_SCHEDULES",
   "ISS_METHODS",
   "OFFICIAL_SCALE",
   "bit_depth_reduction",
+  "blur_model_images",
   "diffusion_purify",
   "gaussian_blur",
   "grayscale",

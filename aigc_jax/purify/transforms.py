@@ -1,9 +1,12 @@
 """Lossy image transforms an unauthorised trainer may apply to protected
 images before training: JPEG compression and Gaussian blur (uint8 in, uint8
-out, as the data would be stored)."""
+out, as the data would be stored), and the blur as a pure function of
+[-1, 1] images for use inside jitted code."""
 
 import io
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 from PIL import Image
@@ -36,3 +39,21 @@ def gaussian_blur(images: np.ndarray, sigma: float = 1.0) -> np.ndarray:
     images.astype(np.float64), sigma=(0, sigma, sigma, 0), mode="reflect"
   )
   return np.clip(np.rint(blurred), 0, 255).astype(np.uint8)
+
+
+def blur_model_images(images: jax.Array, sigma: float) -> jax.Array:
+  """A Gaussian blur of [-1, 1] NHWC images (each channel, reflecting at
+  the borders as `gaussian_blur` does), pure and differentiable."""
+  if sigma <= 0:
+    raise ValueError(f"Blur sigma {sigma} must be positive.")
+  radius = max(1, int(np.ceil(4 * sigma)))
+  t = np.arange(-radius, radius + 1, dtype=np.float64)
+  w = np.exp(-0.5 * (t / sigma) ** 2)
+  w = jnp.asarray(w / w.sum(), images.dtype)
+  x = jnp.pad(
+    images, ((0, 0), (radius, radius), (radius, radius), (0, 0)), "symmetric"
+  )
+  n = 2 * radius + 1
+  h, wd = images.shape[1:3]
+  x = sum(w[i] * x[:, i : i + h] for i in range(n))
+  return sum(w[i] * x[:, :, i : i + wd] for i in range(n))
