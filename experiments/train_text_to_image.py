@@ -45,6 +45,11 @@ SCHEDULER = {
 def padded_images(config) -> tuple[np.ndarray, np.ndarray]:
   """Training images in [-1, 1], zero-padded (black) to `data.pad_to`."""
   train_set, _ = train_classifier.load_train_test(config)
+  excluded = config.data.get("exclude_classes", ())
+  if excluded:
+    train_set = train_set.take(
+      np.flatnonzero(~np.isin(train_set.labels, excluded))
+    )
   x = data.to_model_range(train_set.images)
   pad = (config.data.pad_to - x.shape[1]) // 2
   x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-1)
@@ -123,7 +128,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ]
   tokenizer = write_clip_tokenizer(corpus, os.path.join(workdir, "tokenizer"))
   start = time.time()
-  vae, vae_params = train_vae(config, workdir, images, mesh)
+  if config.get("vae_from", ""):
+    given, given_params = sd.load_stable_diffusion(config.vae_from)
+    vae, vae_params = given.vae, given_params["vae"]
+  else:
+    vae, vae_params = train_vae(config, workdir, images, mesh)
   encode = jax.jit(
     lambda p, x: (
       vae.apply(
@@ -137,7 +146,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for i in range(0, len(images), 256)
     ]
   )
-  scale = scaling_factor(latents)
+  scale = (
+    given.scaling_factor
+    if config.get("vae_from", "")
+    else scaling_factor(latents)
+  )
   latents = np.transpose(latents, (0, 3, 1, 2)) * scale  # NCHW, unit var
   vae_seconds = time.time() - start
 
