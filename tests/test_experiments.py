@@ -170,6 +170,7 @@ def test_udp_smoke(tmp_path, full_xla_optimisation):
   config = udp_configs.get_config("smoke")
   config.protect.methods = ("eudp:early",)
   config.eval.robust_method = ""
+  config.eval.perceptual = "alex"
   result, workdir = _run(udp, config, tmp_path / "udp")
   assert set(result["results"]) == {"clean", "eudp:early"}
   sizes = result["perturbations"]["eudp:early"]
@@ -177,10 +178,16 @@ def test_udp_smoke(tmp_path, full_xla_optimisation):
   with np.load(
     os.path.join(workdir, "protect", "eudp_early", "protected.npz")
   ) as f:
-    assert f["images"].dtype == np.uint8 and len(f["images"]) == 128
+    assert f["protected"].dtype == f["clean"].dtype == np.uint8
+    assert len(f["protected"]) == 128
+    diff = f["protected"].astype(int) - f["clean"].astype(int)
+    assert 0 < np.abs(diff).max() <= 8
+  for r in result["results"].values():
+    assert r["perceptual_fd"] > 0 and 0 <= r["perceptual_recall"] <= 1
   with open(os.path.join(workdir, "report.md")) as f:
     report = f.read()
   assert "eudp:early" in report and "Verdict" in report
+  assert "FD (alex)" in report
   # LE purifies the clean and the protected set; the unpurified cells are
   # this run's own results, read back.
   with full_xla_optimisation():
@@ -675,17 +682,37 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   from experiments import udp
   from experiments.configs import udp as udp_configs
 
-  config = udp_configs.get_config("sd_smoke")
+  config = udp_configs.get_config("concept_smoke")
   config.sd.model = os.path.join(workdir, "model")
   shutil.copytree(shared_classifier, tmp_path / "udp_sd" / "classifier")
   result, udp_dir = _run(udp, config, tmp_path / "udp_sd")
-  assert list(result["results"]) == ["clean", "random", "eudp:early"]
-  for row in result["perturbations"].values():
-    assert 0 < row["linf_255"] <= config.protect.eps
-  for r in result["results"].values():
-    assert 0.0 <= r["prompt_accuracy"] <= 1.0 and r["frechet_distance"] >= 0
-  saved = np.load(os.path.join(udp_dir, "protect", "random", "protected.npz"))
-  assert saved["images"].shape == (16, 32, 32, 1)
+  # The smoke variant sweeps two budgets: every method at each.
+  assert list(result["results"]) == [
+    "clean",
+    *(f"{m}@{e}" for e in (8, 16) for m in config.protect.methods),
+    "encoder_target@8 + JPEG 75",
+  ]
+  for name, row in result["perturbations"].items():
+    assert 0 < row["linf_255"] <= float(name.split("@")[1])
+  for runs in result["results"].values():
+    assert len(runs) == config.finetune.seeds == 2
+    for r in runs:
+      assert 0.0 <= r["success"] <= 1.0 and r["frechet_distance"] >= 0
+      lo, hi = r["success_interval"]
+      assert lo <= r["success"] <= hi and r["num_samples"] == 4
+  for eps in (8, 16):
+    path = os.path.join(udp_dir, f"eps{eps}", "protect", "bilevel")
+    saved = np.load(os.path.join(path, "protected.npz"))
+    # Only nines, each beside its clean original, within the budget.
+    assert saved["protected"].shape == saved["clean"].shape == (16, 32, 32, 1)
+    assert (saved["labels"] == 9).all()
+    diff = saved["protected"].astype(int) - saved["clean"].astype(int)
+    assert 0 < np.abs(diff).max() <= eps
+  with open(os.path.join(udp_dir, "report.md")) as f:
+    text = f.read()
+  assert "concept success" in text and "Target (from `expected`" in text
+  assert "budget to protect" in text
+  assert os.path.exists(os.path.join(udp_dir, "budget.png"))
 
 
 def test_erase_refuses_bad_configs_before_any_work(tmp_path):

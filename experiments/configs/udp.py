@@ -1,26 +1,41 @@
-"""UDP / EUDP / AdvDM protection against diffusion-model training.
+"""UDP's readings, AdvDM and encoder attacks against learning from
+protected images.
 
-Default (`digits`): protects the embedded scikit-learn digits (8/255, L∞),
-then trains fresh DDPMs with the same seed and steps on clean, randomly
-perturbed (the control), AdvDM-, UDP- and EUDP-protected data (and on EUDP
-data after JPEG-75 and a Gaussian blur), and compares their samples:
+Default (`concept`): concept learning with the embedded text-to-image
+model. `checkpoints/t2i_digits_without_nine/model` was trained on the
+MNIST digits 0-8 only, so it cannot draw "a handwritten digit nine"; the
+data owner protects 100 real nines within 8/255 (L∞); the unauthorised
+trainer fine-tunes the pretrained UNet on them (the same steps, seeds and
+prompt for every training set, three trainer seeds) and samples the
+concept's prompt. The report gives, per method, concept success (the share
+of samples a digit classifier of real MNIST calls a nine; mean, spread and
+95% intervals), its drop against the clean fine-tune and its margin over
+random ±8/255 noise, the Fréchet distance, precision and recall to real
+nines in the classifier's features, and the perturbations' size:
 
   python experiments/udp.py --config=experiments/configs/udp.py \
-    --workdir=runs/udp_digits
+    --workdir=runs/udp_concept
 
-Expected: the report's tables (Fréchet distance in a digit classifier's
-feature space, precision/recall, confident share, classes covered, held-out
-denoising loss; PSNR/SSIM/L∞/L2 of the perturbations). The issue's target is
-EUDP at least 2x the clean Fréchet distance and 30 points less
-recognisability; the report says whether it is met.
+Expected (the `expected` block; the report states met or missed): a
+method lowers concept success by at least 40 points against the clean
+fine-tune and beats the random control by at least 20 points, on every
+seed. Measured numbers are in docs/results/udp.md.
 
-`:strong` gives EUDP 16x the PGD work (twice the rounds and steps, four
-(t, ε) draws per gradient, a random start). `:policies` runs EUDP with every
-timestep policy (uniform = UDP, signal, snr,
-early, late) to measure which protects best. `:cifar10` is the paper-scale
-setting (CIFAR-10, 8/255, Ho et al.'s DDPM) for accelerators;
+`:concept_all` runs every reading (random, advdm, max, min, bilevel,
+encoder_away, encoder_target). `:sd` fine-tunes the embedded all-digits
+model on MNIST digits it already draws (no concept to learn: a control).
+
+The from-scratch DDPM settings: `:digits` protects the embedded
+scikit-learn digits and trains fresh DDPMs on clean, randomly perturbed
+(the control), AdvDM-, UDP- and EUDP-protected data (and EUDP data after
+JPEG-75 and a Gaussian blur), and compares their samples (Fréchet distance
+in a digit classifier's feature space, precision/recall, confident share,
+classes covered, held-out denoising loss). `:strong` gives EUDP 16x the PGD
+work. `:policies` runs EUDP with every timestep policy. `:cifar10` is the
+paper-scale setting (CIFAR-10, 8/255, Ho et al.'s DDPM) for accelerators;
 `:cifar10_small` is a reduced CIFAR-10 run a CPU can finish (local archive
-from ../shared/data). `:smoke` is a few steps for tests.
+from ../shared/data). `:smoke` and `:concept_smoke` are a few steps for
+tests.
 """
 
 import ml_collections
@@ -39,15 +54,64 @@ def _ddpm(num_steps: int, **updates) -> ml_collections.ConfigDict:
   return c
 
 
+CONCEPT_VARIANTS = (
+  "concept",
+  "concept_all",
+  "concept_budget",
+  "concept_smoke",
+)
+
+
+def _concept(c: ml_collections.ConfigDict, variant: str) -> None:
+  """The concept-learning setting: a model that has never seen a nine is
+  fine-tuned on 100 protected nines (see the module docstring)."""
+  c.sd.model = "checkpoints/t2i_digits_without_nine/model"
+  c.data.classes = (9,)
+  c.data.limit = 100
+  c.protect.methods = ("random", "encoder_target", "min")
+  c.protect.update(chunk_size=100, batch_size=16)
+  # Measured on 100 nines: 150 steps 69%, 250 steps 74% concept success
+  # (one seed); about 35 s a fine-tune on 2 CPU cores.
+  c.finetune.update(
+    num_steps=300, batch_size=16, learning_rate=5e-4, ema_decay=0.9, seeds=3
+  )
+  c.sample.per_class = 100
+  c.eval.classifier.train.num_epochs = 8
+  c.eval.robust_method = ""
+  if variant == "concept_all":
+    c.eval.robust_method = "encoder_target"
+    c.protect.methods = (
+      "random",
+      "advdm",
+      "max",
+      "min",
+      "bilevel",
+      "encoder_away",
+      "encoder_target",
+    )
+  if variant == "concept_budget":
+    c.protect.methods = ("random", "encoder_away", "encoder_target", "min")
+    c.protect.budgets = (8.0, 16.0, 32.0, 64.0)
+  if variant == "concept_smoke":
+    c.eval.robust_method = "encoder_target"
+    c.protect.methods = ("random", "encoder_target", "bilevel")
+    c.protect.budgets = (8.0, 16.0)
+    c.finetune.seeds = 2
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variant = arg or "digits"
+  variant = arg or "concept"
   c = base_config(variant)
+  c.data.classes = ()  # latent settings: only these classes (the concept)
   c.protect = ml_collections.ConfigDict(
     {
       # "random" (the control: ±eps noise, no model), "advdm", "udp" or
       # "eudp:<policy>" (policies: uniform, signal, snr, early, late).
       "methods": ("random", "advdm", "udp", "eudp:early"),
       "eps": 8.0,  # [0, 255] units
+      # A budget sweep (latent settings): every method at each of these
+      # budgets, the PGD step scaled with the budget; () runs `eps` alone.
+      "budgets": (),
       "norm": "linf",
       "step_size": 1.0,  # [0, 255] units
       "random_start": False,
@@ -57,6 +121,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "pgd_steps": 5,  # perturbation steps per round (outer max)
       "num_draws": 1,  # (t, ε) draws per PGD gradient
       "batch_size": 64,  # surrogate minibatch
+      # The bilevel reading: K unrolled SGD steps of step size η on x + δ.
+      "bilevel_steps": 1,
+      "bilevel_lr": 0.1,
+      # The encoder_target reading's target: 'gray' (PhotoGuard) or 'blur'
+      # (each image blurred: Glaze's style target).
+      "encoder_target": "blur",
+      "target_blur_sigma": 1.5,
     }
   )
   # The surrogate: a DDPM warmed up on clean data before protection (AdvDM
@@ -89,7 +160,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # pytorch-fid's pt_inception-2015-12-05-6726825d.pth, if you have it:
       # adds a real Inception FID column ('' leaves it out).
       "inception_weights": "",
+      # An ImageNet feature space that works offline ("alex" or "vgg", the
+      # LPIPS backbones): Fréchet distance, precision and recall in it next
+      # to the classifier's ('' leaves them out). On for the RGB variants.
+      "perceptual": "",
       "ssim_filter": 7,
+    }
+  )
+
+  # What a run should reach, with its source; the report states met or
+  # missed from this block (latent settings).
+  c.expected = ml_collections.ConfigDict(
+    {
+      "drop_points": 40.0,
+      "margin_points": 20.0,
+      "source": "the concept-learning target at 8/255",
     }
   )
 
@@ -117,7 +202,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       chunk_size=5000, rounds=10, inner_steps=100, pgd_steps=10, batch_size=128
     )
     c.eval.classifier = train_classifier.get_config("cifar10")
-    c.eval.update(blur_sigma=1.0, ssim_filter=11)
+    c.eval.update(blur_sigma=1.0, ssim_filter=11, perceptual="alex")
     if variant == "cifar10_small":
       local = "../shared/data/cifar10/"
       c.data.train = local + "train_jpeg.npz"
@@ -161,8 +246,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.eval.robust_method = ""
       # 2 x 1,000 UNet passes per DDPM instead of 8 x 5,000 (10 minutes).
       c.eval.update(heldout_size=1000, heldout_draws=2)
-  elif variant in ("sd", "sd_smoke"):
-    # The latent-diffusion setting: the embedded text-to-image model is the
+  elif variant in ("sd", "sd_smoke", *CONCEPT_VARIANTS):
+    # The latent-diffusion settings: the embedded text-to-image model is the
     # surrogate and what the unauthorised trainer fine-tunes.
     del c["surrogate"], c["ddpm"]
     c.data.train, c.data.test = "mnist5k:train", "mnist5k:test"
@@ -184,6 +269,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         "learning_rate": 1e-4,
         "weight_decay": 1e-2,
         "ema_decay": 0.99,
+        "seeds": 1,  # trainer seeds per training set
       }
     )
     c.sample = ml_collections.ConfigDict(
@@ -191,16 +277,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval.classifier = train_classifier.get_config("mnist5k")
     c.eval.robust_method = ""
-    if variant == "sd_smoke":
+    if variant in CONCEPT_VARIANTS:
+      _concept(c, variant)
+    if variant in ("sd_smoke", "concept_smoke"):
       c.sd.model = ""  # set by the test
-      # The control and one optimised method: both code paths, half the time.
-      c.protect.methods = ("random", "eudp:early")
       c.data.limit = 16
       c.protect.update(chunk_size=8, rounds=1, inner_steps=1, pgd_steps=1)
       c.protect.batch_size = 4
       c.finetune.update(num_steps=2, batch_size=4)
-      c.sample.update(per_class=1, num_steps=2)
+      c.sample.update(per_class=4 if variant == "concept_smoke" else 1)
+      c.sample.num_steps = 2
       c.eval.classifier = train_classifier.get_config("mnist5k_smoke")
+    if variant == "sd_smoke":
+      # The control and one optimised method: both code paths, half the time.
+      c.protect.methods = ("random", "eudp:early")
   elif variant == "smoke":
     c.protect.update(chunk_size=64, rounds=1, inner_steps=2, pgd_steps=2)
     for d in (c.surrogate, c.ddpm):
