@@ -67,3 +67,34 @@ def test_jpeg_and_blur():
     jpeg_compress(images, 0)
   with pytest.raises(TypeError, match="uint8"):
     gaussian_blur(images.astype(np.float32), 1.0)
+
+
+def test_blur_of_model_images_is_the_uint8_blur_and_differentiable():
+  from aigc_jax.purify import blur_model_images
+
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (3, 16, 16, 1), np.uint8)
+  x = jnp.asarray(images / 127.5 - 1.0, jnp.float32)
+  blurred = (np.asarray(blur_model_images(x, 1.0)) + 1.0) * 127.5
+  # scipy's filter, rounded to uint8: within rounding of the pure one.
+  assert np.abs(blurred - gaussian_blur(images, 1.0)).max() <= 0.51
+  grad = jax.grad(lambda v: blur_model_images(v, 1.0)[0, 8, 8, 0])(x)
+  np.testing.assert_allclose(float(grad.sum()), 1.0, rtol=1e-5)
+  per_image = jax.vmap(lambda v: blur_model_images(v[None], 1.0)[0])(x)
+  np.testing.assert_allclose(per_image, blur_model_images(x, 1.0), atol=1e-6)
+
+
+def test_share_interval_is_wilsons():
+  from aigc_jax.metrics import share_interval
+
+  # Wilson's 95% interval for 50 of 100 is 0.404-0.596; at 0 and at n it
+  # keeps a width instead of collapsing to a point.
+  np.testing.assert_allclose(
+    share_interval(50, 100), (0.4038, 0.5962), atol=1e-4
+  )
+  lo, hi = share_interval(0, 100)
+  assert lo == 0.0 and 0.03 < hi < 0.04
+  lo, hi = share_interval(100, 100)
+  assert 0.96 < lo < 0.97 and hi == pytest.approx(1.0)
+  with pytest.raises(ValueError, match="successes"):
+    share_interval(5, 4)
