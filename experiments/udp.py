@@ -99,20 +99,34 @@ def _protection_key(config) -> jax.Array:
   return jax.random.fold_in(jax.random.key(config.seed), 7)
 
 
-def pgd_settings(config) -> dict:
-  """The PGD keyword arguments of `config.protect` (budget, steps, step)."""
+def reading_step(config, reading, chunk, delta, key, **objective_args):
+  """`config.protect.pgd_steps` PGD steps on δ of `reading`'s objective
+  (`protect.reading_objective` with `objective_args`) on a chunk: the
+  perturbation half of the alternation, for any surrogate."""
   p = config.protect
-  return dict(
+  objective = protect.reading_objective(
+    reading,
+    clean=chunk.x,
+    num_draws=p.num_draws,
+    bilevel_steps=p.bilevel_steps,
+    bilevel_lr=p.bilevel_lr,
+    **objective_args,
+  )
+  return protect.pgd(
+    objective,
+    chunk.x,
+    delta,
+    key,
     budget=protect.budget(p.eps, p.norm),
     steps=p.pgd_steps,
     step_size=p.step_size / protect.LEVELS_PER_UNIT,
+    ascent=protect.READINGS[reading].ascent,
     # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
     unroll=True if jax.default_backend() == "cpu" else 1,
   )
 
 
 def protection_steps(config, mesh) -> ProtectionSteps:
-  p = config.protect
   model, schedule, optimizer = train_ddpm.build_ddpm(config.surrogate)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   key = _protection_key(config)
@@ -130,24 +144,16 @@ def protection_steps(config, mesh) -> ProtectionSteps:
   )
 
   def perturb(state, chunk, delta, k, policy, reading):
-    objective = protect.reading_objective(
+    return reading_step(
+      config,
       reading,
-      eps_fn_of=lambda params: ddpm_eps_fn(model, params),
-      params=state.params,
-      clean=chunk.x,
-      schedule=schedule,
-      policy=policy,
-      num_draws=p.num_draws,
-      bilevel_steps=p.bilevel_steps,
-      bilevel_lr=p.bilevel_lr,
-    )
-    return protect.pgd(
-      objective,
-      chunk.x,
+      chunk,
       delta,
       k,
-      ascent=protect.READINGS[reading].ascent,
-      **pgd_settings(config),
+      eps_fn_of=lambda params: ddpm_eps_fn(model, params),
+      params=state.params,
+      schedule=schedule,
+      policy=policy,
     )
 
   perturb = jax.jit(

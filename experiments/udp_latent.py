@@ -123,7 +123,6 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
   (`step`, from `finetune_step`) on the latents of the protected images;
   the perturbation step differentiates the reading's objective through the
   VAE encoder to the pixels."""
-  p = config.protect
   encode = vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
@@ -143,30 +142,22 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
       reference = encode_fn(chunk.x)
     elif reading == "encoder_target":
       reference = encode_fn(encoder_target(config, chunk.x))
-    objective = protect.reading_objective(
+    return udp.reading_step(
+      config,
       reading,
+      chunk,
+      delta,
+      key,
       eps_fn_of=lambda unet: (
         lambda z, t: (
           model.unet.apply({"params": unet}, z, t, chunk.conditions).sample
         )
       ),
       params=unet_params,
-      clean=chunk.x,
       schedule=model.schedule,
       policy=policy,
-      num_draws=p.num_draws,
       encode=encode_fn,
       reference=reference,
-      bilevel_steps=p.bilevel_steps,
-      bilevel_lr=p.bilevel_lr,
-    )
-    return protect.pgd(
-      objective,
-      chunk.x,
-      delta,
-      key,
-      ascent=protect.READINGS[reading].ascent,
-      **udp.pgd_settings(config),
     )
 
   perturb = jax.jit(
