@@ -60,7 +60,14 @@ from aigc_jax.train import ddpm_eps_fn
 
 def check_methods(config) -> None:
   """Fails now, not after minutes of protection, on a method name the
-  library does not know or a reading this surrogate cannot run."""
+  library does not know, a reading this surrogate cannot run, or a
+  robustness row of a method that is not run."""
+  robust = config.eval.robust_method
+  if robust and robust not in config.protect.methods:
+    raise ValueError(
+      f"eval.robust_method {robust!r} is not among protect.methods "
+      f"{tuple(config.protect.methods)}."
+    )
   for method in config.protect.methods:
     _, reading, _ = protect.parse_method(method)
     if reading.objective == "encoder" and "sd" not in config:
@@ -441,11 +448,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   protect.budget(config.protect.eps, config.protect.norm)
   check_methods(config)
   robust = config.eval.robust_method
-  if robust and robust not in config.protect.methods:
-    raise ValueError(
-      f"eval.robust_method {robust!r} is not among protect.methods "
-      f"{tuple(config.protect.methods)}."
-    )
   train_set, test_set = train_classifier.load_train_test(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)

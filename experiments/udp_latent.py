@@ -481,15 +481,10 @@ def config_at_budget(config, eps: float):
 def attacked_sets(config, sets) -> dict:
   """The attacker's side: `eval.robust_method`'s protected set (at
   `protect.eps`, in a sweep) after JPEG compression, an adaptive trainer's
-  cheapest purification."""
+  cheapest purification (the method was checked by `udp.check_methods`)."""
   robust = config.eval.robust_method
   if not robust:
     return {}
-  if robust not in config.protect.methods:
-    raise ValueError(
-      f"eval.robust_method {robust!r} is not among protect.methods "
-      f"{tuple(config.protect.methods)}."
-    )
   if sweeps(config):
     robust = f"{robust}@{config.protect.eps:g}"
   q = config.eval.jpeg_quality

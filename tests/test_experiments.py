@@ -236,6 +236,14 @@ def test_udp_rejects_unknown_methods_before_any_work(tmp_path):
   config.protect.methods = ("udp",)
   with pytest.raises(ValueError, match="robust_method"):
     udp.train_and_evaluate(config, str(tmp_path))
+  config.eval.robust_method = ""
+  config.protect.methods = ("encoder_away",)  # a pixel DDPM has no encoder
+  with pytest.raises(ValueError, match="latent model's encoder"):
+    udp.train_and_evaluate(config, str(tmp_path))
+  concept = udp_configs.get_config("concept")
+  concept.eval.robust_method = "max"  # not among its methods
+  with pytest.raises(ValueError, match="robust_method"):
+    udp.train_and_evaluate(concept, str(tmp_path))
   assert not os.listdir(tmp_path)  # nothing was trained or written
 
 
