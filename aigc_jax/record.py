@@ -171,10 +171,9 @@ def cached_result(workdir: str, compute, inputs: str | None = None) -> dict:
     with open(path) as f:
       return json.load(f)
   result = compute()
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(result, f)
+  # Atomic: a kill while writing must not leave a truncated result that a
+  # resumed run would read back as finished.
+  atomic_write(path, lambda f: f.write(json.dumps(result).encode()))
   return result
 
 

@@ -68,7 +68,15 @@ def check_methods(config) -> None:
       f"eval.robust_method {robust!r} is not among protect.methods "
       f"{tuple(config.protect.methods)}."
     )
-  for method in config.protect.methods:
+  for i, method in enumerate(config.protect.methods):
+    reference = equal_l2_reference(method)
+    if reference is not None:
+      if reference not in config.protect.methods[:i]:
+        raise ValueError(
+          f"{method!r} draws noise of {reference!r}'s L2 norms: list "
+          f"{reference!r} before it in protect.methods."
+        )
+      continue
     _, reading, _ = protect.parse_method(method)
     if reading.objective == "encoder" and "sd" not in config:
       raise ValueError(
@@ -240,9 +248,14 @@ def protect_methods(
   for method in config.protect.methods:
     start = time.time()
     mdir = os.path.join(workdir, "protect", set_slug(method))
-    protected, traces[method] = protect_dataset(
-      config, mdir, method, clean, surrogate, mesh, steps, **kwargs
-    )
+    reference = equal_l2_reference(method)
+    if reference is None:
+      protected, traces[method] = protect_dataset(
+        config, mdir, method, clean, surrogate, mesh, steps, **kwargs
+      )
+    else:
+      protected = random_at_equal_l2(config, clean, sets[reference])
+      traces[method] = np.zeros((0, 0, 0), np.float32)
     seconds[method] = accumulated_seconds(
       os.path.join(mdir, "seconds.json"), time.time() - start
     )
@@ -263,6 +276,25 @@ def protect_methods(
       },
     )
   return sets, perturbations, seconds, traces
+
+
+EQUAL_L2 = "random_l2:"
+
+
+def equal_l2_reference(method: str) -> str | None:
+  """The method whose L2 norms "random_l2:<method>" copies, or None."""
+  return method[len(EQUAL_L2) :] if method.startswith(EQUAL_L2) else None
+
+
+def random_at_equal_l2(config, clean, reference) -> np.ndarray:
+  """The random control at equal L2 (`protect.random_like`): for each image,
+  random noise with the L2 norm of `reference`'s perturbation of it, inside
+  the same budget, rounded to uint8 as every protection is."""
+  b = protect.budget(config.protect.eps, config.protect.norm)
+  delta = data.to_model_range(reference) - data.to_model_range(clean)
+  key = jax.random.fold_in(_protection_key(config), 3)
+  noise = protect.random_like(key, jnp.asarray(delta), b)
+  return protect.quantize_protected(clean, np.asarray(noise), b)
 
 
 def accumulated_seconds(path: str, elapsed: float) -> float:

@@ -277,3 +277,20 @@ def test_alternation_of_class_wise_delta_shares_rows_across_chunks(tmp_path):
     assert os.path.exists(tmp_path / "c" / "chunk_0002.npz")
     with pytest.raises(ValueError, match="groups must lie"):
       _alternate(parallel.make_mesh(4), groups=groups + 1, num_groups=3)
+
+
+def test_random_like_matches_each_norm_inside_the_budget():
+  with jax.enable_x64(False):
+    b = protect.budget(8)
+    scale = jnp.asarray([0.9, 0.5, 0.2])[:, None, None, None]
+    signs = jnp.sign(jax.random.normal(jax.random.key(0), (3, 8, 8, 1)))
+    delta = signs * b.eps * scale
+    noise = protect.random_like(jax.random.key(1), delta, b)
+    norms = lambda a: np.linalg.norm(np.asarray(a).reshape(3, -1), axis=1)
+    np.testing.assert_allclose(norms(noise), norms(delta), rtol=2e-3)
+    assert float(jnp.abs(noise).max()) <= b.eps + 1e-7
+    # Not the reference's direction: a random one.
+    cosine = float(jnp.vdot(noise[0], delta[0])) / (
+      norms(noise)[0] * norms(delta)[0]
+    )
+    assert abs(cosine) < 0.5

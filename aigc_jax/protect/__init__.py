@@ -25,6 +25,7 @@ from aigc_jax.protect.pgd import (
   pgd,
   project,
   quantize_protected,
+  random_like,
   random_perturbation,
 )
 from aigc_jax.protect.udp import (
@@ -66,6 +67,7 @@ __all__ = [
   "pgd",
   "project",
   "quantize_protected",
+  "random_like",
   "random_perturbation",
   "reading_objective",
   "robust_objective",

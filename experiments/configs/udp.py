@@ -22,8 +22,11 @@ fine-tune and beats the random control by at least 20 points, on every
 seed. Measured numbers are in docs/results/udp.md.
 
 `:concept_all` runs every reading (random, advdm, max, min, bilevel,
-encoder_away, encoder_target). `:sd` fine-tunes the embedded all-digits
-model on MNIST digits it already draws (no concept to learn: a control).
+encoder_away, encoder_target, and random_l2:min, the control at min's L2).
+`:concept_budget` sweeps 8, 16, 32 and 64/255 and reports the budget at
+which concept success falls by 40 points, with a plot (`budget.png`).
+`:sd` fine-tunes the embedded all-digits model on MNIST digits it already
+draws (no concept to learn: a control).
 
 The from-scratch DDPM settings: `:digits` protects the embedded
 scikit-learn digits and trains fresh DDPMs on clean, randomly perturbed
@@ -91,13 +94,19 @@ def _concept(c: ml_collections.ConfigDict, variant: str) -> None:
       "bilevel",
       "encoder_away",
       "encoder_target",
+      "random_l2:min",
     )
   if variant == "concept_budget":
     c.protect.methods = ("random", "encoder_away", "encoder_target", "min")
     c.protect.budgets = (8.0, 16.0, 32.0, 64.0)
   if variant == "concept_smoke":
     c.eval.robust_method = "encoder_target"
-    c.protect.methods = ("random", "encoder_target", "bilevel")
+    c.protect.methods = (
+      "random",
+      "encoder_target",
+      "bilevel",
+      "random_l2:bilevel",
+    )
     c.protect.budgets = (8.0, 16.0)
     c.finetune.seeds = 2
 
@@ -108,8 +117,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.classes = ()  # latent settings: only these classes (the concept)
   c.protect = ml_collections.ConfigDict(
     {
-      # "random" (the control: ±eps noise, no model), "advdm", "udp" or
-      # "eudp:<policy>" (policies: uniform, signal, snr, early, late).
+      # A reading of protect.READINGS ("max", "min", "bilevel", "advdm",
+      # "encoder_away", "encoder_target"; "udp" and "eudp:<policy>" are
+      # max), with ":<policy>" for the denoising ones; "random" (the
+      # control: ±eps noise, no model); "random_l2:<method>" (random noise
+      # with the L2 norms of an earlier method's perturbations).
       "methods": ("random", "advdm", "udp", "eudp:early"),
       "eps": 8.0,  # [0, 255] units
       # A budget sweep (latent settings): every method at each of these
