@@ -19,7 +19,9 @@ nines in the classifier's features, and the perturbations' size:
 Expected (the `expected` block; the report states met or missed): a
 method lowers concept success by at least 40 points against the clean
 fine-tune and beats the random control by at least 20 points, on every
-seed. Measured numbers are in docs/results/udp.md.
+seed. Measured (14 min 40 s on 2 CPU cores): pretrained 2%; clean 82.0%
+(80 / 86 / 80 over the seeds), random 80.3, encoder_away 82.7, min 83.7:
+missed, as at every budget up to 64/255 (docs/results/udp.md).
 
 `:concept_all` runs every reading (random, advdm, max, min, bilevel,
 encoder_away, encoder_target, and random_l2:min, the control at min's L2).
