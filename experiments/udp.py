@@ -288,12 +288,12 @@ def equal_l2_reference(method: str) -> str | None:
 
 def random_at_equal_l2(config, clean, reference) -> np.ndarray:
   """The random control at equal L2 (`protect.random_like`): for each image,
-  random noise with the L2 norm of `reference`'s perturbation of it, inside
-  the same budget, rounded to uint8 as every protection is."""
+  `reference`'s perturbation of it with its magnitudes shuffled and random
+  signs, so its L2 and L∞ norms are the reference's after uint8 rounding."""
   b = protect.budget(config.protect.eps, config.protect.norm)
   delta = data.to_model_range(reference) - data.to_model_range(clean)
   key = jax.random.fold_in(_protection_key(config), 3)
-  noise = protect.random_like(key, jnp.asarray(delta), b)
+  noise = protect.random_like(key, jnp.asarray(delta))
   return protect.quantize_protected(clean, np.asarray(noise), b)
 
 

@@ -279,16 +279,22 @@ def test_alternation_of_class_wise_delta_shares_rows_across_chunks(tmp_path):
       _alternate(parallel.make_mesh(4), groups=groups + 1, num_groups=3)
 
 
-def test_random_like_matches_each_norm_inside_the_budget():
+def test_random_like_keeps_each_norm_through_uint8_rounding():
   with jax.enable_x64(False):
     b = protect.budget(8)
-    scale = jnp.asarray([0.9, 0.5, 0.2])[:, None, None, None]
-    signs = jnp.sign(jax.random.normal(jax.random.key(0), (3, 8, 8, 1)))
-    delta = signs * b.eps * scale
-    noise = protect.random_like(jax.random.key(1), delta, b)
+    levels = jax.random.randint(jax.random.key(0), (3, 8, 8, 1), -8, 9)
+    delta = levels.astype(jnp.float32) / protect.LEVELS_PER_UNIT
+    noise = protect.random_like(jax.random.key(1), delta)
     norms = lambda a: np.linalg.norm(np.asarray(a).reshape(3, -1), axis=1)
-    np.testing.assert_allclose(norms(noise), norms(delta), rtol=2e-3)
+    np.testing.assert_allclose(norms(noise), norms(delta), rtol=1e-6)
     assert float(jnp.abs(noise).max()) <= b.eps + 1e-7
+    clean = np.full((3, 8, 8, 1), 128, np.uint8)
+    protected = protect.quantize_protected(clean, np.asarray(noise), b)
+    np.testing.assert_allclose(
+      protect.perturbation_sizes(clean, protected, "l2"),
+      norms(delta) * protect.LEVELS_PER_UNIT,
+      rtol=1e-5,
+    )
     # Not the reference's direction: a random one.
     cosine = float(jnp.vdot(noise[0], delta[0])) / (
       norms(noise)[0] * norms(delta)[0]

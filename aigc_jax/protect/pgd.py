@@ -97,30 +97,24 @@ def random_perturbation(
   return b.eps * d / _per_example_norm(d)
 
 
-def random_like(
-  key: jax.Array, delta: jax.Array, b: Budget, *, iterations: int = 40
-) -> jax.Array:
-  """Random noise with each example's L2 norm of `delta`, inside `b`.
+def random_like(key: jax.Array, delta: jax.Array) -> jax.Array:
+  """`delta`'s own per-pixel magnitudes, shuffled within each example and
+  given random signs: random noise with exactly the L2 and L∞ norms (and
+  the histogram) of an optimised perturbation.
 
   The control at equal L2: an optimised L∞ perturbation rarely fills its
-  cube (its L2 is below ±eps noise's), so random noise of the same energy
-  is the fairer yardstick. A Gaussian direction g is scaled by the s at
-  which ‖project(s·g)‖ equals the norm (found by bisection: the projected
-  norm grows with s), so wherever the budget can hold the norm it is met.
+  cube (its L2 is below ±eps noise's), so noise of the same energy is the
+  fairer yardstick. Reusing the magnitudes, rather than scaling a Gaussian,
+  also keeps the energy through uint8 rounding, which erases a Gaussian's
+  many sub-level values.
   """
-  target = _per_example_norm(delta)
-  g = jax.random.normal(key, delta.shape, jnp.float32)
-  lo = jnp.zeros_like(target)
-  # Beyond this scale every pixel of g is clipped (L∞) or the norm is far
-  # past the target: the projected norm no longer grows.
-  hi = (
-    1e3 * jnp.maximum(target, b.eps) / jnp.maximum(_per_example_norm(g), 1e-12)
-  )
-  for _ in range(iterations):
-    mid = 0.5 * (lo + hi)
-    short = _per_example_norm(project(mid * g, b)) < target
-    lo, hi = jnp.where(short, mid, lo), jnp.where(short, hi, mid)
-  return project(hi * g, b)
+  b = delta.shape[0]
+  flat = jnp.abs(delta.reshape(b, -1))
+  perm_key, sign_key = jax.random.split(key)
+  keys = jax.random.split(perm_key, b)
+  shuffled = jax.vmap(lambda k, m: jax.random.permutation(k, m))(keys, flat)
+  signs = jax.random.rademacher(sign_key, shuffled.shape, shuffled.dtype)
+  return (signs * shuffled).reshape(delta.shape)
 
 
 def _direction(grad: jax.Array, norm: str) -> jax.Array:
