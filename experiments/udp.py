@@ -291,9 +291,10 @@ def random_at_equal_l2(config, clean, reference) -> np.ndarray:
   `reference`'s perturbation of it with its magnitudes shuffled and random
   signs, so its L2 and L∞ norms are the reference's after uint8 rounding."""
   b = protect.budget(config.protect.eps, config.protect.norm)
-  delta = data.to_model_range(reference) - data.to_model_range(clean)
+  x = data.to_model_range(clean)
+  delta = data.to_model_range(reference) - x
   key = jax.random.fold_in(_protection_key(config), 3)
-  noise = protect.random_like(key, jnp.asarray(delta))
+  noise = protect.random_like(key, jnp.asarray(delta), jnp.asarray(x))
   return protect.quantize_protected(clean, np.asarray(noise), b)
 
 

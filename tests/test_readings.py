@@ -288,7 +288,12 @@ def test_random_like_keeps_each_norm_through_uint8_rounding():
     norms = lambda a: np.linalg.norm(np.asarray(a).reshape(3, -1), axis=1)
     np.testing.assert_allclose(norms(noise), norms(delta), rtol=1e-6)
     assert float(jnp.abs(noise).max()) <= b.eps + 1e-7
+    # Half black, half mid-gray: no sign may leave the image box.
     clean = np.full((3, 8, 8, 1), 128, np.uint8)
+    clean[:, :4] = 0
+    x = jnp.asarray(clean / 127.5 - 1.0, jnp.float32)
+    noise = protect.random_like(jax.random.key(1), delta, x)
+    assert float(jnp.min(x + noise)) >= -1.0
     protected = protect.quantize_protected(clean, np.asarray(noise), b)
     np.testing.assert_allclose(
       protect.perturbation_sizes(clean, protected, "l2"),

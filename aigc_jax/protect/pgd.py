@@ -97,7 +97,9 @@ def random_perturbation(
   return b.eps * d / _per_example_norm(d)
 
 
-def random_like(key: jax.Array, delta: jax.Array) -> jax.Array:
+def random_like(
+  key: jax.Array, delta: jax.Array, x: jax.Array | None = None
+) -> jax.Array:
   """`delta`'s own per-pixel magnitudes, shuffled within each example and
   given random signs: random noise with exactly the L2 and L∞ norms (and
   the histogram) of an optimised perturbation.
@@ -106,7 +108,9 @@ def random_like(key: jax.Array, delta: jax.Array) -> jax.Array:
   cube (its L2 is below ±eps noise's), so noise of the same energy is the
   fairer yardstick. Reusing the magnitudes, rather than scaling a Gaussian,
   also keeps the energy through uint8 rounding, which erases a Gaussian's
-  many sub-level values.
+  many sub-level values. With the clean images `x` ([-1, 1]), a sign that
+  would push a pixel out of the image box is flipped, so clipping (which
+  would zero the noise on a black background) takes nothing away.
   """
   b = delta.shape[0]
   flat = jnp.abs(delta.reshape(b, -1))
@@ -114,7 +118,11 @@ def random_like(key: jax.Array, delta: jax.Array) -> jax.Array:
   keys = jax.random.split(perm_key, b)
   shuffled = jax.vmap(lambda k, m: jax.random.permutation(k, m))(keys, flat)
   signs = jax.random.rademacher(sign_key, shuffled.shape, shuffled.dtype)
-  return (signs * shuffled).reshape(delta.shape)
+  noise = (signs * shuffled).reshape(delta.shape)
+  if x is not None:
+    noise = jnp.where(x + noise > 1.0, -jnp.abs(noise), noise)
+    noise = jnp.where(x + noise < -1.0, jnp.abs(noise), noise)
+  return noise
 
 
 def _direction(grad: jax.Array, norm: str) -> jax.Array:
