@@ -34,6 +34,10 @@ import numpy as np
 from jax.sharding import Mesh
 
 from aigc_jax import checkpoint, parallel, record
+from aigc_jax.protect.pgd import apply_perturbation
+
+# x + δ (or x + δ[groups]) clipped to the image box, as PGD applies it.
+_protected = jax.jit(apply_perturbation)
 
 State = Any
 # (state, batch) -> (state, metrics): one model step, the state donated.
@@ -299,9 +303,3 @@ def _alternate_chunk(
   d = parallel.to_host(d)
   trace = np.stack(trace) if trace else np.zeros((0, 0), np.float32)
   return (d if classwise else d[:n]), trace, state
-
-
-@jax.jit
-def _protected(x, delta, groups):
-  d = delta if groups is None else delta[groups]
-  return jax.numpy.clip(x + d, -1.0, 1.0)
