@@ -220,40 +220,23 @@ def purifier_settings(config, name: str) -> dict | None:
 
 
 def make_purify_fn(config, params, lpips_variables, name: str):
-  """`fn((images, indices)) -> purified` for a batch in [-1, 1].
-
-  Image i is purified with its own key, fold_in(key, i), by vmapping the
-  single-image purification, so the result does not depend on the batch
-  or the number of devices. The weights are arguments of the jitted
-  function, not constants baked into it.
-  """
+  """`fn((images, indices)) -> purified` for a batch in [-1, 1]
+  (`purify.per_image_purifier`: image i with its own key)."""
   model, schedule, _ = train_ddpm.build_ddpm(config.ddpm)
   p = config.purify
-  settings = purifier_settings(config, name)
-  key = jax.random.key(config.seed)
-
-  def purify_one(params, lpips_variables, x, index):
-    eps_fn = train.ddpm_eps_fn(model, params)
-    k = jax.random.fold_in(key, index)
-    common = dict(t_star=p.t_star, rounds=p.rounds, variance=p.variance)
-    if settings is None:
-      out = purify.diffusion_purify(eps_fn, x[None], k, schedule, **common)
-    else:
-      out = purify.jcdp_purify(
-        eps_fn,
-        x[None],
-        k,
-        schedule,
-        split=p.split,
-        lpips_variables=lpips_variables,
-        lpips_size=p.lpips_size or None,
-        **settings,
-        **common,
-      )
-    return jnp.clip(out[0], -1.0, 1.0)
-
-  batched = jax.jit(jax.vmap(purify_one, in_axes=(None, None, 0, 0)))
-  return lambda batch: batched(params, lpips_variables, *batch)
+  guidance = purifier_settings(config, name)
+  if guidance is not None:
+    guidance.update(split=p.split, lpips_size=p.lpips_size or None)
+  fn = purify.per_image_purifier(
+    lambda params: train.ddpm_eps_fn(model, params),
+    schedule,
+    jax.random.key(config.seed),
+    guidance,
+    t_star=p.t_star,
+    rounds=p.rounds,
+    variance=p.variance,
+  )
+  return lambda batch: fn(params, lpips_variables, *batch)
 
 
 def purified_set(config, workdir, name, set_name, images, purify_fn, mesh):

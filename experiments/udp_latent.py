@@ -30,6 +30,7 @@ import optax
 from aigc_jax import (
   checkpoint,
   data,
+  models,
   parallel,
   protect,
   purify,
@@ -49,6 +50,7 @@ if __package__ in (None, ""):
   import erase
   import launch
   import train_classifier
+  import train_ddpm
   import train_text_to_image
   import udp
 else:
@@ -56,6 +58,7 @@ else:
     erase,
     launch,
     train_classifier,
+    train_ddpm,
     train_text_to_image,
     udp,
   )
@@ -87,7 +90,14 @@ def captioned_images(config, model):
       f"No training images of classes {tuple(config.data.classes)} in "
       f"{config.data.train!r}."
     )
-  images = train_set.images
+  words = config.sd.class_words
+  captions = [config.sd.caption.format(words[int(y)]) for y in train_set.labels]
+  images = padded_to_model(train_set.images, model)
+  return images, np.asarray(train_set.labels), captions, test_set
+
+
+def padded_to_model(images: np.ndarray, model) -> np.ndarray:
+  """uint8 NHWC images zero-padded to the side the model's VAE takes."""
   size = pixel_size(model)
   pad = size - images.shape[1]
   if pad < 0 or pad % 2 or images.shape[1] != images.shape[2]:
@@ -101,10 +111,7 @@ def captioned_images(config, model):
       f"{model.vae.in_channels}."
     )
   half = pad // 2
-  images = np.pad(images, ((0, 0), (half, half), (half, half), (0, 0)))
-  words = config.sd.class_words
-  captions = [config.sd.caption.format(words[int(y)]) for y in train_set.labels]
-  return images, np.asarray(train_set.labels), captions, test_set
+  return np.pad(images, ((0, 0), (half, half), (half, half), (0, 0)))
 
 
 def vae_encoder(model, vae_params, mesh):
@@ -125,6 +132,7 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
   VAE encoder to the pixels."""
   encode = vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  anchors = jax.device_put(anchor_images(config, model), rep)
   finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
   surrogate_key = jax.random.fold_in(udp._protection_key(config), 1)
   surrogate_key = jax.device_put(surrogate_key, rep)
@@ -135,13 +143,20 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
     latents = parallel.shard_batch(mesh, encode(x))
     return finetune_step(state, (latents, context), surrogate_key)
 
-  def perturb(unet_params, vae_params, chunk, delta, key, policy, reading):
+  def perturb(
+    unet_params, vae_params, anchors, chunk, delta, key, policy, reading
+  ):
     encode_fn = lambda x: sd.encode_images(model, vae_params, x)
     reference = None
     if reading == "encoder_away":
       reference = encode_fn(chunk.x)
     elif reading == "encoder_target":
-      reference = encode_fn(encoder_target(config, chunk.x))
+      reference = encode_fn(encoder_target(config, chunk.x, anchors))
+    elif reading == "decoded_target":
+      reference = encoder_target(config, chunk.x, anchors)
+      encode_fn = lambda x: sd.decode_latents(
+        model, vae_params, sd.encode_images(model, vae_params, x)
+      )
     return udp.reading_step(
       config,
       reading,
@@ -166,25 +181,63 @@ def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
   return udp.ProtectionSteps(
     inner_min,
     lambda state, chunk, delta, key, policy, reading: perturb(
-      state.params, params["vae"], chunk, delta, key, policy, reading
+      state.params, params["vae"], anchors, chunk, delta, key, policy, reading
     ),
     model.schedule,
   )
 
 
-def encoder_target(config, x: jax.Array) -> jax.Array:
-  """The images whose latents `encoder_target` moves toward: a mid-gray
-  image (PhotoGuard's target) or `x` blurred, the same content without the
-  fine detail that makes a style (Glaze's style target, Shan et al. 2023,
-  with a Gaussian blur standing in for the style-transfer model)."""
+def encoder_target(config, x: jax.Array, anchors: jax.Array) -> jax.Array:
+  """The images whose latents `encoder_target` (or whose reconstructions
+  `decoded_target`) moves toward, per `protect.encoder_target`:
+
+  * "gray": a mid-gray image (PhotoGuard's target, Salman et al. 2023);
+  * "blur": `x` blurred, the same content without the fine detail that
+    makes a style (Glaze's style target, Shan et al. 2023, arXiv 2302.04222,
+    a Gaussian blur standing in for the style-transfer model);
+  * "class:<k>": for each image, the nearest of `anchors`, images of
+    another class k (`protect.nearest_anchors`: Nightshade's anchor
+    concept), so that a model fine-tuned on the protected images learns
+    class k's look for the concept's prompt.
+  """
   target = config.protect.encoder_target
   if target == "gray":
     return jnp.zeros_like(x)
   if target == "blur":
     return purify.blur_model_images(x, config.protect.target_blur_sigma)
+  if anchor_class(target) is not None:
+    return protect.nearest_anchors(x, anchors)
   raise ValueError(
-    f"Unknown protect.encoder_target {target!r}; choose 'gray' or 'blur'."
+    f"Unknown protect.encoder_target {target!r}; choose 'gray', 'blur' or "
+    "'class:<k>' (k an integer label of data.train)."
   )
+
+
+def anchor_class(target: str) -> int | None:
+  """k of an encoder target "class:<k>", else None."""
+  found = re.fullmatch(r"class:(\d+)", target)
+  return int(found.group(1)) if found else None
+
+
+def anchor_images(config, model) -> np.ndarray:
+  """The anchor images of an encoder target "class:<k>" (at most
+  `protect.num_anchors` images of class k from `data.train`, in [-1, 1],
+  padded to the model's side); one blank image for the other targets."""
+  k = anchor_class(config.protect.encoder_target)
+  if k is None:
+    return np.zeros((1, *[pixel_size(model)] * 2, model.vae.in_channels))
+  train_set = train_classifier.load_split(
+    config.data.train, config.data.data_dir
+  )
+  found = np.flatnonzero(train_set.labels == k)[: config.protect.num_anchors]
+  if k in tuple(config.data.classes) or not len(found):
+    raise ValueError(
+      f"protect.encoder_target={config.protect.encoder_target!r}: the "
+      f"anchor class must have images in {config.data.train!r} and differ "
+      "from the protected data.classes; pick another class."
+    )
+  images = padded_to_model(train_set.images[found], model)
+  return data.to_model_range(images)
 
 
 def finetune_optimizer(config) -> optax.GradientTransformation:
@@ -405,7 +458,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       protected, (sets, perturbations, protect_seconds, traces), strict=True
     ):
       into.update({m + suffix: v for m, v in found.items() if m != "clean"})
-  sets.update(attacked_sets(config, sets))
+  sets.update(attacked_sets(config, workdir, sets, mesh))
 
   finetune = fine_tuner(config, model, params, optimizer, step, mesh)
   sample = class_prompt_sampler(config, model, params)
@@ -478,17 +531,79 @@ def config_at_budget(config, eps: float):
   return at
 
 
-def attacked_sets(config, sets) -> dict:
+def attacked_sets(config, workdir, sets, mesh) -> dict:
   """The attacker's side: `eval.robust_method`'s protected set (at
   `protect.eps`, in a sweep) after JPEG compression, an adaptive trainer's
-  cheapest purification (the method was checked by `udp.check_methods`)."""
+  cheapest purification, and after LE's (`le_purified`) when
+  `eval.le.t_star` > 0 (the method was checked by `udp.check_methods`)."""
   robust = config.eval.robust_method
   if not robust:
     return {}
   if sweeps(config):
     robust = f"{robust}@{config.protect.eps:g}"
   q = config.eval.jpeg_quality
-  return {f"{robust} + JPEG {q}": purify.jpeg_compress(sets[robust], q)}
+  attacked = {f"{robust} + JPEG {q}": purify.jpeg_compress(sets[robust], q)}
+  if config.eval.le.t_star:
+    attacked[f"{robust} + LE"] = le_purified(
+      config, os.path.join(workdir, "le"), sets[robust], sets["clean"], mesh
+    )
+  return attacked
+
+
+def le_purified(config, workdir, images, clean, mesh) -> np.ndarray:
+  """`images` (uint8) purified by LE's Joint-Conditional Diffusion
+  Purification (Jiang et al., ACM MM 2023; `purify.jcdp_purify` with the
+  released code's λ schedule and strength): a pixel DDPM trained on
+  `eval.le.manifold` without the protected images' originals (`clean`),
+  zero-padded as they are, diffuses each image to t* and denoises it
+  guided toward it. The DDPM and the purified set are kept in `workdir`."""
+  path = os.path.join(workdir, "purified.npz")
+  if os.path.exists(path):
+    return record.load_arrays(path)["images"]
+  le = config.eval.le
+  manifold = train_classifier.load_split(le.manifold, config.data.data_dir)
+  half = (clean.shape[1] - manifold.images.shape[1]) // 2
+  pads = [(0, 0), (half, half), (half, half), (0, 0)]
+  manifold = np.pad(manifold.images, pads)
+  protected = {x.tobytes() for x in clean}
+  manifold = manifold[[x.tobytes() not in protected for x in manifold]]
+  state = train_ddpm.train_ddpm(
+    le.ddpm, os.path.join(workdir, "ddpm"), manifold, mesh, desc="LE's DDPM"
+  )
+  model, schedule, _ = train_ddpm.build_ddpm(le.ddpm)
+  fn = purify.per_image_purifier(
+    lambda params: train.ddpm_eps_fn(model, params),
+    schedule,
+    jax.random.key(config.seed + 7),
+    dict(
+      form="original",
+      mse_scale=purify.OFFICIAL_SCALE,
+      lpips_scale=purify.OFFICIAL_SCALE,
+      split=le.split,
+      lpips_size=le.lpips_size or None,
+    ),
+    t_star=le.t_star,
+    rounds=le.rounds,
+    variance="fixed_large",
+  )
+  lpips_variables = models.load_lpips(le.lpips)
+  purified = data.to_uint8(
+    parallel.batched_apply(
+      lambda batch: fn(state.ema_params, lpips_variables, *batch),
+      (data.to_model_range(images), np.arange(len(images), dtype=np.int32)),
+      batch_size=le.batch_size,
+      mesh=mesh,
+    )
+  )
+  if jax.process_index() == 0:
+    n = min(10, len(images))
+    data.save_image_grid(
+      os.path.join(workdir, "grid.png"),
+      np.concatenate([clean[:n], images[:n], purified[:n]]),
+      ncol=n,
+    )
+    record.save_arrays(path, images=purified)
+  return purified
 
 
 def control_of(name: str) -> str:

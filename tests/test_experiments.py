@@ -698,7 +698,8 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   assert list(result["results"]) == [
     "clean",
     *(f"{m}@{e}" for e in (8, 16) for m in config.protect.methods),
-    "encoder_target@8 + JPEG 75",
+    "decoded_target@8 + JPEG 75",
+    "decoded_target@8 + LE",
   ]
   for name, row in result["perturbations"].items():
     assert 0 < row["linf_255"] <= float(name.split("@")[1])
@@ -721,6 +722,8 @@ def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   assert "concept success" in text and "Target (from `expected`" in text
   assert "budget to protect" in text
   assert os.path.exists(os.path.join(udp_dir, "budget.png"))
+  purified = np.load(os.path.join(udp_dir, "le", "purified.npz"))["images"]
+  assert purified.shape == (16, 32, 32, 1) and purified.dtype == np.uint8
 
 
 def test_erase_refuses_bad_configs_before_any_work(tmp_path):

@@ -305,3 +305,26 @@ def test_random_like_keeps_each_norm_through_uint8_rounding():
       norms(noise)[0] * norms(delta)[0]
     )
     assert abs(cosine) < 0.5
+
+
+def test_nearest_anchors_pairs_each_image_with_its_closest_anchor():
+  anchors = jax.random.uniform(jax.random.key(0), (5, 4, 4, 1), minval=-1.0)
+  # Each image is an anchor plus a little noise, in a shuffled order.
+  order = jnp.array([3, 0, 4, 4, 1])
+  noise = 0.01 * jax.random.normal(jax.random.key(1), (5, 4, 4, 1))
+  x = anchors[order] + noise
+  np.testing.assert_array_equal(
+    protect.nearest_anchors(x, anchors), anchors[order]
+  )
+  # The decoded form of the target attack is the same objective with the
+  # reconstruction as `encode` and the target images as the reference.
+  reconstruct = lambda xa: jnp.tanh(2 * xa)
+  objective = protect.latent_distance_objective(
+    reconstruct, protect.nearest_anchors(x, anchors)
+  )
+  grad = jax.grad(lambda xa: objective(xa, None).sum())(x)
+  d = jax.random.normal(jax.random.key(2), x.shape)
+  f = lambda xa: float(objective(jnp.asarray(xa), None).sum())
+  np.testing.assert_allclose(
+    float(jnp.vdot(grad, d)), _finite_difference(f, x, d), rtol=1e-6
+  )

@@ -11,7 +11,7 @@ from aigc_jax.protect.emn import (
   cross_entropy_objective,
   robust_objective,
 )
-from aigc_jax.protect.encoder import latent_distance_objective
+from aigc_jax.protect.encoder import latent_distance_objective, nearest_anchors
 from aigc_jax.protect.lsp import lsp_perturbations
 from aigc_jax.protect.pgd import (
   LEVELS_PER_UNIT,
@@ -62,6 +62,7 @@ __all__ = [
   "init_perturbation",
   "latent_distance_objective",
   "lsp_perturbations",
+  "nearest_anchors",
   "parse_method",
   "perturbation_sizes",
   "pgd",

@@ -10,6 +10,11 @@ objectives for the one PGD loop (`aigc_jax.protect.pgd`):
   & Wu 2023, with a texture image as the target);
 * away from the clean latent, ascended: the untargeted form, which moves
   latents furthest per unit of budget when no target is wanted.
+
+With `encode` the VAE's reconstruction D(E(·)) and a target image as the
+reference, the same objective moves what the decoder renders rather than
+the latent itself (the `decoded_target` reading): PhotoGuard's encoder
+attack measured where the trainer's samples are seen, in pixels.
 """
 
 from collections.abc import Callable
@@ -43,3 +48,15 @@ def latent_distance_objective(
     return jnp.mean(jnp.square(diff).reshape(diff.shape[0], -1), axis=-1)
 
   return objective
+
+
+def nearest_anchors(x: jax.Array, anchors: jax.Array) -> jax.Array:
+  """For each image of `x`, the nearest (in pixel L2) of `anchors`, images of
+  another concept: the targets of Nightshade's poison (Shan et al. 2024,
+  arXiv 2310.13828, Sec. 5.2, there generated from the anchor concept's
+  prompt), paired by proximity so that each image needs the least change.
+  """
+  x, a = x.reshape(x.shape[0], -1), anchors.reshape(anchors.shape[0], -1)
+  # ‖x − a‖² up to the term in x alone, which does not change the argmin.
+  distance = jnp.sum(a**2, -1)[None] - 2 * x @ a.T
+  return anchors[jnp.argmin(distance, axis=-1)]

@@ -15,6 +15,7 @@ from aigc_jax.purify.jcdp import (
   joint_energy,
   lpips_guidance_distance,
   mse_distance,
+  per_image_purifier,
 )
 from aigc_jax.purify.transforms import (
   blur_model_images,
@@ -37,5 +38,6 @@ __all__ = [
   "jpeg_compress",
   "lpips_guidance_distance",
   "mse_distance",
+  "per_image_purifier",
   "squeeze",
 ]

@@ -26,6 +26,7 @@ the released code.
 """
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -239,3 +240,44 @@ def diffusion_purify(
     rounds=rounds,
     variance=variance,
   )
+
+
+def per_image_purifier(
+  eps_fn_of: Callable[[Any], EpsFn],
+  schedule: NoiseSchedule,
+  key: jax.Array,
+  guidance: dict | None,
+  **common,
+) -> Callable[[Any, dict | None, jax.Array, jax.Array], jax.Array]:
+  """`fn(params, lpips_variables, images, indices) -> purified`, jitted: a
+  batch in [-1, 1] purified image by image, image i with its own key
+  `fold_in(key, i)` (vmapped), so that the result depends neither on the
+  batch nor on the device count. The weights are arguments, not constants
+  baked into the program.
+
+  Args:
+    eps_fn_of: `params -> eps_fn`, the purifying DDPM.
+    schedule: its noise schedule.
+    key: randomness, folded with each image's index.
+    guidance: None for AVATAR-style `diffusion_purify`; else `jcdp_purify`'s
+      guidance keywords (form, mse_scale, lpips_scale, split, lpips_size).
+    **common: t_star, rounds, variance.
+  """
+
+  def purify_one(params, lpips_variables, x, index):
+    k = jax.random.fold_in(key, index)
+    if guidance is None:
+      out = diffusion_purify(eps_fn_of(params), x[None], k, schedule, **common)
+    else:
+      out = jcdp_purify(
+        eps_fn_of(params),
+        x[None],
+        k,
+        schedule,
+        lpips_variables=lpips_variables,
+        **guidance,
+        **common,
+      )
+    return jnp.clip(out[0], -1.0, 1.0)
+
+  return jax.jit(jax.vmap(purify_one, in_axes=(None, None, 0, 0)))

@@ -102,10 +102,11 @@ def _concept(c: ml_collections.ConfigDict, variant: str) -> None:
     c.protect.methods = ("random", "encoder_away", "encoder_target", "min")
     c.protect.budgets = (8.0, 16.0, 32.0, 64.0)
   if variant == "concept_smoke":
-    c.eval.robust_method = "encoder_target"
+    c.eval.robust_method = "decoded_target"
+    c.protect.encoder_target = "class:4"
     c.protect.methods = (
       "random",
-      "encoder_target",
+      "decoded_target",
       "bilevel",
       "random_l2:bilevel",
     )
@@ -141,10 +142,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The bilevel reading: K unrolled SGD steps of step size η on x + δ.
       "bilevel_steps": 1,
       "bilevel_lr": 0.1,
-      # The encoder_target reading's target: 'gray' (PhotoGuard) or 'blur'
-      # (each image blurred: Glaze's style target).
+      # The encoder_target reading's target: 'gray' (PhotoGuard), 'blur'
+      # (each image blurred: Glaze's style target) or 'class:<k>' (the
+      # nearest of `num_anchors` images of class k: Nightshade's anchor).
       "encoder_target": "blur",
       "target_blur_sigma": 1.5,
+      "num_anchors": 500,
     }
   )
   # The surrogate: a DDPM warmed up on clean data before protection (AdvDM
@@ -294,6 +297,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.eval.classifier = train_classifier.get_config("mnist5k")
     c.eval.robust_method = ""
+    # LE's purifier for the robust method's row: a pixel DDPM of the padded
+    # MNIST digits (the training split without the protected nines), trained
+    # on t < 100 only, as LE queries it (t* = 20).
+    c.eval.le = ml_collections.ConfigDict(
+      {
+        "t_star": 20,  # 0: no LE row
+        "rounds": 1,
+        "split": 10,  # MSE guidance above, LPIPS at and below
+        "lpips": "alex",
+        "lpips_size": 32,
+        "batch_size": 100,
+        "manifold": "mnist5k:train",
+        "ddpm": _ddpm(
+          1000,
+          train={"batch_size": 32, "max_timestep": 100, "log_every": 250},
+          model={"ch": 16, "ch_mult": (1, 2, 2), "attn_resolutions": ()},
+        ),
+      }
+    )
     if variant in CONCEPT_VARIANTS:
       _concept(c, variant)
     if variant in ("sd_smoke", "concept_smoke"):
@@ -305,6 +327,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       c.sample.update(per_class=4 if variant == "concept_smoke" else 1)
       c.sample.num_steps = 2
       c.eval.classifier = train_classifier.get_config("mnist5k_smoke")
+      c.eval.le.ddpm.train.update(num_steps=2, checkpoint_every=2, log_every=1)
+      c.eval.le.ddpm.model.update(ch=8, num_groups=4, ch_mult=(1,))
+      c.eval.le.update(t_star=3, split=1, lpips_size=0)
     if variant == "sd_smoke":
       # The control and one optimised method: both code paths, half the time.
       c.protect.methods = ("random", "eudp:early")
