@@ -629,7 +629,7 @@ def verdict(config, results) -> tuple[list[list[str]], str]:
   its margin over the random control, both per trainer seed."""
   e = config.expected
   clean = summary(results["clean"])["per_seed"]
-  rows, met = [], []
+  rows, met, elsewhere = [], [], []
   for name, runs in results.items():
     s = summary(runs)
     drops = [100 * (c - m) for c, m in zip(clean, s["per_seed"], strict=True)]
@@ -663,14 +663,28 @@ def verdict(config, results) -> tuple[list[list[str]], str]:
       min(margins, default=0) >= e.margin_points
     )
     if margins and protects:
-      met.append(name)
-  text = f"**met** by {', '.join(met)}" if met else "**missed** by every method"
+      (met if set_budget(config, name) == e.budget else elsewhere).append(name)
+  if not any(set_budget(config, n) == e.budget for n in results):
+    text = f"not measured (no set at {e.budget:g}/255)"
+  elif met:
+    text = f"**met** by {', '.join(met)}"
+  else:
+    text = "**missed** by every method"
+  if elsewhere:
+    text += f"; at other budgets the criterion holds for {', '.join(elsewhere)}"
   return rows, (
-    f"Target (from `expected`, {e.source}): a method lowers concept success "
-    f"by at least {e.drop_points:g} points against the clean fine-tune and "
-    f"beats the random control by at least {e.margin_points:g} points, on "
-    f"every trainer seed: {text}."
+    f"Target (from `expected`, {e.source}): at {e.budget:g}/255 a method "
+    f"lowers concept success by at least {e.drop_points:g} points against "
+    f"the clean fine-tune and beats the random control by at least "
+    f"{e.margin_points:g} points, on every trainer seed: {text}."
   )
+
+
+def set_budget(config, name: str) -> float:
+  """The budget (/255) of a set's name: its "@<eps>" in a sweep, else
+  `protect.eps`."""
+  found = re.search(r"@([0-9.]+)", name)
+  return float(found.group(1)) if found else config.protect.eps
 
 
 def budget_curves(config, results) -> dict[str, list[float]]:

@@ -826,3 +826,42 @@ def test_feature_unlearn_refuses_unknown_kinds():
     config[section][key] = value
     with pytest.raises(ValueError, match=match):
       feature_unlearn.check_config(config)
+
+
+def test_concept_verdict_holds_methods_to_the_target_budget_only():
+  from experiments import udp_latent
+  from experiments.configs import udp as udp_configs
+
+  config = udp_configs.get_config("concept_budget")
+  config.protect.budgets = (8.0, 64.0)
+
+  def runs(*shares):
+    return [
+      {
+        "success": s,
+        "success_interval": (s - 0.1, s + 0.1),
+        "frechet_distance": 1.0,
+        "precision": 1.0,
+        "recall": 1.0,
+      }
+      for s in shares
+    ]
+
+  results = {
+    "clean": runs(0.8, 0.9),
+    "random@8": runs(0.8, 0.8),
+    "decoded_target@8": runs(0.7, 0.8),
+    "random@64": runs(0.7, 0.8),
+    "decoded_target@64": runs(0.2, 0.3),
+  }
+  rows, text = udp_latent.verdict(config, results)
+  assert [r[0] for r in rows] == list(results)
+  assert "at 8/255" in text and "**missed** by every method" in text
+  assert "other budgets the criterion holds for decoded_target@64" in text
+  # A seed that falls short of the drop fails the method.
+  results["decoded_target@8"] = runs(0.3, 0.6)
+  assert "**missed**" in udp_latent.verdict(config, results)[1]
+  results["decoded_target@8"] = runs(0.3, 0.4)
+  assert "**met** by decoded_target@8" in udp_latent.verdict(config, results)[1]
+  del results["random@8"], results["decoded_target@8"]
+  assert "not measured" in udp_latent.verdict(config, results)[1]

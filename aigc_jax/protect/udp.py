@@ -206,8 +206,9 @@ READINGS: dict[str, Reading] = {
   # The same distance taken after the decoder: the VAE's reconstruction
   # D(E(x + δ)) toward the target image (`encode` is then D∘E and the
   # reference the target's pixels). What a latent model learns is rendered
-  # through D, and D ignores much of the latent: a latent distance cut by
-  # 80% left 67% of the reconstructions in their clean class.
+  # through D, and D ignores much of the latent: toward the nearest four
+  # at 64/255, the latent form left concept success at 73% (clean 80%, one
+  # trainer seed), this form at 26% (clean 82%, three; docs/results/udp.md).
   "decoded_target": Reading(False, False, "encoder"),
 }
 # Earlier names: "udp" is max with uniform t, "eudp:<policy>" max with one
