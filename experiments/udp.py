@@ -514,7 +514,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   steps = protection_steps(config, mesh)
-  sets, perturbations, protect_seconds, _ = protect_methods(
+  sets, perturbations, protect_seconds, traces = protect_methods(
     config, workdir, clean, train_set.labels, surrogate, mesh, steps, writer
   )
 
@@ -557,6 +557,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       results,
       perturbations,
       protect_seconds,
+      traces,
       clf_accuracy,
       total,
     ),
@@ -564,8 +565,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"results": results, "perturbations": perturbations, "seconds": total}
 
 
+def objective_ends(trace: np.ndarray) -> list[str]:
+  """A method's objective (mean over chunks) before the first PGD step and
+  before the last one, as report cells; "-" for a method without one."""
+  if not trace.size:
+    return ["-", "-"]
+  return [f"{trace[:, 0, 0].mean():.4f}", f"{trace[:, -1, -1].mean():.4f}"]
+
+
 def udp_report(
-  config, workdir, results, perturbations, protect_seconds, clf_accuracy, total
+  config,
+  workdir,
+  results,
+  perturbations,
+  protect_seconds,
+  traces,
+  clf_accuracy,
+  total,
 ):
   clean = results["clean"]
   rows = []
@@ -622,7 +638,16 @@ def udp_report(
     rows,
   )
   ptable = record.markdown_table(
-    ["method", "L∞ (/255)", "mean L2 (/255)", "PSNR (dB)", "SSIM", "time (s)"],
+    [
+      "method",
+      "L∞ (/255)",
+      "mean L2 (/255)",
+      "PSNR (dB)",
+      "SSIM",
+      "objective at start",
+      "at end",
+      "time (s)",
+    ],
     [
       [
         m,
@@ -630,6 +655,7 @@ def udp_report(
         f"{v['l2_255']:.1f}",
         f"{v['psnr_db']:.2f}",
         f"{v['ssim']:.4f}",
+        *objective_ends(traces[m]),
         protect_seconds[m],
       ]
       for m, v in perturbations.items()

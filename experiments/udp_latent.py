@@ -776,9 +776,6 @@ def report(
   )
   prow = []
   for m, v in perturbations.items():
-    t = traces[m]
-    first = f"{t[:, 0, 0].mean():.4f}" if t.size else "-"
-    last = f"{t[:, -1, -1].mean():.4f}" if t.size else "-"
     prow.append(
       [
         m,
@@ -786,8 +783,7 @@ def report(
         f"{v['l2_255']:.1f}",
         f"{v['psnr_db']:.2f}",
         f"{v['ssim']:.3f}",
-        first,
-        last,
+        *udp.objective_ends(traces[m]),
         f"{seconds[m]:.1f}",
       ]
     )

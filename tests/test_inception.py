@@ -118,7 +118,10 @@ def test_udp_report_gains_an_inception_fid_column(tmp_path):
     {"clean": row, "eudp:early": row},
     {"eudp:early": perturbation},
     {"eudp:early": 1.0},
+    {"eudp:early": np.array([[[0.25, 0.5], [0.75, 0.875]]])},
     0.99,
     1.0,
   )
   assert "Inception FID" in report and "12.35" in report
+  # The objective before the first and the last PGD step.
+  assert "| 0.2500 | 0.8750 |" in report
