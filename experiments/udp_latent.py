@@ -124,15 +124,17 @@ def vae_encoder(model, vae_params, mesh):
   )
 
 
-def latent_steps(config, model, params, step, mesh) -> udp.ProtectionSteps:
+def latent_steps(
+  config, model, params, step, mesh, anchors
+) -> udp.ProtectionSteps:
   """The two halves of the alternation for a latent diffusion model; a
   minibatch is (images, text embeddings). The inner min fine-tunes the UNet
   (`step`, from `finetune_step`) on the latents of the protected images;
   the perturbation step differentiates the reading's objective through the
-  VAE encoder to the pixels."""
+  VAE encoder to the pixels; `anchors` from `anchor_images`."""
   encode = vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  anchors = jax.device_put(anchor_images(config, model), rep)
+  anchors = jax.device_put(anchors, rep)
   finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
   surrogate_key = jax.random.fold_in(udp._protection_key(config), 1)
   surrogate_key = jax.device_put(surrogate_key, rep)
@@ -222,9 +224,14 @@ def anchor_class(target: str) -> int | None:
 def anchor_images(config, model) -> np.ndarray:
   """The anchor images of an encoder target "class:<k>" (at most
   `protect.num_anchors` images of class k from `data.train`, in [-1, 1],
-  padded to the model's side); one blank image for the other targets."""
+  padded to the model's side); one blank image for the other targets or
+  when no method takes a target."""
   k = anchor_class(config.protect.encoder_target)
-  if k is None:
+  targeted = any(
+    m.partition(":")[0] in ("encoder_target", "decoded_target")
+    for m in config.protect.methods
+  )
+  if k is None or not targeted:
     return np.zeros((1, *[pixel_size(model)] * 2, model.vae.in_channels))
   train_set = train_classifier.load_split(
     config.data.train, config.data.data_dir
@@ -439,9 +446,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   optimizer = finetune_optimizer(config)
   step = finetune_step(config, model, optimizer)
   sets, perturbations, protect_seconds, traces = {"clean": clean}, {}, {}, {}
+  anchors = anchor_images(config, model)
   for eps in budgets(config):
     at = config_at_budget(config, eps)
-    steps = latent_steps(at, model, params, step, mesh)
+    steps = latent_steps(at, model, params, step, mesh, anchors)
     protected = udp.protect_methods(
       at,
       os.path.join(workdir, f"eps{eps:g}") if sweeps(config) else workdir,
