@@ -24,17 +24,12 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-if __package__ in (None, ""):
-  import launch
-else:
-  from experiments import launch
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aigc_jax import diffusion, parallel, record, train, unlearn
+from aigc_jax import diffusion, launch, parallel, record, train, unlearn
 from aigc_jax.models import ResNet18, load_lpips
 from aigc_jax.models.unet import DDPMUNet
 from aigc_jax.protect import budget, udp_perturbation
@@ -46,7 +41,7 @@ from aigc_jax.purify.jcdp import (
 from experiments import torch_twins
 from experiments.time_closed_form import TEXT_WIDTH, sd14_projections
 
-CONFIG_FILE = os.path.join(launch.ROOT, "experiments", "configs", "bench.py")
+CONFIG_FILE = launch.config_path(__file__)
 # XLA:CPU runs a loop body several times slower than the same ops unrolled
 # (see `aigc_jax.protect.pgd`); experiments/udp.py unrolls PGD on a CPU.
 UNROLL = True if jax.default_backend() == "cpu" else 1
@@ -707,7 +702,7 @@ def bench_report(config, workdir: str, result: dict) -> str:
   devices = jax.devices()
   text = (
     f"# Benchmarks: JAX against PyTorch (`{config.variant}`)\n\n"
-    f"{launch.command_line('bench', config, workdir)}\n\n"
+    f"{launch.command_line(__file__, config, workdir)}\n\n"
     f"Device: {devices[0].device_kind} ({devices[0].platform}), "
     f"{os.cpu_count()} CPU threads; jax {jax.__version__}, torch "
     f"{result['torch_version']} on {result['torch_device']} "

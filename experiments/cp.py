@@ -18,18 +18,22 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-if __package__ in (None, ""):
-  import launch
-else:
-  from experiments import launch
-
 import jax
 import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from aigc_jax import checkpoint, data, models, parallel, protect, record, train
-from experiments import train_classifier
+from aigc_jax import (
+  checkpoint,
+  data,
+  launch,
+  models,
+  parallel,
+  protect,
+  record,
+  train,
+)
+from aigc_jax.eval import classifiers
 from experiments.unlearnable import (
   generate_random,
   make_protection,
@@ -343,7 +347,7 @@ def check_config(config, mesh) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_config(config, mesh)
-  train_set, test_set = train_classifier.load_train_test(config)
+  train_set, test_set = classifiers.load_train_test(config)
   writer = record.MetricWriter(workdir)
   start = time.time()
   b = protect.budget(config.protect.eps)
@@ -453,7 +457,7 @@ def cp_report(config, workdir, results, infos, total) -> str:
 
 Command:
 
-{launch.command_line("cp", config, workdir)}
+{launch.command_line(__file__, config, workdir)}
 
 Linear-probe accuracy (%) on the clean test set of a {config.model.name}
 encoder trained for {config.train.num_epochs} epochs on each set (columns)

@@ -22,20 +22,15 @@ See experiments/configs/erase.py.
 import os
 import time
 
-if __package__ in (None, ""):
-  import launch
-  import train_classifier
-  import train_text_to_image
-else:
-  from experiments import launch, train_classifier, train_text_to_image
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aigc_jax import data, parallel, record, sd
+from aigc_jax import data, launch, parallel, record, sd
+from aigc_jax.eval import classifiers
 from aigc_jax.unlearn import closed_form, mace, rece
+from experiments import train_text_to_image
 
 
 def load_model(path: str):
@@ -269,7 +264,7 @@ def evaluate(config, workdir, name, images, pairs, classifier, mesh, class_of):
   data.save_image_grid(path, data.to_uint8(images), ncol=n)
   if classifier is None:
     return {}
-  predicted = train_text_to_image.predict_digits(classifier, images, mesh)
+  predicted = classifiers.predicted_labels(classifier, images, mesh)
   return score_samples(config, predicted, pairs, class_of)
 
 
@@ -296,7 +291,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   classifier = None
   if config.eval.classifier is not None:
-    classifier = train_classifier.trained_classifier(
+    classifier = classifiers.trained_classifier(
       config.eval.classifier, os.path.join(workdir, "classifier")
     )
   class_of = {c: i for i, c in enumerate(config.concepts)}
@@ -375,14 +370,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       path = os.path.join(workdir, "samples", f"{label.replace(' ', '_')}.png")
       data.save_image_grid(path, data.to_uint8(images), ncol=n)
       if classifier is not None:
-        predicted = train_text_to_image.predict_digits(classifier, images, mesh)
+        predicted = classifiers.predicted_labels(classifier, images, mesh)
         attacks[label] = attack_success(config, predicted, class_of)
 
   result = {
     "scores": scores,
     "attack_success": attacks,
     "seconds": {k: round(v, 3) for k, v in seconds.items()},
-    "classifier_test_accuracy": classifier[3] if classifier else None,
+    "classifier_test_accuracy": classifier and classifier.test_accuracy,
   }
   if "mace" in config.methods:
     result["mace_lora_loss_first_last"] = lora_losses
@@ -417,7 +412,7 @@ def report(config, workdir, r) -> str:
     "",
     "Command:",
     "",
-    launch.command_line("erase", config, workdir),
+    launch.command_line(__file__, config, workdir),
     "",
     f"Model: `{config.model}`. Erased: {erase}, toward "
     f'"{config.target}". Methods: {", ".join(config.methods)}.',

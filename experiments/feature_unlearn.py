@@ -17,19 +17,23 @@ import os
 import time
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-  import launch
-  import train_classifier
-else:
-  from experiments import launch, train_classifier
-
 import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
 import optax
 
-from aigc_jax import checkpoint, data, metrics, models, parallel, record, train
+from aigc_jax import (
+  checkpoint,
+  data,
+  launch,
+  metrics,
+  models,
+  parallel,
+  record,
+  train,
+)
+from aigc_jax.eval import classifiers
 from aigc_jax.unlearn import feature
 
 FEATURE_KINDS = ("class", "thickness")
@@ -194,25 +198,23 @@ def generate(gen: Generator, params, z, batch_size: int, mesh) -> np.ndarray:
 _jitted_generate = jax.jit(_apply_generator, static_argnums=(0, 1))
 
 
-def labeller(config, test_set, workdir, mesh):
-  """(model, params, batch_stats, test accuracy) of the digit classifier
-  that labels and evaluates: the pretrained LeNet-5 in
-  `eval.pretrained_classifier`, else one trained on `eval.classifier`."""
+def labeller(config, test_set, workdir, mesh) -> classifiers.Classifier:
+  """The digit classifier that labels and evaluates: the pretrained LeNet-5
+  in `eval.pretrained_classifier`, else one trained on `eval.classifier`."""
   if not config.eval.pretrained_classifier:
-    return train_classifier.trained_classifier(
+    return classifiers.trained_classifier(
       config.eval.classifier, os.path.join(workdir, "classifier")
     )
-  model = models.LeNet5()
-  params = models.load_mnist_lenet5(config.eval.pretrained_classifier)
-  logits = train_classifier.predict_logits(
-    model,
-    params,
+  lenet = classifiers.Classifier(
+    models.LeNet5(),
+    models.load_mnist_lenet5(config.eval.pretrained_classifier),
     {},
-    data.to_model_range(test_set.images),
-    config.eval.batch_size,
-    mesh,
   )
-  return model, params, {}, float(metrics.accuracy(logits, test_set.labels))
+  logits = classifiers.predict_logits(
+    lenet, data.to_model_range(test_set.images), config.eval.batch_size, mesh
+  )
+  accuracy = float(metrics.accuracy(logits, test_set.labels))
+  return lenet._replace(test_accuracy=accuracy)
 
 
 class FeatureMeasure(NamedTuple):
@@ -234,8 +236,8 @@ def feature_measure(
   if f.kind == "class":
 
     def score(images):
-      logits = train_classifier.predict_logits(
-        *classifier, images, config.eval.batch_size, mesh
+      logits = classifiers.predict_logits(
+        classifier, images, config.eval.batch_size, mesh
       )
       return np.asarray(jax.nn.softmax(logits)[:, f.target_class])
 
@@ -311,8 +313,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   for size in (config.generator.batch_size, config.unlearn.batch_size):
     parallel.check_batch_size(size, mesh)
-  train_set, test_set = train_classifier.load_train_test(config)
-  *classifier, clf_accuracy = labeller(config, test_set, workdir, mesh)
+  train_set, test_set = classifiers.load_train_test(config)
+  classifier = labeller(config, test_set, workdir, mesh)
   gen = pretrained_generator(
     config, data.to_model_range(train_set.images), workdir, mesh
   )
@@ -365,14 +367,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     real_free = x_test[test_set.labels != config.feature.target_class]
   else:
     real_free = x_test[measure.score(x_test) < measure.cutoff]
-  features = lambda images: train_classifier.predict_logits(
-    *classifier, images, batch, mesh, return_features=True
+  features = lambda images: classifiers.predict_logits(
+    classifier, images, batch, mesh, return_features=True
   )[1]
   real_features = features(real_free)
   fd = lambda images: metrics.frechet_distance(features(images), real_features)
   share_before, share_after = float(has_before.mean()), float(has_after.mean())
   result = {
-    "classifier_accuracy": clf_accuracy,
+    "classifier_accuracy": classifier.test_accuracy,
     "generator_train_seconds": gen.train_seconds
     and round(gen.train_seconds, 1),
     "labelled_positive": len(z_pos),
@@ -465,7 +467,7 @@ def report(config, workdir, r, measure) -> str:
       "",
       "Command:",
       "",
-      launch.command_line("feature_unlearn", config, workdir),
+      launch.command_line(__file__, config, workdir),
       "",
       f"Generator: {g.kind}, {source}. Labeller/evaluator: {clf}, test "
       f"accuracy {r['classifier_accuracy']:.4f}.",

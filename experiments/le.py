@@ -28,23 +28,15 @@ import os
 import time
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-  import cp
-  import launch
-  import train_ddpm
-  import udp
-  import unlearnable
-else:
-  from experiments import cp, launch, train_ddpm, udp, unlearnable
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aigc_jax import data, models, parallel, purify, record, train
+from aigc_jax import data, launch, models, parallel, purify, record, train
+from aigc_jax.eval import classifiers, victims
 from aigc_jax.metrics import psnr
-from experiments import train_classifier
+from experiments import cp, train_ddpm, udp, unlearnable
 
 PURIFIERS = ("avatar", "le", "le_paper", "le_mse", "le_lpips")
 # Countermeasures whose victims train with one seed whatever victim_seeds
@@ -164,7 +156,7 @@ def load_upstream_run(path, script, set_paths, like) -> UpstreamRun:
       f"{path} holds no run of experiments/{script}: run it with "
       f"--workdir={path} first, or leave this setting empty."
     ) from None
-  train_set, test_set = train_classifier.load_train_test(config)
+  train_set, test_set = classifiers.load_train_test(config)
   if train_set.images.shape[1:] != like.shape[1:]:
     raise ValueError(
       f"The run in {path} has images of shape {train_set.images.shape[1:]}, "
@@ -395,12 +387,12 @@ def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
   are (that run's results, read back) and after each purifier:
   {(set, row): result}."""
   c = run.config
-  *classifier, _ = train_classifier.trained_classifier(
+  classifier = classifiers.trained_classifier(
     c.eval.classifier, os.path.join(run.path, "classifier")
   )
   x_test = data.to_model_range(run.test_set.images)
-  real = train_classifier.predict_logits(
-    *classifier, x_test, 1000, mesh, return_features=True
+  real = classifiers.predict_logits(
+    classifier, x_test, 1000, mesh, return_features=True
   )
   results = {}
   for set_name, images in run.sets.items():
@@ -420,7 +412,7 @@ def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_config(config, mesh)
-  train_set, test_set = train_classifier.load_train_test(config)
+  train_set, test_set = classifiers.load_train_test(config)
   like = train_set.images
   cp_run = udp_run = None
   if config.contrastive_from:
@@ -457,7 +449,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer,
   )
   results = {}
-  train_victim = unlearnable.victim_trainer(config, test_set, mesh)
+  train_victim = victims.victim_trainer(config, test_set, mesh)
   for set_name, row in victim_cells(config):
     images = sets[set_name]
     if row in PURIFIERS:
@@ -534,7 +526,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def row_label(config, row: str) -> str:
   if row in PURIFIER_LABELS:
     return PURIFIER_LABELS[row]
-  return unlearnable.countermeasure_label(config, row)
+  return victims.countermeasure_label(config, row)
 
 
 def set_label(name: str) -> str:
@@ -628,7 +620,7 @@ def le_report(
 
 Command:
 
-{launch.command_line("le", config, workdir)}
+{launch.command_line(__file__, config, workdir)}
 
 Clean test accuracy (%) of a {config.model.name} trained for
 {config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each

@@ -13,10 +13,7 @@ Prints the first call (compile + run) and the median of `--repeats` runs.
 
 import argparse
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax
 import jax.numpy as jnp

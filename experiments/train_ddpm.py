@@ -15,17 +15,20 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-  import launch
-  import train_classifier
-else:
-  from experiments import launch, train_classifier
-
 import jax
 import ml_collections
 import numpy as np
 
-from aigc_jax import checkpoint, data, diffusion, parallel, record, train
+from aigc_jax import (
+  checkpoint,
+  data,
+  diffusion,
+  launch,
+  parallel,
+  record,
+  train,
+)
+from aigc_jax.eval import classifiers
 from aigc_jax.metrics import class_histogram, confident_share
 from aigc_jax.models import DDPMUNet, count_params
 
@@ -196,23 +199,21 @@ def sample_ddpm(config, params, image_shape, mesh, key) -> np.ndarray:
 
 
 def evaluation_classifier(config, workdir: str):
-  """The classifier named by config.eval, trained into workdir if needed."""
+  """The classifier named by config.eval, trained into workdir if needed,
+  and its folder."""
   clf_dir = config.eval.classifier_workdir
   if clf_dir:
-    accuracy = record.last_metric(clf_dir, "eval/test_accuracy")
-    return (*train_classifier.load_classifier(clf_dir), accuracy, clf_dir)
+    return classifiers.load_classifier(clf_dir), clf_dir
   clf_dir = os.path.join(workdir, "classifier")
-  classifier = train_classifier.trained_classifier(
+  return classifiers.trained_classifier(
     config.eval.classifier, clf_dir
-  )
-  return (*classifier, clf_dir)
+  ), clf_dir
 
 
 def recognisability(config, samples, classifier, mesh) -> dict:
   """How a classifier of real data sees the samples."""
-  model, params, batch_stats = classifier
-  logits = train_classifier.predict_logits(
-    model, params, batch_stats, data.to_model_range(samples), 1000, mesh
+  logits = classifiers.predict_logits(
+    classifier, data.to_model_range(samples), 1000, mesh
   )
   num_classes = logits.shape[-1]
   threshold = config.eval.confidence
@@ -260,13 +261,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.path.join(workdir, "samples.png"), samples[:100], ncol=10
   )
 
-  *classifier, clf_accuracy, clf_dir = evaluation_classifier(config, workdir)
+  classifier, clf_dir = evaluation_classifier(config, workdir)
   scores = recognisability(config, samples, classifier, mesh)
   result = {
     "train_seconds": round(train_seconds, 1),
     "sample_seconds": round(sample_seconds, 1),
     "unet_params": count_params(state.params),
-    "classifier_test_accuracy": clf_accuracy,
+    "classifier_test_accuracy": classifier.test_accuracy,
     **scores,
   }
   record.MetricWriter(workdir, prefix="eval/").write(
@@ -307,7 +308,7 @@ def ddpm_report(config, workdir, r, clf_dir) -> str:
 
 Command:
 
-{launch.command_line("train_ddpm", c, workdir)}
+{launch.command_line(__file__, c, workdir)}
 
 {table}
 Confident samples per class: {r["confident_per_class"]}

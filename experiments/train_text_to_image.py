@@ -13,20 +13,15 @@ import functools
 import os
 import time
 
-if __package__ in (None, ""):
-  import launch
-  import train_classifier
-else:
-  from experiments import launch, train_classifier
-
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from aigc_jax import checkpoint, data, parallel, record, sd, train
+from aigc_jax import checkpoint, data, launch, parallel, record, sd, train
 from aigc_jax.diffusion import make_schedule
+from aigc_jax.eval import classifiers
 from aigc_jax.sd.export import save_stable_diffusion
 from aigc_jax.sd.vocabulary import write_clip_tokenizer
 from aigc_jax.train import text_to_image as t2i
@@ -44,7 +39,7 @@ SCHEDULER = {
 
 def padded_images(config) -> tuple[np.ndarray, np.ndarray]:
   """Training images in [-1, 1], zero-padded (black) to `data.pad_to`."""
-  train_set, _ = train_classifier.load_train_test(config)
+  train_set, _ = classifiers.load_train_test(config)
   excluded = config.data.get("exclude_classes", ())
   if excluded:
     train_set = train_set.take(
@@ -245,18 +240,10 @@ def make_sampler(model, num_steps: int, guidance_scale: float):
   )
 
 
-def predict_digits(classifier, images, mesh) -> np.ndarray:
-  """The classifier's digit for each image, center-cropped to MNIST's 28."""
-  crop = (images.shape[1] - 28) // 2
-  images = np.asarray(images)[:, crop : crop + 28, crop : crop + 28]
-  logits = train_classifier.predict_logits(*classifier[:3], images, 500, mesh)
-  return np.asarray(logits).argmax(-1)
-
-
 def evaluate_model(config, folder, workdir, mesh) -> dict:
   """Loads the saved folder as any SD checkpoint and scores its digits."""
   model, params = sd.load_stable_diffusion(folder)
-  classifier = train_classifier.trained_classifier(
+  classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
   sample = make_sampler(
@@ -276,14 +263,14 @@ def evaluate_model(config, folder, workdir, mesh) -> dict:
     )
     wanted = np.repeat(np.arange(10), n)
     scores[f"accuracy/{name}"] = float(
-      (predict_digits(classifier, images, mesh) == wanted).mean()
+      (classifiers.predicted_labels(classifier, images, mesh) == wanted).mean()
     )
     data.save_image_grid(
       os.path.join(workdir, f"samples_{name}.png"),
       data.to_uint8(images),
       ncol=n,
     )
-  scores["classifier_test_accuracy"] = classifier[3]
+  scores["classifier_test_accuracy"] = classifier.test_accuracy
   return scores
 
 
@@ -294,7 +281,7 @@ def report(config, workdir, r) -> str:
 
 Command:
 
-{launch.command_line("train_text_to_image", config, workdir)}
+{launch.command_line(__file__, config, workdir)}
 
 The model is in `{workdir}/model` (diffusers layout). Accuracy: share of
 {config.sample.per_digit} samples per digit prompt ("a handwritten digit …";

@@ -24,13 +24,6 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-if __package__ in (None, ""):
-  import launch
-  import train_classifier
-  import train_ddpm
-else:
-  from experiments import launch, train_classifier, train_ddpm
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -40,12 +33,14 @@ from tqdm.auto import tqdm
 from aigc_jax import (
   data,
   diffusion,
+  launch,
   models,
   parallel,
   protect,
   record,
   train,
 )
+from aigc_jax.eval import classifiers
 from aigc_jax.metrics import (
   class_histogram,
   confident_share,
@@ -56,6 +51,7 @@ from aigc_jax.metrics import (
 )
 from aigc_jax.purify import gaussian_blur, jpeg_compress
 from aigc_jax.train import ddpm_eps_fn
+from experiments import train_ddpm
 
 
 def check_methods(config) -> None:
@@ -265,7 +261,9 @@ def protect_methods(
       protected=protected,
       labels=labels,
     )
-    noise_grid(mdir, clean, protected, config.protect.eps)
+    data.noise_grid(
+      os.path.join(mdir, "grid.png"), clean, protected, config.protect.eps
+    )
     sets[method] = protected
     perturbations[method] = perturbation_table_row(clean, protected, config)
     writer.write(
@@ -332,15 +330,6 @@ def perturbation_table_row(clean, protected, config) -> dict:
       jnp.mean(ssim(a, b, filter_size=min(config.eval.ssim_filter, size)))
     ),
   }
-
-
-def noise_grid(workdir, clean, protected, eps):
-  """Rows of clean, protected, and the difference amplified to full range."""
-  n = min(10, len(clean))
-  diff = protected[:n].astype(np.float64) - clean[:n]
-  amplified = np.clip(127.5 + diff * (127.5 / max(eps, 1e-9)), 0, 255)
-  rows = np.concatenate([clean[:n], protected[:n], amplified.astype(np.uint8)])
-  data.save_image_grid(os.path.join(workdir, "grid.png"), rows, ncol=n)
 
 
 def heldout_loss(config, params, x_test, mesh) -> float:
@@ -418,8 +407,8 @@ def evaluate_training_set(
     )
 
     def classify(u8):
-      return train_classifier.predict_logits(
-        *classifier, data.to_model_range(u8), 1000, mesh, return_features=True
+      return classifiers.predict_logits(
+        classifier, data.to_model_range(u8), 1000, mesh, return_features=True
       )
 
     logits, features = classify(samples)
@@ -465,10 +454,8 @@ def evaluate_training_set(
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "sd" in config:  # the latent-diffusion setting (:sd)
-    if __package__ in (None, ""):
-      import udp_latent
-    else:
-      from experiments import udp_latent
+    from experiments import udp_latent
+
     return udp_latent.train_and_evaluate(config, workdir)
   mesh = parallel.make_mesh(config.num_devices or None)
   for batch in (
@@ -481,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   protect.budget(config.protect.eps, config.protect.norm)
   check_methods(config)
   robust = config.eval.robust_method
-  train_set, test_set = train_classifier.load_train_test(config)
+  train_set, test_set = classifiers.load_train_test(config)
   clean = train_set.images
   x_test = data.to_model_range(test_set.images)
   heldout = x_test[: config.eval.heldout_size or None]
@@ -497,11 +484,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
 
   # The evaluator: a classifier of real data, and its view of real test data.
-  *classifier, clf_accuracy = train_classifier.trained_classifier(
+  classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
-  real = train_classifier.predict_logits(
-    *classifier, x_test, 1000, mesh, return_features=True
+  real = classifiers.predict_logits(
+    classifier, x_test, 1000, mesh, return_features=True
   )
 
   # The surrogate, warmed up on clean data.
@@ -558,7 +545,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       perturbations,
       protect_seconds,
       traces,
-      clf_accuracy,
+      classifier.test_accuracy,
       total,
     ),
   )
@@ -674,7 +661,7 @@ def udp_report(
 
 Command:
 
-{launch.command_line("udp", config, workdir)}
+{launch.command_line(__file__, config, workdir)}
 
 Budget {p.eps:g}/255 ({p.norm}); {p.rounds} rounds of {p.inner_steps} surrogate
 steps and {p.pgd_steps} PGD steps (step {p.step_size:g}/255, {p.num_draws}

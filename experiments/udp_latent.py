@@ -30,6 +30,7 @@ import optax
 from aigc_jax import (
   checkpoint,
   data,
+  launch,
   models,
   parallel,
   protect,
@@ -38,6 +39,7 @@ from aigc_jax import (
   sd,
   train,
 )
+from aigc_jax.eval import classifiers
 from aigc_jax.metrics import (
   confident_share,
   frechet_distance,
@@ -45,23 +47,7 @@ from aigc_jax.metrics import (
   share_interval,
 )
 from aigc_jax.train import text_to_image as t2i
-
-if __package__ in (None, ""):
-  import erase
-  import launch
-  import train_classifier
-  import train_ddpm
-  import train_text_to_image
-  import udp
-else:
-  from experiments import (
-    erase,
-    launch,
-    train_classifier,
-    train_ddpm,
-    train_text_to_image,
-    udp,
-  )
+from experiments import erase, train_ddpm, train_text_to_image, udp
 
 
 def pixel_size(model) -> int:
@@ -74,10 +60,8 @@ def captioned_images(config, model):
   labels and captions, and the test images (unpadded). With
   `data.classes`, both keep only those classes (the concept) before the
   training set is cut to `data.limit` images."""
-  train_set = train_classifier.load_split(
-    config.data.train, config.data.data_dir
-  )
-  test_set = train_classifier.load_split(config.data.test, config.data.data_dir)
+  train_set = data.load_split(config.data.train, config.data.data_dir)
+  test_set = data.load_split(config.data.test, config.data.data_dir)
   if config.data.classes:
     keep = lambda ds: ds.take(
       np.flatnonzero(np.isin(ds.labels, config.data.classes))
@@ -233,9 +217,7 @@ def anchor_images(config, model) -> np.ndarray:
   )
   if k is None or not targeted:
     return np.zeros((1, *[pixel_size(model)] * 2, model.vae.in_channels))
-  train_set = train_classifier.load_split(
-    config.data.train, config.data.data_dir
-  )
+  train_set = data.load_split(config.data.train, config.data.data_dir)
   found = np.flatnonzero(train_set.labels == k)[: config.protect.num_anchors]
   if k in tuple(config.data.classes) or not len(found):
     raise ValueError(
@@ -410,11 +392,9 @@ def evaluate_finetuning(
 def classify(classifier, images, mesh):
   """Logits and features of NHWC [-1, 1] images, center-cropped to the
   classifier's input size (the padding added for the model removed)."""
-  size = classifier[3]
-  crop = (images.shape[1] - size) // 2
-  images = np.asarray(images)[:, crop : crop + size, crop : crop + size]
-  logits, features = train_classifier.predict_logits(
-    *classifier[:3], images, 500, mesh, return_features=True
+  images = data.center_crop(images, classifier.input_shape[0])
+  logits, features = classifiers.predict_logits(
+    classifier, images, 500, mesh, return_features=True
   )
   return np.asarray(logits), features
 
@@ -431,12 +411,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = record.MetricWriter(workdir)
   start = time.time()
 
-  *clf, clf_accuracy = train_classifier.trained_classifier(
+  classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
-  classifier = (*clf, test_set.images.shape[1])
-  _, real = train_classifier.predict_logits(
-    *clf,
+  _, real = classifiers.predict_logits(
+    classifier,
     data.to_model_range(test_set.images),
     1000,
     mesh,
@@ -506,7 +485,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       perturbations,
       protect_seconds,
       traces,
-      clf_accuracy,
+      classifier.test_accuracy,
       total,
       len(clean),
     ),
@@ -569,7 +548,7 @@ def le_purified(config, workdir, images, clean, mesh) -> np.ndarray:
   if os.path.exists(path):
     return record.load_arrays(path)["images"]
   le = config.eval.le
-  manifold = train_classifier.load_split(le.manifold, config.data.data_dir)
+  manifold = data.load_split(le.manifold, config.data.data_dir)
   half = (clean.shape[1] - manifold.images.shape[1]) // 2
   pads = [(0, 0), (half, half), (half, half), (0, 0)]
   manifold = np.pad(manifold.images, pads)
@@ -816,7 +795,7 @@ def report(
 
 Command:
 
-{launch.command_line("udp", config, workdir)}
+{launch.command_line(udp.__file__, config, workdir)}
 
 Model: `{config.sd.model}`. The data owner protects {num_images} images of
 {", ".join(words)} captioned "{config.sd.caption}" within

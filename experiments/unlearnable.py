@@ -17,13 +17,6 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
-
-if __package__ in (None, ""):
-  import launch
-else:
-  from experiments import launch
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +24,9 @@ import ml_collections
 import numpy as np
 from tqdm.auto import tqdm
 
-from aigc_jax import checkpoint, data, parallel, protect, record, train
+from aigc_jax import data, launch, parallel, protect, record, train
+from aigc_jax.eval import classifiers, victims
 from aigc_jax.metrics import accuracy
-from aigc_jax.purify import squeeze
-from experiments import train_classifier
-from experiments.udp import noise_grid
 
 PROTECTIONS = (
   "emn_sample",
@@ -44,14 +35,6 @@ PROTECTIONS = (
   "lsp",
   "random_sample",
   "random_class",
-)
-COUNTERMEASURES = (
-  "none",
-  "iss_grayscale",
-  "iss_jpeg",
-  "iss_bdr",
-  "at",
-  "aa",
 )
 LABELS = {
   "clean": "clean data",
@@ -62,12 +45,6 @@ LABELS = {
   "random_sample": "random",
   "random_class": "random (C)",
 }
-
-
-def _unroll():
-  # XLA:CPU runs loop bodies slowly (see aigc_jax.protect.pgd); accelerators
-  # keep the compact loop.
-  return True if jax.default_backend() == "cpu" else 1
 
 
 def _generator_config(config) -> ml_collections.ConfigDict:
@@ -124,7 +101,7 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n, num_classes = len(x), train_set.num_classes
-  model, optimizer = train_classifier.build_classifier(gen, num_classes)
+  model, optimizer = classifiers.build_classifier(gen, num_classes)
   key = jax.random.fold_in(jax.random.key(config.seed), 11 + classwise)
   init_key, model_key, noise_key = jax.random.split(key, 3)
   state = train.init_or_restore(
@@ -167,7 +144,7 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
       step_size=e.step_size / protect.LEVELS_PER_UNIT,
       ascent=False,
       groups=yb if classwise else None,
-      unroll=_unroll(),
+      unroll=protect.default_unroll(),
     )
     return delta
 
@@ -228,7 +205,7 @@ def generate_remn(config, train_set, mesh):
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n = len(x)
-  model, optimizer = train_classifier.build_classifier(
+  model, optimizer = classifiers.build_classifier(
     gen, train_set.num_classes, rm.model_steps
   )
   key = jax.random.fold_in(jax.random.key(config.seed), 13)
@@ -257,7 +234,7 @@ def generate_remn(config, train_set, mesh):
       attack_steps=rm.attack_steps,
       attack_step_size=rm.attack_step_size / unit,
       num_augmentations=rm.num_augmentations,
-      unroll=_unroll(),
+      unroll=protect.default_unroll(),
     )
     start_key, pgd_key = jax.random.split(k)
     start = protect.init_perturbation(start_key, xb.shape, b, random_start=True)
@@ -270,7 +247,7 @@ def generate_remn(config, train_set, mesh):
       steps=rm.pgd_steps,
       step_size=rm.step_size / unit,
       ascent=False,
-      unroll=_unroll(),
+      unroll=protect.default_unroll(),
     )
     return delta
 
@@ -289,7 +266,7 @@ def generate_remn(config, train_set, mesh):
         attack_budget,
         steps=rm.attack_steps,
         step_size=rm.attack_step_size / unit,
-        unroll=_unroll(),
+        unroll=protect.default_unroll(),
       ),
     ),
     out_shardings=(rep, rep),
@@ -407,180 +384,15 @@ def make_protection(workdir, name, train_set, budget, generate):
       labels=train_set.labels,
       delta=images.astype(np.int16) - train_set.images,
     )
-    noise_grid(
-      os.path.dirname(path),
+    data.noise_grid(
+      path.replace(".npz", "_grid.png"),
       train_set.images,
       images,
       max(info["linf_255"], 1.0),
     )
-    os.replace(
-      os.path.join(os.path.dirname(path), "grid.png"),
-      path.replace(".npz", "_grid.png"),
-    )
     with open(meta_path, "w") as f:
       json.dump(info, f)
   return images, info
-
-
-def apply_countermeasure_to_data(config, name, images):
-  """What a countermeasure does to the training images before training."""
-  if name.startswith("iss_"):
-    return squeeze(
-      images,
-      name.removeprefix("iss_"),
-      quality=config.counter.jpeg_quality,
-      bits=config.counter.bdr_bits,
-    )
-  return images
-
-
-class VictimRecipe(NamedTuple):
-  """How the victim trains under one countermeasure: the same for every
-  training set of that size, so its jitted functions compile once."""
-
-  model: Any
-  init: Callable[[], train.ClassifierState]
-  phases: tuple[tuple[Callable, int], ...]  # (step function, until step)
-  seed: int  # of the initialisation, the augmentation and the batch order
-
-
-def victim_recipe(
-  config, name, num_examples, num_classes, image_shape, seed_offset=0
-):
-  """The victim's model, initialiser and training phases under countermeasure
-  `name` (standard, AT or UEraser's K-view then one-view phases), with the
-  seed `config.seed + seed_offset`."""
-  if name not in COUNTERMEASURES:
-    raise ValueError(
-      f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
-    )
-  cm = config.counter
-  per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
-  epochs = cm.aa_epochs if name == "aa" else config.train.num_epochs
-  num_steps = epochs * per_epoch
-  model, optimizer = train_classifier.build_classifier(
-    config, num_classes, num_steps
-  )
-  seed = config.seed + seed_offset
-  init_key, train_key = jax.random.split(jax.random.key(seed))
-  init = functools.partial(
-    train.init_classifier_state, model, optimizer, init_key, image_shape
-  )
-  attack = None
-  if name == "at":
-    attack = train.pgd_attack(
-      protect.budget(cm.at_eps),
-      steps=cm.at_steps,
-      step_size=cm.at_step_size / protect.LEVELS_PER_UNIT,
-      unroll=_unroll(),
-    )
-
-  def step_fn(num_views):
-    views = train.ueraser_augment if name == "aa" else None
-    return lambda s, b: train.classifier_train_step(
-      s,
-      b["images"],
-      b["labels"],
-      train_key,
-      model=model,
-      optimizer=optimizer,
-      crop_pad=config.train.crop_pad,
-      flip=config.train.flip,
-      attack=attack,
-      views=views,
-      num_views=num_views,
-    )
-
-  # UEraser: K views while epochs < aa_max_epochs, then one (UEraser-Lite).
-  phases = ((step_fn(1), num_steps),)
-  if name == "aa":
-    phases = (
-      (step_fn(cm.aa_views), min(cm.aa_max_epochs * per_epoch, num_steps)),
-      (step_fn(1), num_steps),
-    )
-  return VictimRecipe(model, init, phases, seed)
-
-
-def victim_trainer(config, test_set, mesh):
-  """`train(workdir, images, labels, countermeasure, seed_offset=0) ->
-  result`: trains the victim on uint8 `images` and returns its clean test
-  accuracy, read back if that cell finished. Recipes are shared between
-  calls, so each countermeasure compiles once per run and seed (on a CPU,
-  fifteen digits victims spent three of their four minutes compiling
-  identical steps). A victim with `seed_offset` k > 0 (another draw of the
-  initialisation and batch order) lives in the sibling folder
-  `<workdir>_seed<k>`.
-
-  Grayscale is the identity on single-channel images, so there the
-  `iss_grayscale` cell is the vanilla victim of the same images, trained
-  (or read back) in the sibling folder `none`."""
-  config = config.copy_and_resolve_references()  # later edits stay out
-  recipe = functools.cache(functools.partial(victim_recipe, config))
-
-  def train_one(workdir, images, labels, name, seed_offset=0):
-    if name == "iss_grayscale" and images.shape[-1] == 1:
-      vanilla = os.path.join(os.path.dirname(workdir), "none")
-      return train_one(vanilla, images, labels, "none", seed_offset)
-    if seed_offset:
-      workdir = f"{workdir}_seed{seed_offset}"
-    num_classes = int(max(labels.max(), test_set.labels.max())) + 1
-    return record.cached_result(
-      workdir,
-      lambda: _train_victim(
-        config,
-        workdir,
-        recipe(name, len(images), num_classes, images.shape[1:], seed_offset),
-        apply_countermeasure_to_data(config, name, images),
-        labels,
-        test_set,
-        mesh,
-      ),
-      inputs=record.array_digest(images, labels),
-    )
-
-  return train_one
-
-
-def _train_victim(config, workdir, recipe, images, labels, test_set, mesh):
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  x = data.to_model_range(images)
-  n, bs = len(x), config.train.batch_size
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(recipe.init, mesh, checkpointer)
-
-  def batch_fn(step):
-    idx = data.batch_indices(recipe.seed, step, n, bs)
-    return {"images": x[idx], "labels": labels[idx]}
-
-  writer = record.MetricWriter(workdir, prefix="train/")
-  for fn, until in recipe.phases:
-    state = train.train_loop(
-      state,
-      fn,
-      batch_fn,
-      num_steps=until,
-      mesh=mesh,
-      checkpointer=checkpointer,
-      checkpoint_every=config.train.checkpoint_every,
-      log_every=config.train.log_every,
-      log_fn=writer.write,
-      desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
-    )
-  checkpointer.close()
-  logits = train_classifier.predict_logits(
-    recipe.model,
-    state.params,
-    state.batch_stats,
-    data.to_model_range(test_set.images),
-    config.eval_batch_size,
-    mesh,
-  )
-  return {
-    "test_accuracy": float(accuracy(logits, test_set.labels)),
-    "steps": recipe.phases[-1][1],
-    "seconds": round(time.time() - start, 1),
-  }
 
 
 def check_config(config, mesh) -> None:
@@ -591,10 +403,7 @@ def check_config(config, mesh) -> None:
         f"Unknown protection {name!r}; choose from {PROTECTIONS}."
       )
   for name in config.countermeasures:
-    if name not in COUNTERMEASURES:
-      raise ValueError(
-        f"Unknown countermeasure {name!r}; choose from {COUNTERMEASURES}."
-      )
+    victims.check_countermeasure(name)
   protect.budget(config.protect.eps)
   for batch in (config.train.batch_size, config.protect.model_batch_size):
     parallel.check_batch_size(batch, mesh)
@@ -603,7 +412,7 @@ def check_config(config, mesh) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_config(config, mesh)
-  train_set, test_set = train_classifier.load_train_test(config)
+  train_set, test_set = classifiers.load_train_test(config)
   writer = record.MetricWriter(workdir)
   start = time.time()
   sets, infos = {"clean": train_set.images}, {}
@@ -617,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
   results = {}
-  train_victim = victim_trainer(config, test_set, mesh)
+  train_victim = victims.victim_trainer(config, test_set, mesh)
   for set_name, images in sets.items():
     for cm in config.countermeasures:
       results[set_name, cm] = train_victim(
@@ -649,23 +458,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
 
 
-def countermeasure_label(config, name) -> str:
-  cm = config.counter
-  return {
-    "none": "vanilla (no countermeasure)",
-    "iss_grayscale": "ISS grayscale",
-    "iss_jpeg": f"ISS JPEG-{cm.jpeg_quality}",
-    "iss_bdr": f"ISS {cm.bdr_bits}-bit depth",
-    "at": f"AT (PGD-{cm.at_steps}, {cm.at_eps:g}/255)",
-    "aa": f"AA (UEraser, K={cm.aa_views})",
-  }[name]
-
-
 def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
   sets = ["clean", *infos]
   header = ["countermeasure"] + [LABELS[s] for s in sets]
   rows = [
-    [countermeasure_label(config, cm)]
+    [victims.countermeasure_label(config, cm)]
     + [f"{100 * results[s, cm]['test_accuracy']:.1f}" for s in sets]
     for cm in config.countermeasures
   ]
@@ -713,7 +510,7 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
 
 Command:
 
-{launch.command_line("unlearnable", config, workdir)}
+{launch.command_line(__file__, config, workdir)}
 
 Clean test accuracy (%) of a {config.model.name} trained for
 {config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each

@@ -120,8 +120,8 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(items):
   """Tests marked `long` first, longest-first scheduling: a minutes-long
-  test that starts last sets the suite's wall time on its own (session
-  12: the 7-minute chain test started last; 19 min in all)."""
+  test that starts last sets the suite's wall time on its own (the
+  7-minute chain test, started last, once made the suite 19 min)."""
   items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 

@@ -11,7 +11,8 @@ import pytest
 from conftest import write_torch_state_dict
 
 from aigc_jax import record
-from experiments import train_classifier, train_ddpm
+from aigc_jax.eval import classifiers
+from experiments import train_ddpm
 from experiments.configs import train_classifier as clf_configs
 from experiments.configs import train_ddpm as ddpm_configs
 
@@ -22,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # run time dominates: LE's LPIPS-guided purification runs several times
 # slower unoptimised (the LE smoke run alone: 196 s against 44 s), while the
 # other smoke runs compile more than they run (unlearnable: 37 s against 85
-# s, the text-to-image chain 191 s against 252 s; session 23, one process).
+# s, the text-to-image chain 191 s against 252 s; one process).
 
 
 def _run(module, config, workdir, *, num_devices=1):
@@ -35,30 +36,6 @@ def _run(module, config, workdir, *, num_devices=1):
   config.num_devices = num_devices
   workdir = record.prepare_workdir(str(workdir), config.to_json())
   return module.train_and_evaluate(config, workdir), workdir
-
-
-def test_train_classifier_smoke(tmp_path):
-  result, workdir = _run(
-    train_classifier, clf_configs.get_config("smoke"), tmp_path / "clf"
-  )
-  assert 0.0 <= result["test_accuracy"] <= 1.0
-  for name in ("config.json", "metrics.jsonl", "report.md"):
-    assert os.path.exists(os.path.join(workdir, name))
-  model, params, stats = train_classifier.load_classifier(workdir)
-  assert model.num_classes == 10 and params
-  # The restored classifier lives on one device; it still evaluates batches
-  # split over a larger mesh (udp.py's `:cifar10_small` failed here).
-  from aigc_jax import parallel
-
-  config = clf_configs.get_config("smoke")
-  images = train_classifier.load_train_test(config)[1].images[:8]
-  logits = [
-    train_classifier.predict_logits(
-      model, params, stats, images, 4, parallel.make_mesh(n)
-    )
-    for n in (1, 2)
-  ]
-  np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
 
 
 def test_programs_are_built_once_per_config():
@@ -76,33 +53,6 @@ def test_programs_are_built_once_per_config():
   config.sample.sampler = "euler"
   with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
     train_ddpm.ddpm_program(config)
-
-
-def test_victim_recipes_follow_the_countermeasure():
-  import jax
-
-  from experiments import unlearnable
-  from experiments.configs import unlearnable as ul_configs
-
-  config = ul_configs.get_config("smoke")
-  recipe = unlearnable.victim_recipe(config, "aa", 200, 10, (8, 8, 1))
-  # UEraser: K views for aa_max_epochs epochs, then one view to aa_epochs.
-  per_epoch = 200 // config.train.batch_size  # full batches
-  assert [until for _, until in recipe.phases] == [
-    config.counter.aa_max_epochs * per_epoch,
-    config.counter.aa_epochs * per_epoch,
-  ]
-  plain = unlearnable.victim_recipe(config, "none", 200, 10, (8, 8, 1))
-  assert [until for _, until in plain.phases] == [
-    config.train.num_epochs * per_epoch
-  ]
-  with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
-    unlearnable.victim_recipe(config, "cutout", 200, 10, (8, 8, 1))
-  # Another seed: another initialisation (and batch order, recipe.seed).
-  other = unlearnable.victim_recipe(config, "none", 200, 10, (8, 8, 1), 1)
-  assert (plain.seed, other.seed) == (config.seed, config.seed + 1)
-  first, second = (jax.tree.leaves(r.init().params) for r in (plain, other))
-  assert not all(np.allclose(a, b) for a, b in zip(first, second, strict=True))
 
 
 def test_train_ddpm_smoke_and_resume(tmp_path):
@@ -132,7 +82,7 @@ def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
   from aigc_jax import checkpoint, parallel, train
 
   config = ddpm_configs.get_config("smoke")
-  images = train_classifier.load_train_test(config)[0].images[:64]
+  images = classifiers.load_train_test(config)[0].images[:64]
   mesh = parallel.make_mesh()
   # A pretrained run's checkpoint, made by hand (training one would compile
   # a train step this test does not need): EMA weights unlike a fresh init.
@@ -222,7 +172,7 @@ def test_udp_rejects_an_empty_dataset(tmp_path):
   config = udp_configs.get_config("smoke")
   config.data.train = path
   with pytest.raises(ValueError, match="empty"):
-    train_classifier.load_train_test(config)
+    classifiers.load_train_test(config)
 
 
 def test_udp_rejects_unknown_methods_before_any_work(tmp_path):
@@ -303,7 +253,7 @@ def test_report_command_reruns_the_reported_config(monkeypatch):
   from absl import flags
   from ml_collections import config_flags
 
-  from experiments import launch
+  from aigc_jax import launch
   from experiments.configs import erase as erase_configs
 
   config = erase_configs.get_config("mace")
@@ -311,7 +261,9 @@ def test_report_command_reruns_the_reported_config(monkeypatch):
   config.target = "a blank"
   config.uce.erase_scale = 3.0
   config.preserve_kept = True
-  command = launch.command_line("erase", config, "runs/x")
+  command = launch.command_line(
+    os.path.join(ROOT, "experiments", "erase.py"), config, "runs/x"
+  )
   argv = shlex.split(command.replace("\\\n", " "))
   assert argv[:2] == ["python", "experiments/erase.py"]
   assert argv[-1] == "--workdir=runs/x" and len(argv) == 8
@@ -389,8 +341,8 @@ def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):
   assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
   assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
   assert _launch(*args, f"--workdir={tmp_path / 'straight'}").returncode == 0
-  _, a, sa = train_classifier.load_classifier(str(killed_dir))
-  _, b, sb = train_classifier.load_classifier(str(tmp_path / "straight"))
+  _, a, sa, *_ = classifiers.load_classifier(str(killed_dir))
+  _, b, sb, *_ = classifiers.load_classifier(str(tmp_path / "straight"))
   import jax
 
   for x, y in zip(
@@ -418,7 +370,7 @@ def test_unlearnable_smoke_saves_protections_and_resumes(tmp_path):
       os.path.join(workdir, "victims", s, "iss_grayscale")
     )
   clean = np.asarray(  # the class-balanced 200-image subset
-    train_classifier.load_train_test(config)[0].images, np.int16
+    classifiers.load_train_test(config)[0].images, np.int16
   )
   for name in config.protections:
     with np.load(os.path.join(workdir, "protections", f"{name}.npz")) as f:
@@ -461,7 +413,7 @@ def test_cp_smoke_saves_poisons_and_resumes(tmp_path, full_xla_optimisation):
   result, workdir = _run(cp, config, tmp_path / "cp")
   assert len(result["probe_accuracy"]) == 3 * 3
   assert all(0.0 <= a <= 1.0 for a in result["probe_accuracy"].values())
-  clean = np.asarray(train_classifier.load_train_test(config)[0].images)
+  clean = np.asarray(classifiers.load_train_test(config)[0].images)
   for name in ("cp_class", "cp_sample"):
     with np.load(os.path.join(workdir, "protections", f"{name}.npz")) as f:
       assert f["images"].shape == clean.shape
@@ -504,7 +456,7 @@ def test_cp_runs_the_random_control(tmp_path):
     "clean/simclr",
     "random_class/simclr",
   }
-  labels = train_classifier.load_train_test(config)[0].labels
+  labels = classifiers.load_train_test(config)[0].labels
   with np.load(os.path.join(workdir, "protections", "random_class.npz")) as f:
     delta = f["delta"]
   assert np.abs(delta).max() <= 8
@@ -556,7 +508,7 @@ def test_le_smoke_purifies_trains_and_resumes(tmp_path):
       assert result["accuracy"][f"{s}/{r}"] == pytest.approx(
         np.mean(accuracies)
       )
-  shape = train_classifier.load_train_test(config)[0].images.shape
+  shape = classifiers.load_train_test(config)[0].images.shape
   for key in result["purification"]:
     name, set_name = key.split("/")
     path = os.path.join(workdir, "purified", name, f"{set_name}.npz")
@@ -604,7 +556,7 @@ def test_le_manifold_leaves_out_the_protected_images():
 
   config = le_configs.get_config("smoke")
   config.manifold.update(source="digits:all", crop=0, limit=0)
-  train_set = train_classifier.load_train_test(config)[0]
+  train_set = classifiers.load_train_test(config)[0]
   manifold = le.manifold_images(config, train_set.images)
   digest = lambda x: hashlib.sha1(x.tobytes()).digest()
   protected = {digest(x) for x in train_set.images}
@@ -615,9 +567,7 @@ def test_le_manifold_leaves_out_the_protected_images():
   config.manifold.source = config.data.train  # nothing left to learn from
   config.data.limit = 0
   with pytest.raises(ValueError, match="has no images left"):
-    le.manifold_images(
-      config, train_classifier.load_train_test(config)[0].images
-    )
+    le.manifold_images(config, classifiers.load_train_test(config)[0].images)
 
 
 def test_le_purification_is_the_same_on_one_and_four_devices():

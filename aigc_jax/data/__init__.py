@@ -2,9 +2,11 @@
 
 from aigc_jax.data.batching import batch_indices, steps_per_epoch
 from aigc_jax.data.images import (
+  center_crop,
   check_model_images,
   check_uint8_images,
   image_grid,
+  noise_grid,
   resize_images,
   save_image_grid,
   to_model_range,
@@ -16,6 +18,7 @@ from aigc_jax.data.sources import (
   Dataset,
   balanced_subset,
   load_dataset,
+  load_split,
   parse_source,
 )
 
@@ -25,10 +28,13 @@ __all__ = [
   "Dataset",
   "balanced_subset",
   "batch_indices",
+  "center_crop",
   "check_model_images",
   "check_uint8_images",
   "image_grid",
   "load_dataset",
+  "load_split",
+  "noise_grid",
   "parse_source",
   "resize_images",
   "save_image_grid",

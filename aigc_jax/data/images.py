@@ -92,6 +92,27 @@ def resize_images(images, size: int, *, crop: int = 0) -> np.ndarray:
   return out[..., None] if out.ndim == 3 else out
 
 
+def center_crop(images, size: int) -> np.ndarray:
+  """The central size x size window of NHWC images (e.g. without the
+  padding added for a model of a larger resolution)."""
+  images = np.asarray(images)
+  h, w = images.shape[1:3]
+  if not (size <= h and size <= w):
+    raise ValueError(f"Cannot crop {h}x{w} images to {size}x{size}.")
+  top, left = (h - size) // 2, (w - size) // 2
+  return images[:, top : top + size, left : left + size]
+
+
+def noise_grid(path: str, clean, protected, eps_255: float) -> None:
+  """Saves a PNG of up to ten uint8 images in three rows: clean, protected,
+  and their difference amplified so that ±eps_255 fills the range."""
+  n = min(10, len(clean))
+  diff = protected[:n].astype(np.float64) - clean[:n]
+  amplified = np.clip(127.5 + diff * (127.5 / max(eps_255, 1e-9)), 0, 255)
+  rows = np.concatenate([clean[:n], protected[:n], amplified.astype(np.uint8)])
+  save_image_grid(path, rows, ncol=n)
+
+
 def image_grid(
   images, ncol: int | None = None, min_size: int = 32
 ) -> np.ndarray:

@@ -109,6 +109,16 @@ def parse_source(spec: str) -> tuple[str, str | None]:
   return spec, None
 
 
+def load_split(
+  spec: str, data_dir: str = "", limit: int = 0, seed: int = 0
+) -> Dataset:
+  """A dataset by config string ("name:split" or a path); `limit` > 0 keeps
+  a class-balanced subset of that many examples (`balanced_subset`)."""
+  name, split = parse_source(spec)
+  ds = load_dataset(name, split, data_dir=data_dir or None)
+  return balanced_subset(ds, limit, seed) if limit else ds
+
+
 def balanced_subset(ds: Dataset, size: int, seed: int = 0) -> Dataset:
   """`size` examples, as many of each class as the classes allow (random
   within each class, in a shuffled order).

@@ -122,10 +122,9 @@ def _state_dict_layers(path: str, shapes: Sequence[tuple[int, ...]]) -> list:
   dicts (Linear weights transposed, OIHW convolution kernels as HWIO)."""
   if not os.path.exists(path):
     raise FileNotFoundError(
-      f"No weights at {path!r}. The pretrained MNIST models live in "
-      "../shared/data/models/mnist or ../shared/models/mnist on the "
-      "project's machines; elsewhere let experiments/feature_unlearn.py "
-      "train them (clear generator.weights and eval.pretrained_classifier)."
+      f"No weights at {path!r}: pass the path of the pretrained MNIST "
+      "model's .npz, or let experiments/feature_unlearn.py train the "
+      "generator (clear generator.weights and eval.pretrained_classifier)."
     )
   with np.load(path) as f:
     arrays = {k: f[k] for k in f.files}

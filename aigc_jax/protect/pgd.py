@@ -140,6 +140,12 @@ def apply_perturbation(
   return jnp.clip(x + d, -1.0, 1.0)
 
 
+def default_unroll() -> int | bool:
+  """`pgd`'s `unroll` for the running backend: fully unrolled on XLA:CPU,
+  which runs loop bodies slowly, the compact loop on accelerators."""
+  return True if jax.default_backend() == "cpu" else 1
+
+
 def pgd(
   objective: Objective,
   x: jax.Array,

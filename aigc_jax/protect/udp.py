@@ -69,8 +69,9 @@ EUDP_POLICIES: dict[str, Callable[[NoiseSchedule], TimestepPolicy]] = {
   "uniform": lambda s: uniform_policy(s.num_timesteps),  # = UDP
   "signal": signal_policy,  # p(t) ∝ √ᾱ_t, the share of δ that reaches x_t
   # w(t) ∝ √SNR(t). A weight only scales each image's gradient, which the
-  # L-inf sign step discards: with num_draws=1 this is `uniform` (measured,
-  # README), and it differs only when several draws are averaged.
+  # L-inf sign step discards: with num_draws=1 this is `uniform` (measured:
+  # docs/results/udp.md), and it differs only when several draws are
+  # averaged.
   "snr": snr_weight_policy,
   # p(t) ∝ √ᾱ_t / √(1-ᾱ_t) = √SNR(t), the ratio of the part of δ that
   # reaches x_t (√ᾱ_t δ) to the noise added there: t is drawn where δ is

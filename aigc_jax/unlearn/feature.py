@@ -1,6 +1,5 @@
 """Feature unlearning for pre-trained generators (Moon, Cho and Kim, "Feature
-Unlearning for Pre-trained GANs and VAEs", AAAI 2024;
-`../shared/reference/seed-results.md` §4).
+Unlearning for Pre-trained GANs and VAEs", AAAI 2024, arXiv 2303.05699).
 
 A user marks generated samples that show a feature (positive latents) and
 some that do not (negative latents). The feature's direction in latent space

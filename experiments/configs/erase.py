@@ -94,7 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.erase = ("three", "five", "seven")
     # UCE's object setting (only "" preserved), the one MACE compares
     # with. With the kept prompts preserved, UCE's edit is the better one
-    # on this model (H_o 81.5 against MACE's 47.2, see the README).
+    # on this model (H_o 81.5 against MACE's 47.2, docs/results/erase.md).
     c.preserve_kept = False
     c.uce.erase_scale = 1.0
   elif variant == "sd14":

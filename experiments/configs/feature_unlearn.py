@@ -1,4 +1,4 @@
-"""Feature unlearning in a pre-trained GAN or VAE (issue 7).
+"""Feature unlearning in a pre-trained GAN or VAE.
 
 Default (`gan`): trains a small convolutional GAN on the embedded MNIST
 digits (`mnist5k`), labels 20,000 of its samples with a digit classifier
@@ -38,9 +38,8 @@ import ml_collections
 from experiments.configs import train_classifier
 from experiments.configs.base import base_config
 
-# Where ../shared/data/README.md puts the pretrained MNIST models, and where
-# the project's machines have held them (session 25): relative to the
-# project root, from which the launchers run.
+# Where the shared data folder keeps the pretrained MNIST models (either
+# layout): relative to the project root, from which the launchers run.
 SHARED_MODEL_DIRS = ("../shared/data/models/mnist", "../shared/models/mnist")
 
 
@@ -100,7 +99,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # The paper's literal shift z - (proj - t) z_e, not the unit one that
       # lands on t (feature.py): with |z_e| > 1 it overshoots the threshold,
       # and removed more of the feature in both defaults (measured: the VAE
-      # 89.2% -> 92.8% relative drop; README).
+      # 89.2% -> 92.8% relative drop; docs/results/feature_unlearn.md).
       "unit_shift": False,
       "checkpoint_every": 1000,
       "log_every": 100,

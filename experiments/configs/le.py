@@ -100,7 +100,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # PGD-10, 10 of 30). Measured: with REMN 60, PGD-10, AA 20/60 and 1,500
     # DDPM steps 24.4 min, 40% of it in AT and AA; with REMN 30, PGD-5 and
     # AA 10/40 20.5 min. The victims train 40 epochs of batch 128, as for
-    # the README's table (unlearnable.py's default: 20 of batch 64).
+    # docs/results/le.md's table (unlearnable.py's default: 20 of batch 64).
     c.train.update(num_epochs=40, batch_size=128)
     # LE and AVATAR-style purification differ by a test digit or two here,
     # and the victim's seed moves a cell by up to 2.8 points: three victims
@@ -125,7 +125,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # For 2 CPU cores: a ch-16 DDPM (1.4 s a step at 32x32 and batch 64;
       # ch 32 takes 8.2 s) trained 400 steps on t < 100, one round and no
       # ablations. 49 minutes with unlearnable.py's victims copied in
-      # (README), about two hours without (its AA victims take 8-11 min).
+      # (docs/results/le.md), about two hours without (its AA victims take
+      # 8-11 min).
       local = "../shared/data/cifar10/"
       c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
       c.ddpm = _ddpm(

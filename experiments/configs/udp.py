@@ -263,7 +263,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # batches of 32, 500 DDPM steps per evaluation model, no robustness
       # rows. A DDPM step at this size costs 1.16 s there (1.67 s at batch
       # 64: 2,000 images and 1,000-step DDPMs came to about 4 hours); the
-      # whole run about 80 minutes (README).
+      # whole run about 80 minutes (docs/results/udp.md).
       for d, steps in ((c.surrogate, 200), (c.ddpm, 500)):
         d.model = ml_collections.ConfigDict(small)
         d.train.update(

@@ -1,18 +1,16 @@
 """What every launcher shares: absl flags, the workdir record, multi-host
-start-up. A launcher module defines `train_and_evaluate(config, workdir)` and
-ends with `launch.main(train_and_evaluate, __file__)`."""
+start-up, and the command that reruns a run.
+
+A launcher `<folder>/<name>.py` defines `train_and_evaluate(config, workdir)`
+and ends with `launch.main(train_and_evaluate, __file__)`; its configs live in
+`<folder>/configs/<name>.py` (`get_config(variant)`), as in big_vision. Import
+this module before anything runs JAX code: it sets XLA's CPU flags.
+"""
 
 import functools
-import importlib
+import importlib.util
 import os
 import shlex
-import sys
-
-# Launchers run as scripts (`python experiments/x.py`); make the repository
-# root importable so that configs can import each other as `experiments.*`.
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)
 
 # XLA's CPU backend runs small convolutions on one core; one CPU device per
 # core turns data parallelism into multi-core speed (1.5x for the digits DDPM
@@ -34,11 +32,11 @@ if "xla_cpu_collective_call_terminate" not in os.environ["XLA_FLAGS"]:
     " --xla_cpu_collective_call_warn_stuck_timeout_seconds=600"
   )
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-from aigc_jax import parallel, record  # noqa: E402
+from aigc_jax import parallel, record
 
 # Experiments train several identical models (clean vs protected data); the
 # persistent cache is keyed on the compiled program, so they compile once.
@@ -54,12 +52,18 @@ if jax.config.jax_compilation_cache_dir is None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
+def config_path(script: str) -> str:
+  """The config file of launcher `script`: `<folder>/configs/<name>.py`."""
+  folder, file = os.path.split(os.path.abspath(script))
+  return os.path.join(folder, "configs", file)
+
+
 def main(train_and_evaluate, script: str) -> None:
   """Parses --config and --workdir, then runs train_and_evaluate."""
   name = os.path.splitext(os.path.basename(script))[0]
   config_flags.DEFINE_config_file(
     "config",
-    os.path.join(ROOT, "experiments", "configs", f"{name}.py"),
+    config_path(script),
     "Config file, with an optional ':variant' suffix.",
     lock_config=True,
   )
@@ -116,26 +120,40 @@ def _shell_word(text: str) -> str:
   return f'"{text}"'
 
 
-def command_line(name: str, config, workdir: str) -> str:
+def _config_module(path: str):
+  """The config file at `path`, imported as a module."""
+  spec = importlib.util.spec_from_file_location(
+    "_config_" + os.path.splitext(os.path.basename(path))[0], path
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def command_line(script: str, config, workdir: str) -> str:
   """The command that reruns `config`, indented as a Markdown code block.
 
-  `name` is the launcher (`experiments/{name}.py`, config file
-  `experiments/configs/{name}.py`). Every value that differs from the
-  variant's defaults is written as a `--config.` override, so a report's
-  command reproduces the run it reports, not just its variant.
+  `script` is the launcher's path (its `__file__`); its config file is
+  `config_path(script)`. Every value that differs from the variant's
+  defaults is written as a `--config.` override, so a report's command
+  reproduces the run it reports, not just its variant. Paths are written
+  from the launcher's parent folder (the repository root).
   """
-  module = importlib.import_module(f"experiments.configs.{name}")
+  folder, file = os.path.split(os.path.abspath(script))
+  name = os.path.splitext(file)[0]
+  module = _config_module(config_path(script))
   defaults = _leaves(module.get_config(config.variant).to_dict())
   overrides = [
     f"--config.{key}={_shell_word(str(value))}"
     for key, value in _leaves(config.to_dict()).items()
     if key not in defaults or defaults[key] != value
   ]
+  here = os.path.basename(folder)
   args = [
-    f"--config=experiments/configs/{name}.py:{config.variant}",
+    f"--config={here}/configs/{name}.py:{config.variant}",
     *overrides,
     f"--workdir={workdir}",
   ]
   return " \\\n".join(
-    [f"    python experiments/{name}.py", *(f"      {a}" for a in args)]
+    [f"    python {here}/{name}.py", *(f"      {a}" for a in args)]
   )

@@ -1,0 +1,8 @@
+"""Evaluators: what experiments measure, as functions a researcher can call
+in their own loop (cf. big_vision's evaluators).
+
+- `classifiers`: build, train (resumably), restore and apply the classifiers
+  of real data that score victims and generated samples.
+- `victims`: a classifier trained on (protected) data under a countermeasure
+  (ISS, adversarial training, UEraser), scored by its clean test accuracy.
+"""

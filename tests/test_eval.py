@@ -1,0 +1,122 @@
+"""aigc_jax.eval: the classifier and victim evaluators."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from aigc_jax import parallel, record
+from aigc_jax.eval import classifiers, victims
+
+
+def _classifier_config(**counter) -> ml_collections.ConfigDict:
+  """A tiny digits classifier (and victim) config, as the experiments'
+  configs describe one."""
+  return ml_collections.ConfigDict(
+    {
+      "variant": "test",
+      "seed": 0,
+      "num_devices": 1,
+      "eval_batch_size": 100,
+      "data": {"train": "digits:train", "test": "digits:test", "data_dir": ""},
+      "model": {"name": "small_cnn", "width": 8},
+      "train": {
+        "batch_size": 32,
+        "num_epochs": 1,
+        "learning_rate": 0.05,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "grad_clip": 0.0,
+        "crop_pad": 1,
+        "flip": False,
+        "checkpoint_every": 5,
+        "log_every": 5,
+      },
+      "counter": {
+        "jpeg_quality": 10,
+        "bdr_bits": 2,
+        "at_eps": 8.0,
+        "at_steps": 2,
+        "at_step_size": 2.0,
+        "aa_views": 2,
+        "aa_epochs": 3,
+        "aa_max_epochs": 1,
+        **counter,
+      },
+    }
+  )
+
+
+def test_trained_classifier_restores_and_applies_on_any_mesh(tmp_path):
+  config = _classifier_config()
+  workdir = str(tmp_path / "clf")
+  classifier = classifiers.trained_classifier(config, workdir)
+  for name in ("config.json", "metrics.jsonl", "report.md"):
+    assert os.path.exists(os.path.join(workdir, name))
+  assert classifier.model.num_classes == 10 and classifier.params
+  assert classifier.input_shape == (8, 8, 1)
+  assert classifier.test_accuracy == record.last_metric(
+    workdir, "eval/test_accuracy"
+  )
+  # A finished run is read back, not trained again.
+  again = classifiers.trained_classifier(config, workdir)
+  leaves = (jax.tree.leaves(c.params) for c in (classifier, again))
+  for a, b in zip(*leaves, strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The restored classifier lives on one device; it still evaluates batches
+  # split over a larger mesh (udp.py's `:cifar10_small` failed here).
+  images = classifiers.load_train_test(config)[1].images[:8]
+  x = images.astype(np.float32) / 127.5 - 1
+  logits = [
+    classifiers.predict_logits(classifier, x, 4, parallel.make_mesh(n))
+    for n in (1, 2)
+  ]
+  np.testing.assert_allclose(logits[0], logits[1], atol=1e-5)
+  # Padded images are cropped back to the classifier's input size.
+  padded = np.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1)
+  np.testing.assert_array_equal(
+    classifiers.predicted_labels(classifier, padded, parallel.make_mesh(1)),
+    np.asarray(logits[0]).argmax(-1),
+  )
+
+
+def test_victim_recipes_follow_the_countermeasure():
+  config = _classifier_config()
+  recipe = victims.victim_recipe(config, "aa", 200, 10, (8, 8, 1))
+  # UEraser: K views for aa_max_epochs epochs, then one view to aa_epochs.
+  per_epoch = 200 // config.train.batch_size  # full batches
+  assert [until for _, until in recipe.phases] == [
+    config.counter.aa_max_epochs * per_epoch,
+    config.counter.aa_epochs * per_epoch,
+  ]
+  plain = victims.victim_recipe(config, "none", 200, 10, (8, 8, 1))
+  assert [until for _, until in plain.phases] == [
+    config.train.num_epochs * per_epoch
+  ]
+  with pytest.raises(ValueError, match="Unknown countermeasure 'cutout'"):
+    victims.victim_recipe(config, "cutout", 200, 10, (8, 8, 1))
+  # Another seed: another initialisation (and batch order, recipe.seed).
+  other = victims.victim_recipe(config, "none", 200, 10, (8, 8, 1), 1)
+  assert (plain.seed, other.seed) == (config.seed, config.seed + 1)
+  first, second = (jax.tree.leaves(r.init().params) for r in (plain, other))
+  assert not all(np.allclose(a, b) for a, b in zip(first, second, strict=True))
+  assert victims.countermeasure_label(config, "at") == "AT (PGD-2, 8/255)"
+
+
+def test_victim_trainer_reads_finished_cells_back(tmp_path):
+  """A finished cell is read back; grayscale on one channel is the vanilla
+  victim's cell; other training data in a finished cell is refused."""
+  config = _classifier_config()
+  train_set, test_set = classifiers.load_train_test(config)
+  images, labels = train_set.images[:64], train_set.labels[:64]
+  train = victims.victim_trainer(config, test_set, parallel.make_mesh(1))
+  root = tmp_path / "victims"
+  first = train(str(root / "none"), images, labels, "none")
+  assert 0 <= first["test_accuracy"] <= 1 and first["steps"] == 2
+  gray = train(str(root / "iss_grayscale"), images, labels, "iss_grayscale")
+  assert gray == first
+  assert not (root / "iss_grayscale").exists()
+  with pytest.raises(ValueError, match="inputs"):
+    train(str(root / "none"), images[::-1].copy(), labels, "none")
