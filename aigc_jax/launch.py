@@ -7,7 +7,6 @@ and ends with `launch.main(train_and_evaluate, __file__)`; its configs live in
 this module before anything runs JAX code: it sets XLA's CPU flags.
 """
 
-import functools
 import importlib.util
 import os
 import shlex
@@ -80,26 +79,6 @@ def main(train_and_evaluate, script: str) -> None:
     train_and_evaluate(config, workdir)
 
   app.run(run)
-
-
-def built_once_per_config(build):
-  """`build(config, *args)`, built once per equal (config, args) and shared.
-
-  Experiments train many models of one config (a DDPM or a learner per
-  training set); sharing the built step functions shares their traces and
-  compilations. `build` receives a resolved copy of `config`, so later
-  edits of the caller's config cannot leak into a cached program.
-  """
-  built = {}
-
-  @functools.wraps(build)
-  def get(config, *args):
-    key = (config.to_json(), *args)
-    if key not in built:
-      built[key] = build(config.copy_and_resolve_references(), *args)
-    return built[key]
-
-  return get
 
 
 def _leaves(tree, prefix: str = "") -> dict:

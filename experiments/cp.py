@@ -125,7 +125,7 @@ class LearnerProgram(NamedTuple):
   features: Callable  # jitted (params, batch_stats, images) -> h
 
 
-@launch.built_once_per_config
+@train.built_once_per_config
 def learner_program(config, method: str, num_steps: int) -> LearnerProgram:
   """The `LearnerProgram` of (config, method, num_steps), the same object
   for equal arguments."""

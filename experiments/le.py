@@ -34,9 +34,9 @@ import ml_collections
 import numpy as np
 
 from aigc_jax import data, launch, models, parallel, purify, record, train
-from aigc_jax.eval import classifiers, victims
+from aigc_jax.eval import classifiers, ddpm, victims
 from aigc_jax.metrics import psnr
-from experiments import cp, train_ddpm, udp, unlearnable
+from experiments import cp, udp, unlearnable
 
 PURIFIERS = ("avatar", "le", "le_paper", "le_mse", "le_lpips")
 # Countermeasures whose victims train with one seed whatever victim_seeds
@@ -214,7 +214,7 @@ def purifier_settings(config, name: str) -> dict | None:
 def make_purify_fn(config, params, lpips_variables, name: str):
   """`fn((images, indices)) -> purified` for a batch in [-1, 1]
   (`purify.per_image_purifier`: image i with its own key)."""
-  model, schedule, _ = train_ddpm.build_ddpm(config.ddpm)
+  model, schedule, _ = ddpm.build_ddpm(config.ddpm)
   p = config.purify
   guidance = purifier_settings(config, name)
   if guidance is not None:
@@ -403,7 +403,7 @@ def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
       else:
         root = os.path.join(workdir, "udp_eval", row, slug)
         x = purify_set(row, f"udp/{slug}", images, run.sets["clean"])
-      results[set_name, row] = udp.evaluate_training_set(
+      results[set_name, row] = ddpm.train_and_score(
         c, root, x, classifier, real, x_test, mesh
       )
   return results
@@ -436,7 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   originals = [r.train_set.images for r in (cp_run, udp_run) if r]
   manifold = manifold_images(config, np.concatenate([like, *originals]))
   ddpm_start = time.time()
-  state = train_ddpm.train_ddpm(
+  state = ddpm.train_ddpm(
     config.ddpm, os.path.join(workdir, "ddpm"), manifold, mesh, desc="ddpm"
   )
   ddpm_seconds = round(time.time() - ddpm_start, 1)

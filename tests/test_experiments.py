@@ -11,7 +11,7 @@ import pytest
 from conftest import write_torch_state_dict
 
 from aigc_jax import record
-from aigc_jax.eval import classifiers
+from aigc_jax.eval import classifiers, ddpm
 from experiments import train_ddpm
 from experiments.configs import train_classifier as clf_configs
 from experiments.configs import train_ddpm as ddpm_configs
@@ -43,16 +43,14 @@ def test_programs_are_built_once_per_config():
   every training set), a changed config gets its own, and a caller's later
   edit does not reach the program already built."""
   config = ddpm_configs.get_config("smoke")
-  program = train_ddpm.ddpm_program(config)
-  assert train_ddpm.ddpm_program(config.copy_and_resolve_references()) is (
-    program
-  )
+  program = ddpm.ddpm_program(config)
+  assert ddpm.ddpm_program(config.copy_and_resolve_references()) is (program)
   assert program.init((8, 8, 1)) is program.init((8, 8, 1))
   config.train.ema_decay = 0.5
-  assert train_ddpm.ddpm_program(config) is not program
+  assert ddpm.ddpm_program(config) is not program
   config.sample.sampler = "euler"
   with pytest.raises(ValueError, match="Unknown sampler 'euler'"):
-    train_ddpm.ddpm_program(config)
+    ddpm.ddpm_program(config)
 
 
 def test_train_ddpm_smoke_and_resume(tmp_path):
@@ -87,14 +85,14 @@ def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
   # A pretrained run's checkpoint, made by hand (training one would compile
   # a train step this test does not need): EMA weights unlike a fresh init.
   pretrained = str(tmp_path / "pre")
-  init = train_ddpm.ddpm_program(config).init(images.shape[1:])
+  init = ddpm.ddpm_program(config).init(images.shape[1:])
   pre = train.init_or_restore(init, mesh, None)
   pre = pre._replace(ema_params=jax.tree.map(lambda p: p + 1.0, pre.params))
   saver = checkpoint.Checkpointer(os.path.join(pretrained, "ckpt"))
   saver.save(1, pre)
   saver.close()
   config.train.update(init_from=pretrained, num_steps=0)
-  ft = train_ddpm.train_ddpm(config, str(tmp_path / "ft"), images, mesh)
+  ft = ddpm.train_ddpm(config, str(tmp_path / "ft"), images, mesh)
   assert int(ft.step) == 0
   for a, b, c in zip(
     jax.tree.leaves(ft.params),
@@ -106,10 +104,10 @@ def test_ddpm_fine_tunes_from_a_pretrained_run(tmp_path):
     np.testing.assert_array_equal(b, c)
   config.model.ch *= 2
   with pytest.raises(ValueError, match="does not fit this config's model"):
-    train_ddpm.train_ddpm(config, str(tmp_path / "wide"), images, mesh)
+    ddpm.train_ddpm(config, str(tmp_path / "wide"), images, mesh)
   config.train.init_from = str(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="holds no checkpoint"):
-    train_ddpm.train_ddpm(config, str(tmp_path / "none"), images, mesh)
+    ddpm.train_ddpm(config, str(tmp_path / "none"), images, mesh)
 
 
 @pytest.mark.long
@@ -578,7 +576,7 @@ def test_le_purification_is_the_same_on_one_and_four_devices():
   from experiments.configs import le as le_configs
 
   config = le_configs.get_config("smoke")
-  model, _, optimizer = train_ddpm.build_ddpm(config.ddpm)
+  model, _, optimizer = ddpm.build_ddpm(config.ddpm)
   state = train.init_ddpm_state(model, optimizer, jax.random.key(0), (8, 8, 1))
   fn = le.make_purify_fn(config, state.ema_params, models.load_lpips(), "le")
   rng = np.random.default_rng(0)

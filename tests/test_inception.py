@@ -88,13 +88,16 @@ def test_load_fid_inception_errors(tmp_path):
 
 def test_udp_report_gains_an_inception_fid_column(tmp_path):
   from aigc_jax import data, parallel
+  from aigc_jax.eval import features as eval_features
   from experiments import udp
   from experiments.configs import udp as udp_configs
 
   path = str(tmp_path / "fid_inception.pth")
   torch.save(_random_fid_state_dict(1), path)
   images = np.random.default_rng(1).integers(0, 256, (2, 8, 8, 1), np.uint8)
-  features = udp.inception_fid_features(path, parallel.make_mesh(1))(images)
+  features = eval_features.inception_fid_features(path, parallel.make_mesh(1))(
+    images
+  )
   np.testing.assert_allclose(
     features,
     fid_features(load_fid_inception(path), data.to_model_range(images)),

@@ -43,7 +43,11 @@ from aigc_jax.train.generative import (
   vae_loss,
   vae_train_step,
 )
-from aigc_jax.train.loop import init_or_restore, train_loop
+from aigc_jax.train.loop import (
+  built_once_per_config,
+  init_or_restore,
+  train_loop,
+)
 
 __all__ = [
   "CONTRASTIVE_METHODS",
@@ -52,6 +56,7 @@ __all__ = [
   "DDPMState",
   "GANState",
   "VAEState",
+  "built_once_per_config",
   "classifier_logits",
   "classifier_optimizer",
   "classifier_train_step",

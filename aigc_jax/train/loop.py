@@ -8,6 +8,7 @@ keys are `fold_in(key, step)` and batches are a function of the step
 the same parameters as an uninterrupted one.
 """
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -122,3 +123,23 @@ def train_loop(
     if checkpointer is not None:
       checkpointer.wait()
   return state
+
+
+def built_once_per_config(build):
+  """`build(config, *args)`, built once per equal (config, args) and shared.
+
+  Experiments train many models of one config (a DDPM or a learner per
+  training set); sharing the built step functions shares their traces and
+  compilations. `build` receives a resolved copy of `config`, so later
+  edits of the caller's config cannot leak into a cached program.
+  """
+  built = {}
+
+  @functools.wraps(build)
+  def get(config, *args):
+    key = (config.to_json(), *args)
+    if key not in built:
+      built[key] = build(config.copy_and_resolve_references(), *args)
+    return built[key]
+
+  return get
