@@ -15,8 +15,6 @@ metrics.jsonl. Re-running the command resumes.
 import functools
 import os
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -24,16 +22,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from aigc_jax import (
-  checkpoint,
   data,
   launch,
-  models,
   parallel,
   protect,
   record,
   train,
 )
-from aigc_jax.eval import classifiers
+from aigc_jax.eval import classifiers, contrastive
 from experiments.unlearnable import (
   generate_random,
   make_protection,
@@ -49,110 +45,6 @@ LABELS = {
   "random_sample": "random",
   "random_class": "random (C)",
 }
-METHOD_LABELS = {"simclr": "SimCLR", "moco": "MoCo v2", "byol": "BYOL"}
-
-
-def _unroll():
-  return True if jax.default_backend() == "cpu" else 1
-
-
-def build_learner(config, method: str, learning_rate, num_steps=None):
-  """The `ContrastiveNet`, optimiser and bound train-step settings of a
-  contrastive learner (`method` in train.CONTRASTIVE_METHODS)."""
-  c, t = config.contrastive, config.train
-  kwargs = {k: v for k, v in config.model.items() if k != "name"}
-  backbone = models.make_classifier(config.model.name, 1, **kwargs)
-  model = models.ContrastiveNet(
-    backbone, c.proj_dim, c.hidden, predictor=method == "byol"
-  )
-  optimizer = train.classifier_optimizer(
-    learning_rate,
-    num_steps,
-    momentum=t.momentum,
-    weight_decay=t.weight_decay,
-    grad_clip=t.grad_clip or None,
-  )
-  settings = {
-    "method": method,
-    "temperature": c.moco_temperature if method == "moco" else c.temperature,
-  }
-  return model, optimizer, settings
-
-
-def learner_step(config, model, optimizer, settings, key):
-  """`(state, images) -> (state, metrics)`: one step of the learner on two
-  fresh `simclr_augment` views of `images`."""
-  return lambda s, images: train.contrastive_train_step(
-    s,
-    images,
-    key,
-    model=model,
-    optimizer=optimizer,
-    augment=augmenter(config),
-    target_momentum=config.contrastive.target_momentum,
-    **settings,
-  )
-
-
-def augmenter(config):
-  return functools.partial(
-    train.simclr_augment,
-    crop_scale=tuple(config.contrastive.crop_scale),
-    flip=config.contrastive.flip,
-  )
-
-
-def _init_state(config, model, optimizer, method, key, image_shape):
-  return functools.partial(
-    train.init_contrastive_state,
-    model,
-    optimizer,
-    key,
-    image_shape,
-    method=method,
-    queue_size=config.contrastive.queue_size,
-  )
-
-
-class LearnerProgram(NamedTuple):
-  """A learner's model and jittable functions for one config, method and
-  run length, built once so that every training set shares their traces
-  and compilations (a closure per set was traced, lowered and compiled
-  again; its feature extractor baked the parameters in as constants)."""
-
-  init: Callable[[tuple[int, ...]], Callable[[], Any]]  # image shape -> init
-  step: Callable  # (state, images) -> (state, metrics)
-  features: Callable  # jitted (params, batch_stats, images) -> h
-
-
-@train.built_once_per_config
-def learner_program(config, method: str, num_steps: int) -> LearnerProgram:
-  """The `LearnerProgram` of (config, method, num_steps), the same object
-  for equal arguments."""
-  model, optimizer, settings = build_learner(
-    config, method, config.train.learning_rate, num_steps
-  )
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  init = functools.cache(
-    lambda shape: _init_state(config, model, optimizer, method, init_key, shape)
-  )
-  features = jax.jit(
-    lambda params, batch_stats, images: train.contrastive_features(
-      model, params, batch_stats, images
-    )
-  )
-  return LearnerProgram(
-    init,
-    learner_step(config, model, optimizer, settings, train_key),
-    features,
-  )
-
-
-# A full-batch probe fitted by a scan: one compilation for every encoder.
-_linear_probe_accuracy = jax.jit(
-  train.linear_probe_accuracy,
-  static_argnames=("num_classes", "steps", "learning_rate", "weight_decay"),
-)
 
 
 def generate_cp(config, train_set, mesh, *, classwise, init=None):
@@ -175,14 +67,14 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n, num_classes = len(x), train_set.num_classes
-  model, optimizer, settings = build_learner(
+  model, optimizer, settings = contrastive.build_learner(
     config, config.attacker, p.learning_rate
   )
-  augment = augmenter(config)
+  augment = contrastive.augmenter(config)
   key = jax.random.fold_in(jax.random.key(config.seed), 19 + classwise)
   init_key, model_key, noise_key, start_key = jax.random.split(key, 4)
   state = train.init_or_restore(
-    _init_state(
+    contrastive.learner_init(
       config, model, optimizer, config.attacker, init_key, x.shape[1:]
     ),
     mesh,
@@ -190,7 +82,9 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
   )
   b = protect.budget(p.eps)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  encoder_step = learner_step(config, model, optimizer, settings, model_key)
+  encoder_step = contrastive.learner_step(
+    config, model, optimizer, settings, model_key
+  )
   model_step = jax.jit(
     lambda s, xb, db: encoder_step(s, protect.apply_perturbation(xb, db)),
     out_shardings=(rep, rep),
@@ -214,7 +108,7 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
       step_size=g.step_size / protect.LEVELS_PER_UNIT,
       ascent=False,
       groups=yb if classwise else None,
-      unroll=_unroll(),
+      unroll=protect.default_unroll(),
     )
     return delta, losses[-1]
 
@@ -263,68 +157,6 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
         delta[idx[:count]] = np.asarray(out)[:count]
   per_example = delta[labels] if classwise else delta
   return per_example, {"rounds": g.rounds, "final_loss": float(loss)}
-
-
-def train_encoder(config, workdir, images, method, train_set, test_set, mesh):
-  """Trains `method` on uint8 `images` and returns the linear-probe
-  accuracy of its features (probe fitted on the clean training set) on the
-  clean test set; read back if this cell finished."""
-  return record.cached_result(
-    workdir,
-    functools.partial(
-      _train_encoder, config, workdir, images, method, train_set, test_set, mesh
-    ),
-    inputs=record.array_digest(images),
-  )
-
-
-def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  x = data.to_model_range(images)
-  n, bs = len(x), config.train.batch_size
-  num_steps = config.train.num_epochs * data.steps_per_epoch(n, bs)
-  program = learner_program(config, method, num_steps)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(program.init(x.shape[1:]), mesh, checkpointer)
-  writer = record.MetricWriter(workdir, prefix="train/")
-  state = train.train_loop(
-    state,
-    program.step,
-    lambda step: x[data.batch_indices(config.seed, step, n, bs)],
-    num_steps=num_steps,
-    mesh=mesh,
-    checkpointer=checkpointer,
-    checkpoint_every=config.train.checkpoint_every,
-    log_every=config.train.log_every,
-    log_fn=writer.write,
-    desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
-  )
-  checkpointer.close()
-
-  def featurise(u8):
-    return parallel.batched_apply(
-      functools.partial(program.features, state.params, state.batch_stats),
-      data.to_model_range(u8),
-      batch_size=1000,
-      mesh=mesh,
-    )
-
-  accuracy = _linear_probe_accuracy(
-    featurise(train_set.images),
-    train_set.labels,
-    featurise(test_set.images),
-    test_set.labels,
-    num_classes=train_set.num_classes,
-    steps=config.probe.steps,
-    learning_rate=config.probe.learning_rate,
-    weight_decay=config.probe.weight_decay,
-  )
-  return {
-    "probe_accuracy": float(accuracy),
-    "steps": num_steps,
-    "seconds": round(time.time() - start, 1),
-  }
 
 
 def check_config(config, mesh) -> None:
@@ -392,7 +224,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {}
   for set_name, images in sets.items():
     for method in config.methods:
-      results[set_name, method] = train_encoder(
+      results[set_name, method] = contrastive.train_encoder(
         config,
         os.path.join(workdir, "encoders", set_name, method),
         images,
@@ -426,14 +258,14 @@ def cp_report(config, workdir, results, infos, total) -> str:
   table = record.markdown_table(
     ["learner"] + [LABELS[s] for s in sets],
     [
-      [METHOD_LABELS[m]]
+      [contrastive.LEARNER_LABELS[m]]
       + [f"{100 * results[s, m]['probe_accuracy']:.1f}" for s in sets]
       for m in config.methods
     ],
   )
   acc = {k: 100 * r["probe_accuracy"] for k, r in results.items()}
   drops = [
-    f"- {METHOD_LABELS[m]}, {LABELS[s]}: "
+    f"- {contrastive.LEARNER_LABELS[m]}, {LABELS[s]}: "
     f"{acc['clean', m] - acc[s, m]:.1f} points"
     for m in config.methods
     for s in infos
@@ -463,7 +295,7 @@ Linear-probe accuracy (%) on the clean test set of a {config.model.name}
 encoder trained for {config.train.num_epochs} epochs on each set (columns)
 with each learner (rows); the probe is fitted on frozen features of the
 clean training set. The poison is generated against
-{METHOD_LABELS[config.attacker]}. Total time {total} s.
+{contrastive.LEARNER_LABELS[config.attacker]}. Total time {total} s.
 
 {table}
 Drop of the probe accuracy against clean training (the paper's CIFAR-10

@@ -34,7 +34,7 @@ import ml_collections
 import numpy as np
 
 from aigc_jax import data, launch, models, parallel, purify, record, train
-from aigc_jax.eval import classifiers, ddpm, victims
+from aigc_jax.eval import classifiers, contrastive, ddpm, victims
 from aigc_jax.metrics import psnr
 from experiments import cp, udp, unlearnable
 
@@ -369,7 +369,7 @@ def contrastive_results(config, workdir, run: UpstreamRun, purify_set, mesh):
         root = os.path.join(workdir, "encoders", row, set_name)
         x = purify_set(row, f"cp/{set_name}", images, run.sets["clean"])
       for method in config.contrastive_methods:
-        results[set_name, row, method] = cp.train_encoder(
+        results[set_name, row, method] = contrastive.train_encoder(
           run.config,
           os.path.join(root, method),
           x,
@@ -655,7 +655,8 @@ def contrastive_report(config, results) -> str:
   table = record.markdown_table(
     ["learner"] + [cp.LABELS[s] + SHORT_LABELS[r] for s, r in columns],
     [
-      [cp.METHOD_LABELS[m]] + [f"{acc(s, r, m):.1f}" for s, r in columns]
+      [contrastive.LEARNER_LABELS[m]]
+      + [f"{acc(s, r, m):.1f}" for s, r in columns]
       for m in config.contrastive_methods
     ],
   )
@@ -666,8 +667,9 @@ def contrastive_report(config, results) -> str:
       for r in config.purifiers:
         lost = clean - acc(s, "none", m)
         back = acc(s, r, m) - acc(s, "none", m)
+        learner = contrastive.LEARNER_LABELS[m]
         recovered.append(
-          f"- {cp.METHOD_LABELS[m]}, {cp.LABELS[s]}{SHORT_LABELS[r]}: "
+          f"- {learner}, {cp.LABELS[s]}{SHORT_LABELS[r]}: "
           f"{back:+.1f} points of the {lost:.1f} that CP took"
         )
   return f"""
