@@ -33,7 +33,6 @@ from aigc_jax.eval import classifiers, contrastive
 from experiments.unlearnable import (
   generate_random,
   make_protection,
-  padded_batches,
 )
 
 # The random controls last: CP-S starts from CP-C's noise, not theirs.
@@ -48,8 +47,10 @@ LABELS = {
 
 
 def generate_cp(config, train_set, mesh, *, classwise, init=None):
-  """CP's min-min alternation (protection-methods.md §2.5): encoder steps
-  on views of x + δ, then descent steps on δ through the augmentation.
+  """CP's min-min alternation (He et al. 2023, arXiv 2202.11202, Alg. 1) on
+  the alternation engine: each round, encoder steps on views of x + δ in
+  training order, then descent steps on δ through the augmentation, on
+  `noise_batches` slices drawn in epoch order (0: every slice).
 
   Args:
     config: the experiment config (`protect`, `contrastive`, `attacker`).
@@ -60,7 +61,8 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
       the budget (the original's U(−ε, ε)).
 
   Returns:
-    δ per example in model units, and {"rounds", "final_loss"}.
+    δ per example in model units, and {"rounds", "final_loss"}: the mean
+    objective before the last PGD step of the last round.
   """
   p = config.protect
   g = p.cp_class if classwise else p.cp_sample
@@ -81,82 +83,71 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
     None,
   )
   b = protect.budget(p.eps)
-  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  encoder_step = contrastive.learner_step(
-    config, model, optimizer, settings, model_key
-  )
+  rep = parallel.replicated(mesh)
   model_step = jax.jit(
-    lambda s, xb, db: encoder_step(s, protect.apply_perturbation(xb, db)),
+    contrastive.learner_step(config, model, optimizer, settings, model_key),
     out_shardings=(rep, rep),
     donate_argnums=0,
   )
 
-  def noise_step(s, xb, db, yb, k):
+  @jax.jit
+  def perturbation_step(s, chunk, delta, k):
     objective = protect.contrastive_objective(
       lambda v1, v2: train.contrastive_losses(
         model, s, s.params, v1, v2, **settings
       )[0],
       augment,
     )
-    delta, losses = protect.pgd(
+    return protect.pgd(
       objective,
-      xb,
-      db,
+      chunk.x,
+      delta,
       k,
       budget=b,
       steps=g.pgd_steps,
       step_size=g.step_size / protect.LEVELS_PER_UNIT,
       ascent=False,
-      groups=yb if classwise else None,
+      groups=chunk.groups,
       unroll=protect.default_unroll(),
     )
-    return delta, losses[-1]
 
-  noise_step = jax.jit(
-    noise_step, out_shardings=(rep if classwise else shard, rep)
-  )
   shape = (num_classes, *x.shape[1:]) if classwise else x.shape
   if init is not None:
-    delta = np.array(init, np.float32)
+    start = np.array(init, np.float32)
   else:
-    delta = np.array(  # a writable copy
+    start = np.array(
       protect.init_perturbation(start_key, shape, b, random_start=True)
     )
   bs = -(-min(p.batch_size, n) // mesh.size) * mesh.size
-  per_epoch = data.steps_per_epoch(n, bs)
-  model_steps = g.model_steps or per_epoch
-  step, loss = 0, float("nan")
-  desc = "cp_class" if classwise else "cp_sample"
-  for r in tqdm(range(g.rounds), desc=desc):
-    for _ in range(model_steps):
-      idx = data.batch_indices(config.seed, step, n, bs)
-      d = delta[labels[idx]] if classwise else delta[idx]
-      state, _ = parallel.settle(
-        model_step(state, *parallel.shard_batch(mesh, (x[idx], d))), mesh
-      )
-      step += 1
-    if g.noise_batches:
-      batches = [
-        (
-          data.batch_indices(config.seed + 1, r * g.noise_batches + i, n, bs),
-          bs,
-        )
-        for i in range(g.noise_batches)
-      ]
-    else:
-      batches = list(padded_batches(n, bs))
-    for i, (idx, count) in enumerate(batches):
-      k = jax.random.fold_in(noise_key, r * 100_000 + i)
-      xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-      if classwise:
-        out, loss = noise_step(state, xb, delta, yb, k)
-        delta = np.asarray(out)
-      else:
-        db = parallel.shard_batch(mesh, delta[idx])
-        out, loss = noise_step(state, xb, db, yb, k)
-        delta[idx[:count]] = np.asarray(out)[:count]
+  bar = tqdm(total=g.rounds, desc="cp_class" if classwise else "cp_sample")
+  delta, traces, _ = protect.alternate(
+    x,
+    lambda k, shape: start,
+    state,
+    noise_key,
+    perturbation_step=perturbation_step,
+    model_step=model_step,
+    schedule=protect.Schedule(
+      rounds=g.rounds,
+      inner_steps=g.model_steps or data.steps_per_epoch(n, bs),
+      batch_size=bs,
+      chunk_size=n,
+      slice_size=bs,
+      random_slices=g.noise_batches,
+      epoch_order=True,
+    ),
+    mesh=mesh,
+    seed=config.seed,
+    groups=labels if classwise else None,
+    num_groups=num_classes,
+    progress=bar.update,
+  )
+  bar.close()
   per_example = delta[labels] if classwise else delta
-  return per_example, {"rounds": g.rounds, "final_loss": float(loss)}
+  return per_example, {
+    "rounds": g.rounds,
+    "final_loss": float(traces[0, -1, -1]),
+  }
 
 
 def check_config(config, mesh) -> None:

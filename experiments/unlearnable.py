@@ -72,36 +72,31 @@ def _logits_fn(model, params, batch_stats):
   return lambda x: train.classifier_logits(model, params, batch_stats, x)
 
 
-def protected_accuracy(model, state, x, delta, labels, groups, mesh, batch):
-  """The generator's accuracy on x + δ (EMN's stopping rule)."""
-  fn = jax.jit(
-    lambda b: train.classifier_logits(
-      model,
-      state.params,
-      state.batch_stats,
-      protect.apply_perturbation(b["x"], b["delta"]),
-    )
-  )
-  d = delta if groups is None else delta[groups]
-  logits = parallel.batched_apply(
-    fn, {"x": x, "delta": d}, batch_size=batch, mesh=mesh
-  )
+def generator_accuracy(model, state, images, labels, mesh, batch) -> float:
+  """The generator's accuracy on the protected images (EMN's stopping
+  rule)."""
+  classifier = classifiers.Classifier(model, state.params, state.batch_stats)
+  logits = classifiers.predict_logits(classifier, images, batch, mesh)
   return float(accuracy(logits, labels))
 
 
 def generate_emn(config, train_set, mesh, *, classwise: bool):
-  """Error-minimising noise by alternating model and noise steps
-  (protection-methods.md §2.1-2.2) until the generator fits x + δ.
+  """Error-minimising noise (Huang et al. 2021, arXiv 2101.04898, Alg. 1):
+  on the alternation engine, the whole set as one chunk, `model_steps`
+  generator steps in training order, then `pgd_steps` descent steps of δ
+  on every slice of `noise_batch_size` images, until the generator fits
+  x + δ (`stop_accuracy`).
 
   Returns:
     δ per example in model units, and {"rounds", "train_accuracy"}.
   """
   p, e = config.protect, config.protect.emn
-  gen = _generator_config(config)
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n, num_classes = len(x), train_set.num_classes
-  model, optimizer = classifiers.build_classifier(gen, num_classes)
+  model, optimizer = classifiers.build_classifier(
+    _generator_config(config), num_classes
+  )
   key = jax.random.fold_in(jax.random.key(config.seed), 11 + classwise)
   init_key, model_key, noise_key = jax.random.split(key, 3)
   state = train.init_or_restore(
@@ -112,13 +107,12 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
     None,
   )
   b = protect.budget(p.eps)
-  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
+  rep = parallel.replicated(mesh)
   # The generation loader has no augmentation (the original's).
   model_step = jax.jit(
-    lambda s, xb, db, yb: train.classifier_train_step(
+    lambda s, batch: train.classifier_train_step(
       s,
-      protect.apply_perturbation(xb, db),
-      yb,
+      *batch,
       model_key,
       model=model,
       optimizer=optimizer,
@@ -128,66 +122,60 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
     out_shardings=(rep, rep),
     donate_argnums=0,
   )
-  steps = e.class_pgd_steps if classwise else e.pgd_steps
 
-  def noise_step(params, batch_stats, xb, db, yb, k):
-    objective = protect.cross_entropy_objective(
-      _logits_fn(model, params, batch_stats), yb
+  @jax.jit
+  def perturbation_step(s, chunk, delta, k):
+    logits_fn = lambda im: train.classifier_logits(
+      model, s.params, s.batch_stats, im
     )
-    delta, _ = protect.pgd(
-      objective,
-      xb,
-      db,
+    return protect.pgd(
+      protect.cross_entropy_objective(logits_fn, chunk.conditions),
+      chunk.x,
+      delta,
       k,
       budget=b,
-      steps=steps,
+      steps=e.class_pgd_steps if classwise else e.pgd_steps,
       step_size=e.step_size / protect.LEVELS_PER_UNIT,
       ascent=False,
-      groups=yb if classwise else None,
+      groups=chunk.groups,
       unroll=protect.default_unroll(),
     )
-    return delta
 
-  noise_step = jax.jit(noise_step, out_shardings=rep if classwise else shard)
-  shape = (num_classes, *x.shape[1:]) if classwise else x.shape
-  delta = np.zeros(shape, np.float32)
-  mb = p.model_batch_size
+  fits = []
   nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-  acc, step = 0.0, 0
+
+  def fitted(s, protected, y):
+    fits.append(generator_accuracy(model, s, protected, y, mesh, nb))
+    bar.set_postfix(train_accuracy=f"{fits[-1]:.3f}")
+    return fits[-1] > e.stop_accuracy
+
   bar = tqdm(total=e.max_rounds, desc="emn_class" if classwise else "emn")
-  for r in range(e.max_rounds):
-    for _ in range(e.model_steps):
-      idx = data.batch_indices(config.seed, step, n, mb)
-      d = delta[labels[idx]] if classwise else delta[idx]
-      state, _ = parallel.settle(
-        model_step(
-          state, *parallel.shard_batch(mesh, (x[idx], d, labels[idx]))
-        ),
-        mesh,
-      )
-      step += 1
-    for i, (idx, _) in enumerate(padded_batches(n, nb)):
-      k = jax.random.fold_in(noise_key, r * 100_000 + i)
-      xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-      if classwise:
-        delta = np.asarray(
-          noise_step(state.params, state.batch_stats, xb, delta, yb, k)
-        )
-      else:
-        db = parallel.shard_batch(mesh, delta[idx])
-        delta[idx] = np.asarray(
-          noise_step(state.params, state.batch_stats, xb, db, yb, k)
-        )
-    acc = protected_accuracy(
-      model, state, x, delta, labels, labels if classwise else None, mesh, nb
-    )
-    bar.update(1)
-    bar.set_postfix(train_accuracy=f"{acc:.3f}")
-    if acc > e.stop_accuracy:
-      break
+  delta, *_ = protect.alternate(
+    x,
+    lambda k, shape: np.zeros(shape, np.float32),
+    state,
+    noise_key,
+    perturbation_step=perturbation_step,
+    model_step=model_step,
+    schedule=protect.Schedule(
+      rounds=e.max_rounds,
+      inner_steps=e.model_steps,
+      batch_size=p.model_batch_size,
+      chunk_size=n,
+      slice_size=p.noise_batch_size,
+      epoch_order=True,
+    ),
+    mesh=mesh,
+    seed=config.seed,
+    conditions=labels,
+    groups=labels if classwise else None,
+    num_groups=num_classes,
+    progress=bar.update,
+    until=fitted,
+  )
   bar.close()
   per_example = delta[labels] if classwise else delta
-  return per_example, {"rounds": r + 1, "train_accuracy": acc}
+  return per_example, {"rounds": len(fits), "train_accuracy": fits[-1]}
 
 
 def generate_remn(config, train_set, mesh):
@@ -288,7 +276,8 @@ def generate_remn(config, train_set, mesh):
     k = jax.random.fold_in(noise_key, 10_000_000 + i)
     out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
     delta[idx[:count]] = out[:count]
-  acc = protected_accuracy(model, state, x, delta, labels, None, mesh, nb)
+  protected = np.clip(x + delta, -1.0, 1.0)
+  acc = generator_accuracy(model, state, protected, labels, mesh, nb)
   return delta, {"rounds": rm.model_steps, "train_accuracy": acc}
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from aigc_jax import parallel, protect
+from aigc_jax import data, parallel, protect
 
 
 def _finite_difference(f, x, direction, h=1e-5):
@@ -277,6 +277,84 @@ def test_alternation_of_class_wise_delta_shares_rows_across_chunks(tmp_path):
     assert os.path.exists(tmp_path / "c" / "chunk_0002.npz")
     with pytest.raises(ValueError, match="groups must lie"):
       _alternate(parallel.make_mesh(4), groups=groups + 1, num_groups=3)
+
+
+def _rowwise_perturbation_step(state, chunk, delta, key):
+  """A key-free, row-wise objective: the result of each image is the same
+  whichever slice it is updated in."""
+  del key
+  objective = lambda xa, k: jnp.sum((xa - state["theta"]) ** 2, axis=(1, 2, 3))
+  return protect.pgd(
+    objective,
+    chunk.x,
+    delta,
+    jax.random.key(0),
+    budget=protect.budget(8),
+    steps=2,
+    step_size=protect.budget(2).eps,
+    ascent=False,
+    groups=chunk.groups,
+  )
+
+
+def test_alternation_slices_stops_and_draws_in_epoch_order():
+  """EMN's and CP's schedules: δ updated slice by slice (all of them, or a
+  few drawn in epoch order), model minibatches in training order, and a
+  stopping rule asked after every round."""
+  with jax.enable_x64(False):
+    mesh = parallel.make_mesh(2)
+    perturbation_step = jax.jit(_rowwise_perturbation_step)
+    seen = []
+
+    def model_step(state, batch):
+      seen.append(np.asarray(batch))
+      return {"theta": state["theta"] + 0.5 * batch.mean(axis=0)}, {}
+
+    x = np.asarray(
+      jax.random.uniform(jax.random.key(0), (10, 4, 4, 1), minval=-1.0),
+      np.float32,
+    )
+
+    def run(schedule, **kwargs):
+      seen.clear()
+      return protect.alternate(
+        x,
+        lambda k, shape: jnp.zeros(shape, jnp.float32),
+        {"theta": jnp.zeros((4, 4, 1), jnp.float32)},
+        jax.random.key(1),
+        perturbation_step=perturbation_step,
+        model_step=model_step,
+        schedule=schedule,
+        mesh=mesh,
+        seed=3,
+        **kwargs,
+      )
+
+    whole = run(protect.Schedule(2, 3, 4, 10, epoch_order=True))
+    # Training order: step s = r * inner_steps + m is batch_indices(seed, s).
+    first = x[data.batch_indices(3, 0, 10, 4)]
+    np.testing.assert_array_equal(seen[0], first)
+    sliced = run(protect.Schedule(2, 3, 4, 10, slice_size=3, epoch_order=True))
+    np.testing.assert_allclose(sliced[0], whole[0], atol=1e-6)
+    assert sliced[1].shape == whole[1].shape == (1, 2, 2)
+    # A stop after the first round: its δ, and NaN for the round not run.
+    stopped = run(
+      protect.Schedule(2, 3, 4, 10, epoch_order=True),
+      until=lambda state, protected, conditions: True,
+    )
+    once = run(protect.Schedule(1, 3, 4, 10, epoch_order=True))
+    np.testing.assert_array_equal(stopped[0], once[0])
+    assert (
+      np.isnan(stopped[1][0, 1]).all() and not np.isnan(stopped[1][0, 0]).any()
+    )
+    # A few slices drawn in epoch order: only their rows move.
+    drawn = run(
+      protect.Schedule(1, 0, 4, 10, slice_size=4, random_slices=1),
+    )
+    moved = np.flatnonzero(np.abs(drawn[0]).reshape(10, -1).max(axis=1) > 0)
+    np.testing.assert_array_equal(
+      moved, np.sort(data.batch_indices(3 + 1, 0, 10, 4))
+    )
 
 
 def test_random_like_keeps_each_norm_through_uint8_rounding():

@@ -4,17 +4,20 @@ perturbation steps, over a dataset in chunks; resumable.
 Every protection that trains a surrogate on what it protects is this loop
 with another objective: UDP's max-min and its readings (`max`, `min`,
 `bilevel`; `aigc_jax.protect.udp`), error-minimising noise (EMN, Huang et
-al. 2021, Alg. 1), and, with no model step, AdvDM and the encoder attacks.
-Per chunk of images, `rounds` times: `inner_steps` model steps on random
-minibatches of the protected chunk, then one call of the perturbation step
-(a few PGD steps). The two halves are jitted by the caller and driven from
-the host: on XLA:CPU a `lax.scan` over training steps ran 20x slower per step
-than the same step jitted alone.
+al. 2021, arXiv 2101.04898, Alg. 1), contrastive poisoning (CP, He et al.
+2023, arXiv 2202.11202, Alg. 1), and, with no model step, AdvDM and the
+encoder attacks. Per chunk of images, `rounds` times: `inner_steps` model
+steps on minibatches of the protected chunk, then the perturbation step (a
+few PGD steps) on the whole chunk or on slices of it; optionally stop when
+a rule holds (EMN: the model fits the protected data). The two halves are
+jitted by the caller and driven from the host: on XLA:CPU a `lax.scan` over
+training steps ran 20x slower per step than the same step jitted alone.
 
 δ is sample-wise (one row per image) or class-wise (one row per group,
-shared by its images and carried from chunk to chunk). Keys derive from the
-chunk and round (`fold_in`), minibatches from (seed, chunk, round, step), so
-a run is the same on any number of devices and after any interruption.
+shared by its images and carried from chunk to chunk, and from slice to
+slice). Keys derive from the chunk, round and slice (`fold_in`), minibatches
+from (seed, chunk, round, step), so a run is the same on any number of
+devices and after any interruption.
 
 Resuming (`workdir`): after chunk c its δ rows and objective trace are
 written atomically to `chunk_<c>.npz`, *then* the model's state to an Orbax
@@ -33,7 +36,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from aigc_jax import checkpoint, parallel, record
+from aigc_jax import checkpoint, data, parallel, record
 from aigc_jax.protect.pgd import apply_perturbation
 
 # x + δ (or x + δ[groups]) clipped to the image box, as PGD applies it.
@@ -69,19 +72,33 @@ class Schedule(NamedTuple):
   """How the two halves alternate.
 
   Attributes:
-    rounds: alternations per chunk (0: δ stays at its start, e.g. the random
-      control's draw).
+    rounds: alternations per chunk, at most (0: δ stays at its start, e.g.
+      the random control's draw).
     inner_steps: model steps per round (0: a fixed model).
     batch_size: model minibatch, a multiple of the device count (drawn with
       replacement from a smaller chunk).
     chunk_size: images per chunk, at most; chunks are equal in size and do
       not depend on the device count.
+    slice_size: the perturbation step sees slices of this many images (the
+      last one padded by repeating its final image), one after another, a
+      class-wise δ carried through them; 0: the whole chunk at once.
+    random_slices: > 0: each round updates δ on this many slices drawn in
+      epoch order (`data.batch_indices` of (seed + 1 + chunk, round ·
+      random_slices + i)) instead of all consecutive slices (CP-C's
+      `noise_batches`).
+    epoch_order: model minibatches in standard training order (step s =
+      round · inner_steps + m of a chunk is `data.batch_indices(seed +
+      chunk, s)`: every image once per epoch) instead of drawn with
+      replacement per (seed, chunk, round, step).
   """
 
   rounds: int
   inner_steps: int
   batch_size: int
   chunk_size: int
+  slice_size: int = 0
+  random_slices: int = 0
+  epoch_order: bool = False
 
 
 def chunk_bounds(num_images: int, chunk_size: int) -> list[int]:
@@ -137,6 +154,7 @@ def alternate(
   num_groups: int = 0,
   workdir: str | None = None,
   progress: Callable[[int], None] | None = None,
+  until: Callable[[State, np.ndarray, np.ndarray | None], bool] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, State]:
   """Protects `x` chunk by chunk, alternating model and perturbation steps.
 
@@ -164,10 +182,14 @@ def alternate(
     workdir: where finished chunks and the model's checkpoints are kept; a
       later call with the same arguments resumes there.
     progress: called with 1 after every round (e.g. a progress bar's update).
+    until: `(state, protected, conditions) -> bool`, asked after every round
+      with the chunk's protected images (host, [-1, 1]) and its conditions:
+      True ends the chunk's rounds (EMN's stopping rule).
 
   Returns:
     δ ((N, ...) sample-wise, (num_groups, ...) class-wise) on the host, the
-    objective traces (num_chunks, rounds, steps), and the final state.
+    objective traces (num_chunks, rounds, steps), averaged over slices, NaN
+    for rounds not run, and the final state.
   """
   n = len(x)
   classwise = groups is not None
@@ -229,6 +251,7 @@ def alternate(
       mesh=mesh,
       seed=(seed, c),
       progress=progress,
+      until=until,
     )
     if classwise:
       shared = delta
@@ -251,6 +274,36 @@ def _chunk_path(workdir: str, c: int) -> str:
   return os.path.join(workdir, f"chunk_{c:04d}.npz")
 
 
+def _slices(schedule, n, devices, seed, r):
+  """(indices, count) of each slice the perturbation step sees in round r,
+  its indices padded to a multiple of the device count by repeating the
+  last one."""
+  size = -(-min(schedule.slice_size or n, n) // devices) * devices
+  if schedule.random_slices:
+    first = r * schedule.random_slices
+    return [
+      (data.batch_indices(seed + 1, first + i, n, size), size)
+      for i in range(schedule.random_slices)
+    ]
+  out = []
+  for lo in range(0, n, size):
+    idx = np.arange(lo, min(lo + size, n))
+    pad = np.repeat(idx[-1:], size - len(idx))
+    out.append((np.concatenate([idx, pad]), len(idx)))
+  return out
+
+
+def _minibatch(schedule, seed, n, r, m):
+  """The model minibatch of step m of round r (indices into the chunk)."""
+  batch = schedule.batch_size
+  if schedule.epoch_order:
+    return data.batch_indices(
+      seed[0] + seed[1], r * schedule.inner_steps + m, n, batch
+    )
+  rng = np.random.default_rng([*seed, r, m])
+  return rng.choice(n, batch, replace=batch > n)
+
+
 def _alternate_chunk(
   x,
   conditions,
@@ -265,41 +318,62 @@ def _alternate_chunk(
   mesh,
   seed,
   progress,
+  until,
 ):
-  """`schedule.rounds` alternations on one chunk; returns its δ (host, the
-  chunk's rows or the shared rows), the trace (rounds, steps) and the
-  state."""
+  """Up to `schedule.rounds` alternations on one chunk; returns its δ (host,
+  the chunk's rows or the shared rows), the trace (rounds, steps; NaN after
+  a stop) and the state."""
   n = len(x)
-  size = -(-n // mesh.size) * mesh.size
   put = lambda a: None if a is None else parallel.shard_batch(mesh, a)
-  chunk = Chunk(
-    put(_padded(x, size)),
-    put(_padded(conditions, size)),
-    put(_padded(None if groups is None else groups.astype(np.int32), size)),
-  )
+  take = lambda a, idx: None if a is None else a[idx]
   classwise = groups is not None
-  d = np.asarray(delta, np.float32)
-  d = parallel.replicate(mesh, d) if classwise else put(_padded(d, size))
-  # The schedule's batch on any mesh (drawn with replacement from a chunk
-  # smaller than it): the minibatches do not depend on the device count.
-  batch = schedule.batch_size
+  groups = None if groups is None else groups.astype(np.int32)
+  d = np.array(delta, np.float32)  # the host's copy, updated slice by slice
+  protected = lambda: parallel.to_host(_protected(x, d, groups))
+  fixed = (
+    None
+    if schedule.random_slices
+    else _slices(schedule, n, mesh.size, seed[0] + seed[1], 0)
+  )
+  placed = {}  # the consecutive slices, placed on the mesh once
   trace = []
   for r in range(schedule.rounds):
     if model_step is not None:
-      protected = parallel.to_host(_protected(chunk.x, d, chunk.groups))[:n]
+      images = protected()
       for m in range(schedule.inner_steps):
-        rng = np.random.default_rng([*seed, r, m])
-        idx = rng.choice(n, batch, replace=batch > n)
+        idx = _minibatch(schedule, seed, n, r, m)
         minibatch = (
-          protected[idx]
-          if conditions is None
-          else (protected[idx], conditions[idx])
+          images[idx] if conditions is None else (images[idx], conditions[idx])
         )
-        state, _ = model_step(state, parallel.shard_batch(mesh, minibatch))
-    d, steps = perturbation_step(state, chunk, d, jax.random.fold_in(key, r))
-    trace.append(parallel.to_host(steps))
+        state, _ = parallel.settle(model_step(state, put(minibatch)), mesh)
+    slices = fixed or _slices(schedule, n, mesh.size, seed[0] + seed[1], r)
+    round_key = jax.random.fold_in(key, r)
+    steps = []
+    for i, (idx, count) in enumerate(slices):
+      if fixed and i in placed:
+        chunk = placed[i]
+      else:
+        chunk = Chunk(
+          put(x[idx]), put(take(conditions, idx)), put(take(groups, idx))
+        )
+        if fixed:
+          placed[i] = chunk
+      k = round_key if len(slices) == 1 else jax.random.fold_in(round_key, i)
+      start = parallel.replicate(mesh, d) if classwise else put(d[idx])
+      out, objective = perturbation_step(state, chunk, start, k)
+      out = parallel.to_host(out)
+      if classwise:
+        d = np.array(out, np.float32)
+      else:
+        d[idx[:count]] = out[:count]
+      steps.append(parallel.to_host(objective))
+    trace.append(np.mean(steps, axis=0))
     if progress is not None:
       progress(1)
-  d = parallel.to_host(d)
+    if until is not None and until(state, protected(), conditions):
+      break
   trace = np.stack(trace) if trace else np.zeros((0, 0), np.float32)
-  return (d if classwise else d[:n]), trace, state
+  if len(trace) < schedule.rounds:  # stopped early: NaN for the rest
+    rest = np.full((schedule.rounds - len(trace), *trace.shape[1:]), np.nan)
+    trace = np.concatenate([trace, rest.astype(trace.dtype)])
+  return d, trace, state
