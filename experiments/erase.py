@@ -30,27 +30,6 @@ import numpy as np
 from aigc_jax import data, launch, parallel, record, sd
 from aigc_jax.eval import classifiers
 from aigc_jax.unlearn import closed_form, mace, rece
-from experiments import train_text_to_image
-
-
-def load_model(path: str):
-  """The model to edit: a diffusers-layout Stable Diffusion folder."""
-  if not path:
-    raise ValueError(
-      "No model given: pass --config.model=PATH, a diffusers-layout folder "
-      "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-      "scheduler/), e.g. a local copy of CompVis/stable-diffusion-v1-4."
-    )
-  if not os.path.isdir(path):
-    hint = (
-      "re-create it with experiments/train_text_to_image.py (see "
-      "checkpoints/MANIFEST.md)"
-      if "checkpoints" in path
-      else "download a Stable Diffusion v1.4 folder in diffusers layout "
-      "elsewhere and pass its path with --config.model=PATH"
-    )
-    raise FileNotFoundError(f"No model folder at {path!r}: {hint}.")
-  return sd.load_stable_diffusion(path)
 
 
 def prompt_sets(config) -> dict[str, list[tuple[str, str]]]:
@@ -287,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   missing = set(config.erase) - set(config.concepts)
   if missing:
     raise ValueError(f"Erased concepts {sorted(missing)} are not in concepts.")
-  model, params = load_model(config.model)
+  model, params = sd.load_model(config.model)
   mesh = parallel.make_mesh(config.num_devices or None)
   classifier = None
   if config.eval.classifier is not None:
@@ -314,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     edits["mace refinement only"] = refined
     edits["mace"] = fused
 
-  sample = train_text_to_image.make_sampler(
+  sample = sd.make_sampler(
     model, config.sample.num_steps, config.sample.guidance_scale
   )
   uncond = sd.encode_prompts(model, params, [""])

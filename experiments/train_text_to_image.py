@@ -224,29 +224,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return result
 
 
-def make_sampler(model, num_steps: int, guidance_scale: float):
-  """A jitted `sample(params, cond, uncond, key)` -> NHWC images in [-1, 1]:
-  one compilation serves every edit of the same model."""
-  return jax.jit(
-    lambda params, cond, uncond, key: sd.text_to_image(
-      model,
-      params,
-      cond,
-      uncond,
-      key,
-      num_steps=num_steps,
-      guidance_scale=guidance_scale,
-    )
-  )
-
-
 def evaluate_model(config, folder, workdir, mesh) -> dict:
   """Loads the saved folder as any SD checkpoint and scores its digits."""
   model, params = sd.load_stable_diffusion(folder)
   classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
-  sample = make_sampler(
+  sample = sd.make_sampler(
     model, config.sample.num_steps, config.sample.guidance_scale
   )
   uncond = sd.encode_prompts(model, params, [""])

@@ -17,7 +17,6 @@ in the classifier's features. In the concept setting the prompted class is
 one the model has never drawn (`data.classes`).
 """
 
-import functools
 import os
 import re
 import time
@@ -25,10 +24,8 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from aigc_jax import (
-  checkpoint,
   data,
   launch,
   models,
@@ -40,72 +37,8 @@ from aigc_jax import (
   train,
 )
 from aigc_jax.eval import classifiers, ddpm
-from aigc_jax.metrics import (
-  confident_share,
-  frechet_distance,
-  precision_recall,
-  share_interval,
-)
-from aigc_jax.train import text_to_image as t2i
-from experiments import erase, train_text_to_image, udp
-
-
-def pixel_size(model) -> int:
-  """The image side the model's VAE maps to its UNet's latent side."""
-  return model.unet.sample_size * 2 ** (len(model.vae.block_out_channels) - 1)
-
-
-def captioned_images(config, model):
-  """uint8 training images at the model's resolution (zero-padded), their
-  labels and captions, and the test images (unpadded). With
-  `data.classes`, both keep only those classes (the concept) before the
-  training set is cut to `data.limit` images."""
-  train_set = data.load_split(config.data.train, config.data.data_dir)
-  test_set = data.load_split(config.data.test, config.data.data_dir)
-  if config.data.classes:
-    keep = lambda ds: ds.take(
-      np.flatnonzero(np.isin(ds.labels, config.data.classes))
-    )
-    train_set, test_set = keep(train_set), keep(test_set)
-  if config.data.limit:
-    train_set = data.balanced_subset(train_set, config.data.limit, config.seed)
-  if train_set.num_examples == 0:
-    raise ValueError(
-      f"No training images of classes {tuple(config.data.classes)} in "
-      f"{config.data.train!r}."
-    )
-  words = config.sd.class_words
-  captions = [config.sd.caption.format(words[int(y)]) for y in train_set.labels]
-  images = padded_to_model(train_set.images, model)
-  return images, np.asarray(train_set.labels), captions, test_set
-
-
-def padded_to_model(images: np.ndarray, model) -> np.ndarray:
-  """uint8 NHWC images zero-padded to the side the model's VAE takes."""
-  size = pixel_size(model)
-  pad = size - images.shape[1]
-  if pad < 0 or pad % 2 or images.shape[1] != images.shape[2]:
-    raise ValueError(
-      f"Images of {images.shape[1:3]} do not fit the model's {size}x{size} "
-      "(square images up to that size are zero-padded): resize the data."
-    )
-  if images.shape[-1] != model.vae.in_channels:
-    raise ValueError(
-      f"Images have {images.shape[-1]} channels, the VAE takes "
-      f"{model.vae.in_channels}."
-    )
-  half = pad // 2
-  return np.pad(images, ((0, 0), (half, half), (half, half), (0, 0)))
-
-
-def vae_encoder(model, vae_params, mesh):
-  """`images ([-1, 1] NHWC) -> latents` (posterior mean, scaled), the VAE's
-  parameters an argument of the jitted function rather than constants
-  baked into it (they are 330 MB for SD v1.4)."""
-  encode = jax.jit(lambda vae, x: sd.encode_images(model, vae, x))
-  return lambda x: parallel.batched_apply(
-    functools.partial(encode, vae_params), x, batch_size=256, mesh=mesh
-  )
+from aigc_jax.eval import text_to_image as t2i_eval
+from experiments import udp
 
 
 def latent_steps(
@@ -116,7 +49,7 @@ def latent_steps(
   (`step`, from `finetune_step`) on the latents of the protected images;
   the perturbation step differentiates the reading's objective through the
   VAE encoder to the pixels; `anchors` from `anchor_images`."""
-  encode = vae_encoder(model, params["vae"], mesh)
+  encode = t2i_eval.vae_encoder(model, params["vae"], mesh)
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   anchors = jax.device_put(anchors, rep)
   finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
@@ -216,7 +149,7 @@ def anchor_images(config, model) -> np.ndarray:
     for m in config.protect.methods
   )
   if k is None or not targeted:
-    return np.zeros((1, *[pixel_size(model)] * 2, model.vae.in_channels))
+    return np.zeros((1, *[sd.pixel_size(model)] * 2, model.vae.in_channels))
   train_set = data.load_split(config.data.train, config.data.data_dir)
   found = np.flatnonzero(train_set.labels == k)[: config.protect.num_anchors]
   if k in tuple(config.data.classes) or not len(found):
@@ -225,178 +158,8 @@ def anchor_images(config, model) -> np.ndarray:
       f"anchor class must have images in {config.data.train!r} and differ "
       "from the protected data.classes; pick another class."
     )
-  images = padded_to_model(train_set.images[found], model)
+  images = sd.pad_to_model(train_set.images[found], model)
   return data.to_model_range(images)
-
-
-def finetune_optimizer(config) -> optax.GradientTransformation:
-  """AdamW of `config.finetune`: the unauthorised trainer's, and the
-  surrogate's in UDP's inner min."""
-  f = config.finetune
-  return optax.adamw(f.learning_rate, weight_decay=f.weight_decay)
-
-
-def finetune_step(config, model, optimizer):
-  """`(state, (latents, contexts), key) -> (state, metrics)`: the UNet
-  fine-tuning step of both the surrogate (inner min) and the unauthorised
-  trainer. One function with the key an argument, so that both compile
-  once between them (30 s for the smoke test's tiny UNet on 2 cores)."""
-  return functools.partial(
-    t2i.finetune_unet_step,
-    unet=model.unet,
-    optimizer=optimizer,
-    schedule=model.schedule,
-    ema_decay=config.finetune.ema_decay,
-  )
-
-
-def unet_state(unet_params, optimizer):
-  """A fine-tuning state that starts at the pretrained UNet (built directly,
-  not through a jitted init: SD's weights would become program constants).
-  Params and EMA are copies: the training steps donate their state."""
-  copy = lambda: jax.tree.map(jnp.copy, unet_params)
-  return train.DDPMState(
-    jnp.zeros((), jnp.int32), copy(), copy(), optimizer.init(unet_params)
-  )
-
-
-def fine_tuner(config, model, params, optimizer, step_fn, mesh):
-  """`finetune(workdir, images, contexts, seed) -> EMA UNet params`: the
-  unauthorised trainer, the pretrained UNet fine-tuned on `images` (uint8)
-  with their caption embeddings by `step_fn` (from `finetune_step`, with
-  `optimizer`); resumable. `seed` (an offset of `config.seed`) fixes its
-  noise draws and batch order: every training set gets the same ones. Its
-  encoder and step are built once, so every training set and seed reuses
-  one compilation."""
-  f = config.finetune
-  encode = vae_encoder(model, params["vae"], mesh)
-
-  def finetune(workdir, images, contexts, seed):
-    # The encoder is deterministic (posterior mean): encode every image once.
-    latents = np.asarray(encode(data.to_model_range(images)))
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-    state = unet_state(params["unet"], optimizer)
-    if checkpointer.latest_step() is not None:
-      state = checkpointer.restore(
-        checkpoint.abstract_state(state, parallel.replicated(mesh))
-      )
-
-    def batch_fn(step):
-      idx = data.batch_indices(
-        config.seed + seed, step, len(latents), f.batch_size
-      )
-      return latents[idx], contexts[idx]
-
-    state = train.train_loop(
-      state,
-      step_fn,
-      batch_fn,
-      key=jax.random.fold_in(jax.random.key(config.seed + 5), seed),
-      num_steps=f.num_steps,
-      mesh=mesh,
-      checkpointer=checkpointer,
-      checkpoint_every=f.num_steps,
-      log_every=max(f.num_steps // 5, 1),
-      desc=f"finetune {os.path.basename(os.path.dirname(workdir))}",
-    )
-    checkpointer.close()
-    return state.ema_params
-
-  return finetune
-
-
-def prompted_classes(config) -> tuple[int, ...]:
-  """The classes whose prompts are sampled and scored: `data.classes`, or
-  every class word."""
-  return tuple(config.data.classes) or tuple(range(len(config.sd.class_words)))
-
-
-def class_prompt_sampler(config, model, params):
-  """`sample(unet_params, seed) -> images`: `per_class` samples of every
-  prompted class (class-major), the same noise for every UNet of one seed;
-  the prompts are encoded and the sampler compiled once."""
-  s = config.sample
-  words = [config.sd.class_words[c] for c in prompted_classes(config)]
-  prompts = [config.sd.caption.format(w) for w in words]
-  cond = sd.encode_prompts(
-    model, params, [p for p in prompts for _ in range(s.per_class)]
-  )
-  uncond = sd.encode_prompts(model, params, [""])
-  sample = train_text_to_image.make_sampler(
-    model, s.num_steps, s.guidance_scale
-  )
-  key = jax.random.key(config.seed + 6)
-  return lambda unet, seed: np.asarray(
-    sample(
-      {**params, "unet": unet}, cond, uncond, jax.random.fold_in(key, seed)
-    )
-  )
-
-
-def score_samples(config, samples, classifier, real, mesh) -> dict:
-  """How well samples of the prompted classes show them: the share the
-  classifier assigns to the prompted class (concept success, with its 95%
-  interval), the confident share, and the Fréchet distance, precision and
-  recall against `real` features of real images of those classes."""
-  logits, features = classify(classifier, samples, mesh)
-  wanted = np.repeat(
-    np.asarray(prompted_classes(config)), config.sample.per_class
-  )
-  hits = int((logits.argmax(-1) == wanted).sum())
-  precision, recall = precision_recall(real, features)
-  return {
-    "success": hits / len(wanted),
-    "success_interval": share_interval(hits, len(wanted)),
-    "num_samples": len(wanted),
-    "confident_share": float(confident_share(logits, config.eval.confidence)),
-    "frechet_distance": frechet_distance(real, features),
-    "precision": precision,
-    "recall": recall,
-  }
-
-
-def evaluate_finetuning(
-  config,
-  workdir,
-  finetune,
-  sample,
-  images,
-  contexts,
-  classifier,
-  real,
-  mesh,
-  seed,
-) -> dict:
-  """Fine-tunes on `images` with trainer seed `seed` (`fine_tuner`'s
-  `finetune`), samples the prompted classes (`class_prompt_sampler`'s
-  `sample`) and scores them (`score_samples`); cached in
-  `workdir/result.json`."""
-
-  def compute():
-    start = time.time()
-    samples = sample(finetune(workdir, images, contexts, seed), seed)
-    data.save_image_grid(
-      os.path.join(workdir, "samples.png"),
-      data.to_uint8(samples),
-      ncol=min(config.sample.per_class, 20),
-    )
-    result = score_samples(config, samples, classifier, real, mesh)
-    result["seconds"] = round(time.time() - start, 1)
-    return result
-
-  return record.cached_result(
-    workdir, compute, inputs=record.array_digest(images, contexts)
-  )
-
-
-def classify(classifier, images, mesh):
-  """Logits and features of NHWC [-1, 1] images, center-cropped to the
-  classifier's input size (the padding added for the model removed)."""
-  images = data.center_crop(images, classifier.input_shape[0])
-  logits, features = classifiers.predict_logits(
-    classifier, images, 500, mesh, return_features=True
-  )
-  return np.asarray(logits), features
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -405,8 +168,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.check_batch_size(config.protect.batch_size, mesh)
   protect.budget(config.protect.eps, config.protect.norm)
   udp.check_methods(config)
-  model, params = erase.load_model(config.sd.model)
-  clean, labels, captions, test_set = captioned_images(config, model)
+  model, params = sd.load_model(config.sd.model)
+  clean, labels, captions, test_set = t2i_eval.captioned_images(config, model)
   contexts = np.asarray(sd.encode_prompts(model, params, captions))
   writer = record.MetricWriter(workdir)
   start = time.time()
@@ -422,8 +185,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     return_features=True,
   )
 
-  optimizer = finetune_optimizer(config)
-  step = finetune_step(config, model, optimizer)
+  optimizer = t2i_eval.finetune_optimizer(config)
+  step = t2i_eval.finetune_step(config, model, optimizer)
   sets, perturbations, protect_seconds, traces = {"clean": clean}, {}, {}, {}
   anchors = anchor_images(config, model)
   for eps in budgets(config):
@@ -434,7 +197,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       os.path.join(workdir, f"eps{eps:g}") if sweeps(config) else workdir,
       clean,
       labels,
-      unet_state(params["unet"], optimizer),
+      t2i_eval.unet_state(params["unet"], optimizer),
       mesh,
       steps,
       writer,
@@ -447,18 +210,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
       into.update({m + suffix: v for m, v in found.items() if m != "clean"})
   sets.update(attacked_sets(config, workdir, sets, mesh))
 
-  finetune = fine_tuner(config, model, params, optimizer, step, mesh)
-  sample = class_prompt_sampler(config, model, params)
+  finetune = t2i_eval.fine_tuner(config, model, params, optimizer, step, mesh)
+  sample = t2i_eval.class_prompt_sampler(config, model, params)
   pretrained = record.cached_result(
     os.path.join(workdir, "eval", "pretrained"),
-    lambda: score_samples(
+    lambda: t2i_eval.score_samples(
       config, sample(params["unet"], 0), classifier, real, mesh
     ),
   )
   results = {}
   for name, images in sets.items():
     results[name] = [
-      evaluate_finetuning(
+      t2i_eval.finetune_and_score(
         config,
         os.path.join(workdir, "eval", udp.set_slug(name), f"seed{k}"),
         finetune,
@@ -788,7 +551,7 @@ def report(
     prow,
   )
   f = config.finetune
-  words = [config.sd.class_words[c] for c in prompted_classes(config)]
+  words = [config.sd.class_words[c] for c in t2i_eval.prompted_classes(config)]
   lo, hi = pretrained["success_interval"]
   title = "UDP's readings against fine-tuning a text-to-image model"
   return f"""# {title} (variant `{config.variant}`)

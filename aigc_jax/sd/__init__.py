@@ -16,6 +16,7 @@ from aigc_jax.sd.cross_attention import (
 from aigc_jax.sd.load import (
   StableDiffusion,
   check_unet_config,
+  load_model,
   load_stable_diffusion,
   read_state_dict,
 )
@@ -23,6 +24,9 @@ from aigc_jax.sd.sample import (
   decode_latents,
   encode_images,
   guided_eps_fn,
+  make_sampler,
+  pad_to_model,
+  pixel_size,
   sample_latents,
   text_to_image,
 )
@@ -44,7 +48,11 @@ __all__ = [
   "encode_prompts",
   "guided_eps_fn",
   "last_word_index",
+  "load_model",
   "load_stable_diffusion",
+  "make_sampler",
+  "pad_to_model",
+  "pixel_size",
   "projection_names",
   "read_projections",
   "read_state_dict",

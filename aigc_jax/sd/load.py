@@ -404,3 +404,23 @@ def _restore_cache(cache_dir: str, target: dict, sharding) -> dict:
   params = ckpt.restore(checkpoint.abstract_state(target, sharding), step=0)
   ckpt.close()
   return params
+
+
+def load_model(path: str):
+  """The model to edit: a diffusers-layout Stable Diffusion folder."""
+  if not path:
+    raise ValueError(
+      "No model given: pass --config.model=PATH, a diffusers-layout folder "
+      "(model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
+      "scheduler/), e.g. a local copy of CompVis/stable-diffusion-v1-4."
+    )
+  if not os.path.isdir(path):
+    hint = (
+      "re-create it with experiments/train_text_to_image.py (see "
+      "checkpoints/MANIFEST.md)"
+      if "checkpoints" in path
+      else "download a Stable Diffusion v1.4 folder in diffusers layout "
+      "elsewhere and pass its path with --config.model=PATH"
+    )
+    raise FileNotFoundError(f"No model folder at {path!r}: {hint}.")
+  return load_stable_diffusion(path)

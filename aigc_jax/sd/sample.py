@@ -7,6 +7,7 @@ runs sharded when its batch inputs (embeddings, noise) are sharded.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from aigc_jax.diffusion.sample import ddim_sample
 
@@ -134,3 +135,42 @@ def text_to_image(
     latent_size=latent_size,
   )
   return decode_latents(model, params["vae"], latents)
+
+
+def make_sampler(model, num_steps: int, guidance_scale: float):
+  """A jitted `sample(params, cond, uncond, key)` -> NHWC images in [-1, 1]:
+  one compilation serves every edit of the same model."""
+  return jax.jit(
+    lambda params, cond, uncond, key: text_to_image(
+      model,
+      params,
+      cond,
+      uncond,
+      key,
+      num_steps=num_steps,
+      guidance_scale=guidance_scale,
+    )
+  )
+
+
+def pixel_size(model) -> int:
+  """The image side the model's VAE maps to its UNet's latent side."""
+  return model.unet.sample_size * 2 ** (len(model.vae.block_out_channels) - 1)
+
+
+def pad_to_model(images: np.ndarray, model) -> np.ndarray:
+  """uint8 NHWC images zero-padded to the side the model's VAE takes."""
+  size = pixel_size(model)
+  pad = size - images.shape[1]
+  if pad < 0 or pad % 2 or images.shape[1] != images.shape[2]:
+    raise ValueError(
+      f"Images of {images.shape[1:3]} do not fit the model's {size}x{size} "
+      "(square images up to that size are zero-padded): resize the data."
+    )
+  if images.shape[-1] != model.vae.in_channels:
+    raise ValueError(
+      f"Images have {images.shape[-1]} channels, the VAE takes "
+      f"{model.vae.in_channels}."
+    )
+  half = pad // 2
+  return np.pad(images, ((0, 0), (half, half), (half, half), (0, 0)))
