@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from aigc_jax import checkpoint, data, launch, parallel, record, sd, train
+from aigc_jax import data, launch, parallel, record, sd, train
 from aigc_jax.diffusion import make_schedule
 from aigc_jax.eval import classifiers
 from aigc_jax.sd.export import save_stable_diffusion
@@ -54,22 +54,17 @@ def padded_images(config) -> tuple[np.ndarray, np.ndarray]:
 def run_stage(init_fn, step_fn, batch_fn, config_train, workdir, name, mesh):
   """Trains one stage in `<workdir>/<name>`, resuming from its checkpoint
   (`init_fn` runs only when there is none)."""
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, name))
-  state = train.init_or_restore(init_fn, mesh, checkpointer)
-  state = train.train_loop(
-    state,
-    step_fn,
+  return train.train_stage(
+    os.path.join(workdir, name),
+    init_fn,
+    ((step_fn, config_train.num_steps),),
     batch_fn,
-    num_steps=config_train.num_steps,
     mesh=mesh,
-    checkpointer=checkpointer,
     checkpoint_every=config_train.get("checkpoint_every", 1000),
     log_every=config_train.get("log_every", 100),
     log_fn=record.MetricWriter(workdir, prefix=f"{name}/").write,
     desc=name,
   )
-  checkpointer.close()
-  return state
 
 
 def train_vae(config, workdir, images, mesh):

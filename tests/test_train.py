@@ -168,6 +168,53 @@ def test_interrupted_run_resumes_to_the_same_parameters(digits, tmp_path):
     np.testing.assert_array_equal(a, b)
 
 
+def test_a_stage_resumes_through_its_phases_and_warm_starts_once(
+  digits, tmp_path
+):
+  """`train_stage`: phases run in order to their steps; a stage killed in
+  its second phase resumes to the straight run's state; `warm_start` acts on
+  a fresh stage only, and a ready state serves as the initialiser."""
+  x, labels = digits
+  init, step = _classifier_pieces()
+  mesh = parallel.make_mesh()
+  ready = jax.jit(init)()
+  halve = lambda s: s._replace(params=jax.tree.map(lambda p: p / 2, s.params))
+  batch_fn = lambda s: {
+    "images": x[data.batch_indices(3, s, 256, 32)],
+    "labels": labels[data.batch_indices(3, s, 256, 32)],
+  }
+  plain = lambda s, b: step(s, b)
+  stage = lambda path, batches, **kw: train.train_stage(
+    str(path),
+    kw.pop("init", init),
+    ((step, 3), (plain, 6)),
+    batches,
+    mesh=mesh,
+    checkpoint_every=2,
+    log_every=1000,
+    warm_start=halve,
+    **kw,
+  )
+  straight = stage(tmp_path / "a", batch_fn)
+  assert int(straight.step) == 6
+
+  def dying_batch_fn(s):
+    if s == 5:  # killed after the checkpoint at step 4, in the second phase
+      raise _Killed
+    return batch_fn(s)
+
+  with pytest.raises(_Killed):
+    stage(tmp_path / "b", dying_batch_fn)
+  resumed = stage(tmp_path / "b", batch_fn)  # no second warm start
+  from_ready = stage(tmp_path / "c", batch_fn, init=ready)
+  leaves = jax.tree.leaves
+  for a, b in zip(leaves(straight), leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # The ready state was initialised by another compilation (an ulp apart).
+  for a, b in zip(leaves(straight), leaves(from_ready), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+
+
 def test_a_keyed_loop_matches_the_baked_key_and_compiles_once(digits):
   """`train_loop(..., key=k)` runs `step(state, batch, k)`; a second run
   that differs only in its key reuses the first one's compiled step."""

@@ -123,9 +123,6 @@ def train_classifier(config, workdir: str) -> dict:
   init_fn = functools.partial(
     train.init_classifier_state, model, optimizer, init_key, x_train.shape[1:]
   )
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(init_fn, mesh, checkpointer)
-
   step_fn = lambda s, b: train.classifier_train_step(
     s,
     b["images"],
@@ -143,22 +140,19 @@ def train_classifier(config, workdir: str) -> dict:
     )
     return {"images": x_train[idx], "labels": train_set.labels[idx]}
 
-  writer = record.MetricWriter(workdir, prefix="train/")
   start = time.time()
-  state = train.train_loop(
-    state,
-    step_fn,
+  state = train.train_stage(
+    os.path.join(workdir, "ckpt"),
+    init_fn,
+    ((step_fn, num_steps),),
     batch_fn,
-    num_steps=num_steps,
     mesh=mesh,
-    checkpointer=checkpointer,
     checkpoint_every=config.train.checkpoint_every,
     log_every=config.train.log_every,
-    log_fn=writer.write,
+    log_fn=record.MetricWriter(workdir, prefix="train/").write,
     desc="classifier",
   )
   train_seconds = time.time() - start
-  checkpointer.close()
 
   logits = predict_logits(
     Classifier(model, state.params, state.batch_stats),

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from aigc_jax import checkpoint, data, models, parallel, record, train
+from aigc_jax import data, models, parallel, record, train
 
 LEARNER_LABELS = {"simclr": "SimCLR", "moco": "MoCo v2", "byol": "BYOL"}
 
@@ -146,22 +146,17 @@ def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
   n, bs = len(x), config.train.batch_size
   num_steps = config.train.num_epochs * data.steps_per_epoch(n, bs)
   program = learner_program(config, method, num_steps)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(program.init(x.shape[1:]), mesh, checkpointer)
-  writer = record.MetricWriter(workdir, prefix="train/")
-  state = train.train_loop(
-    state,
-    program.step,
+  state = train.train_stage(
+    os.path.join(workdir, "ckpt"),
+    program.init(x.shape[1:]),
+    ((program.step, num_steps),),
     lambda step: x[data.batch_indices(config.seed, step, n, bs)],
-    num_steps=num_steps,
     mesh=mesh,
-    checkpointer=checkpointer,
     checkpoint_every=config.train.checkpoint_every,
     log_every=config.train.log_every,
-    log_fn=writer.write,
+    log_fn=record.MetricWriter(workdir, prefix="train/").write,
     desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
   )
-  checkpointer.close()
 
   def featurise(u8):
     return parallel.batched_apply(

@@ -155,28 +155,26 @@ def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
   """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
   x = data.to_model_range(images)
   program = ddpm_program(config)
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  fresh = checkpointer.latest_step() is None
-  state = train.init_or_restore(program.init(x.shape[1:]), mesh, checkpointer)
-  if fresh and config.train.get("init_from", ""):
-    state = start_from_pretrained(state, config.train.init_from, mesh)
   batch_fn = lambda step: x[
     data.batch_indices(config.seed, step, len(x), config.train.batch_size)
   ]
-  state = train.train_loop(
-    state,
-    program.step,
+  init_from = config.train.get("init_from", "")
+  return train.train_stage(
+    os.path.join(workdir, "ckpt"),
+    program.init(x.shape[1:]),
+    ((program.step, config.train.num_steps),),
     batch_fn,
-    num_steps=config.train.num_steps,
     mesh=mesh,
-    checkpointer=checkpointer,
     checkpoint_every=config.train.checkpoint_every,
     log_every=config.train.log_every,
     log_fn=record.MetricWriter(workdir, prefix="train/").write,
     desc=desc,
+    warm_start=(
+      (lambda state: start_from_pretrained(state, init_from, mesh))
+      if init_from
+      else None
+    ),
   )
-  checkpointer.close()
-  return state
 
 
 def sample_ddpm(config, params, image_shape, mesh, key) -> np.ndarray:

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from aigc_jax import checkpoint, data, parallel, record, sd, train
+from aigc_jax import data, parallel, record, sd, train
 from aigc_jax.eval import classifiers
 from aigc_jax.metrics import (
   confident_share,
@@ -114,12 +114,6 @@ def fine_tuner(config, model, params, optimizer, step_fn, mesh):
   def finetune(workdir, images, contexts, seed):
     # The encoder is deterministic (posterior mean): encode every image once.
     latents = np.asarray(encode(data.to_model_range(images)))
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-    state = unet_state(params["unet"], optimizer)
-    if checkpointer.latest_step() is not None:
-      state = checkpointer.restore(
-        checkpoint.abstract_state(state, parallel.replicated(mesh))
-      )
 
     def batch_fn(step):
       idx = data.batch_indices(
@@ -127,19 +121,17 @@ def fine_tuner(config, model, params, optimizer, step_fn, mesh):
       )
       return latents[idx], contexts[idx]
 
-    state = train.train_loop(
-      state,
-      step_fn,
+    state = train.train_stage(
+      os.path.join(workdir, "ckpt"),
+      unet_state(params["unet"], optimizer),
+      ((step_fn, f.num_steps),),
       batch_fn,
       key=jax.random.fold_in(jax.random.key(config.seed + 5), seed),
-      num_steps=f.num_steps,
       mesh=mesh,
-      checkpointer=checkpointer,
       checkpoint_every=f.num_steps,
       log_every=max(f.num_steps // 5, 1),
       desc=f"finetune {os.path.basename(os.path.dirname(workdir))}",
     )
-    checkpointer.close()
     return state.ema_params
 
   return finetune

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from aigc_jax import checkpoint, data, protect, record, train
+from aigc_jax import data, protect, record, train
 from aigc_jax.eval.classifiers import (
   Classifier,
   build_classifier,
@@ -187,28 +187,22 @@ def _train_victim(config, workdir, recipe, images, labels, test_set, mesh):
   start = time.time()
   x = data.to_model_range(images)
   n, bs = len(x), config.train.batch_size
-  checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
-  state = train.init_or_restore(recipe.init, mesh, checkpointer)
 
   def batch_fn(step):
     idx = data.batch_indices(recipe.seed, step, n, bs)
     return {"images": x[idx], "labels": labels[idx]}
 
-  writer = record.MetricWriter(workdir, prefix="train/")
-  for fn, until in recipe.phases:
-    state = train.train_loop(
-      state,
-      fn,
-      batch_fn,
-      num_steps=until,
-      mesh=mesh,
-      checkpointer=checkpointer,
-      checkpoint_every=config.train.checkpoint_every,
-      log_every=config.train.log_every,
-      log_fn=writer.write,
-      desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
-    )
-  checkpointer.close()
+  state = train.train_stage(
+    os.path.join(workdir, "ckpt"),
+    recipe.init,
+    recipe.phases,
+    batch_fn,
+    mesh=mesh,
+    checkpoint_every=config.train.checkpoint_every,
+    log_every=config.train.log_every,
+    log_fn=record.MetricWriter(workdir, prefix="train/").write,
+    desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
+  )
   logits = predict_logits(
     Classifier(recipe.model, state.params, state.batch_stats),
     data.to_model_range(test_set.images),

@@ -47,6 +47,7 @@ from aigc_jax.train.loop import (
   built_once_per_config,
   init_or_restore,
   train_loop,
+  train_stage,
 )
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
   "random_crop_flip",
   "simclr_augment",
   "train_loop",
+  "train_stage",
   "ueraser_augment",
   "vae_loss",
   "vae_train_step",

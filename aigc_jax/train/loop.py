@@ -9,7 +9,7 @@ the same parameters as an uninterrupted one.
 """
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -122,6 +122,64 @@ def train_loop(
     bar.close()
     if checkpointer is not None:
       checkpointer.wait()
+  return state
+
+
+def train_stage(
+  ckpt_dir: str,
+  init: Callable[[], Any] | Any,
+  phases: Sequence[tuple[StepFn, int]],
+  batch_fn: Callable[[int], Any],
+  *,
+  mesh: Mesh,
+  checkpoint_every: int = 1000,
+  log_every: int = 100,
+  log_fn: Callable[[int, dict[str, float]], None] | None = None,
+  desc: str = "train",
+  key: jax.Array | None = None,
+  warm_start: Callable[[Any], Any] | None = None,
+) -> Any:
+  """One resumable training stage, checkpointed in `ckpt_dir`.
+
+  The state is the newest checkpoint there, or else `init` (a function,
+  jitted here, or a ready state such as pretrained weights, which a jitted
+  initialiser would bake into its program), passed through `warm_start`
+  (e.g. weights from another run). It is trained through `phases`, each
+  `(step_fn, until)` running `train_loop` to step `until` (UEraser's K-view
+  then one-view epochs are two phases); a killed stage resumes where its
+  last checkpoint left it.
+
+  Returns:
+    The final state.
+  """
+  checkpointer = ckpt.Checkpointer(ckpt_dir)
+  try:
+    fresh = checkpointer.latest_step() is None
+    if callable(init):
+      state = init_or_restore(init, mesh, checkpointer)
+    elif fresh:
+      state = init
+    else:
+      sharding = parallel.replicated(mesh)
+      state = checkpointer.restore(ckpt.abstract_state(init, sharding))
+    if fresh and warm_start is not None:
+      state = warm_start(state)
+    for step_fn, until in phases:
+      state = train_loop(
+        state,
+        step_fn,
+        batch_fn,
+        num_steps=until,
+        mesh=mesh,
+        checkpointer=checkpointer,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        log_fn=log_fn,
+        desc=desc,
+        key=key,
+      )
+  finally:
+    checkpointer.close()
   return state
 
 
