@@ -127,6 +127,20 @@ def load_arrays(path: str) -> dict:
     ) from e
 
 
+def cached_arrays(path: str, compute) -> dict:
+  """`compute()`'s named arrays once: saved as the `.npz` at `path` (by
+  process 0, atomically) and read back on every later call, so a re-run
+  skips a finished cell and a killed one never leaves a file that reads as
+  finished."""
+  if os.path.exists(path):
+    return load_arrays(path)
+  arrays = compute()
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    save_arrays(path, **arrays)
+  return arrays
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
   """A GitHub-flavoured markdown table."""
   lines = [header, ["---"] * len(header), *rows]

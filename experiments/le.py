@@ -234,29 +234,27 @@ def make_purify_fn(config, params, lpips_variables, name: str):
 def purified_set(config, workdir, name, set_name, images, purify_fn, mesh):
   """uint8 purified images, computed once into purified/<name>/<set>.npz."""
   path = os.path.join(workdir, "purified", name, f"{set_name}.npz")
-  if os.path.exists(path):
-    with np.load(path) as f:
-      return f["images"], float(f["seconds"])
-  start = time.time()
-  out = parallel.batched_apply(
-    purify_fn,
-    (data.to_model_range(images), np.arange(len(images), dtype=np.int32)),
-    batch_size=config.purify.batch_size,
-    mesh=mesh,
-  )
-  purified = data.to_uint8(out)
-  seconds = round(time.time() - start, 1)
-  if jax.process_index() == 0:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    n = min(10, len(images))
-    data.save_image_grid(
-      path.replace(".npz", "_grid.png"),
-      np.concatenate([images[:n], purified[:n]]),
-      ncol=n,
+
+  def compute():
+    start = time.time()
+    out = parallel.batched_apply(
+      purify_fn,
+      (data.to_model_range(images), np.arange(len(images), dtype=np.int32)),
+      batch_size=config.purify.batch_size,
+      mesh=mesh,
     )
-    np.savez_compressed(path + ".tmp.npz", images=purified, seconds=seconds)
-    os.replace(path + ".tmp.npz", path)
-  return purified, seconds
+    purified = data.to_uint8(out)
+    if jax.process_index() == 0:
+      n = min(10, len(images))
+      data.save_image_grid(
+        path.replace(".npz", "_grid.png"),
+        np.concatenate([images[:n], purified[:n]]),
+        ncol=n,
+      )
+    return {"images": purified, "seconds": round(time.time() - start, 1)}
+
+  cell = record.cached_arrays(path, compute)
+  return cell["images"], float(cell["seconds"])
 
 
 def mean_psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -307,9 +307,13 @@ def le_purified(config, workdir, images, clean, mesh) -> np.ndarray:
   `eval.le.manifold` without the protected images' originals (`clean`),
   zero-padded as they are, diffuses each image to t* and denoises it
   guided toward it. The DDPM and the purified set are kept in `workdir`."""
-  path = os.path.join(workdir, "purified.npz")
-  if os.path.exists(path):
-    return record.load_arrays(path)["images"]
+  return record.cached_arrays(
+    os.path.join(workdir, "purified.npz"),
+    lambda: {"images": _le_purify(config, workdir, images, clean, mesh)},
+  )["images"]
+
+
+def _le_purify(config, workdir, images, clean, mesh) -> np.ndarray:
   le = config.eval.le
   manifold = data.load_split(le.manifold, config.data.data_dir)
   half = (clean.shape[1] - manifold.images.shape[1]) // 2
@@ -352,7 +356,6 @@ def le_purified(config, workdir, images, clean, mesh) -> np.ndarray:
       np.concatenate([clean[:n], images[:n], purified[:n]]),
       ncol=n,
     )
-    record.save_arrays(path, images=purified)
   return purified
 
 

@@ -349,8 +349,8 @@ def make_protection(workdir, name, train_set, budget, generate):
   path = os.path.join(workdir, "protections", f"{name}.npz")
   meta_path = path.replace(".npz", ".json")
   if os.path.exists(path) and os.path.exists(meta_path):
-    with np.load(path) as f, open(meta_path) as m:
-      return f["images"], json.load(m)
+    with open(meta_path) as m:
+      return record.load_arrays(path)["images"], json.load(m)
   start = time.time()
   delta, info = generate()
   images = protect.quantize_protected(train_set.images, delta, budget)
@@ -366,8 +366,10 @@ def make_protection(workdir, name, train_set, budget, generate):
     ),
   }
   if jax.process_index() == 0:
+    # The images first, the record of them last: a kill between the two
+    # computes the protection again.
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    np.savez_compressed(
+    record.save_arrays(
       path,
       images=images,
       labels=train_set.labels,
@@ -379,8 +381,7 @@ def make_protection(workdir, name, train_set, budget, generate):
       images,
       max(info["linf_255"], 1.0),
     )
-    with open(meta_path, "w") as f:
-      json.dump(info, f)
+    record.atomic_write(meta_path, lambda f: f.write(json.dumps(info).encode()))
   return images, info
 
 

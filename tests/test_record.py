@@ -1,0 +1,66 @@
+"""aigc_jax.record: the workdir's cells, written atomically and read back."""
+
+import os
+
+import numpy as np
+import pytest
+
+from aigc_jax import record
+
+
+def test_cell_computed_from_other_inputs_is_refused(tmp_path):
+  calls = []
+  compute = lambda: calls.append(1) or {"accuracy": 0.5}
+  images = np.arange(12, dtype=np.uint8).reshape(3, 2, 2)
+  digest = record.array_digest(images, np.zeros(3, np.int32))
+  cell = str(tmp_path / "victims" / "emn" / "none")
+  assert record.cached_result(cell, compute, digest) == {"accuracy": 0.5}
+  assert record.cached_result(cell, compute, digest) == {"accuracy": 0.5}
+  assert len(calls) == 1  # read back the second time
+  # One pixel changed (say, another purification's output): refused, not
+  # read back, and so is a cell left with only a checkpoint.
+  images[0, 0, 0] += 1
+  other = record.array_digest(images, np.zeros(3, np.int32))
+  assert other != digest
+  with pytest.raises(ValueError, match=r"other inputs.*delete the folder"):
+    record.cached_result(cell, compute, other)
+  os.remove(os.path.join(cell, "result.json"))
+  with pytest.raises(ValueError, match="other inputs"):
+    record.cached_result(cell, compute, other)
+  # Same bytes, other shape or dtype: another digest.
+  assert record.array_digest(images.reshape(3, 4)) != record.array_digest(
+    images
+  )
+  assert record.array_digest(images.astype(np.int8)) != record.array_digest(
+    images
+  )
+  # A cell from before digests were kept is read back and gains one.
+  legacy = tmp_path / "legacy"
+  legacy.mkdir()
+  (legacy / "result.json").write_text('{"accuracy": 0.25}')
+  assert record.cached_result(str(legacy), compute, other) == {"accuracy": 0.25}
+  assert (legacy / "inputs.sha256").read_text().strip() == other
+
+
+def test_cached_arrays_are_computed_once_and_written_whole(tmp_path):
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"images": np.arange(6, dtype=np.uint8), "seconds": 1.5}
+
+  path = str(tmp_path / "purified" / "le" / "emn.npz")
+  first = record.cached_arrays(path, compute)
+  again = record.cached_arrays(path, compute)
+  assert len(calls) == 1
+  np.testing.assert_array_equal(first["images"], again["images"])
+  assert float(again["seconds"]) == 1.5
+  # Nothing but the finished file is left behind.
+  assert os.listdir(tmp_path / "purified" / "le") == ["emn.npz"]
+
+  def killed():
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    record.cached_arrays(str(tmp_path / "killed.npz"), killed)
+  assert not (tmp_path / "killed.npz").exists()
