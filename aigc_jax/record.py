@@ -141,6 +141,11 @@ def cached_arrays(path: str, compute) -> dict:
   return arrays
 
 
+def slug(name: str) -> str:
+  """A method's or set's name as a folder name ("eudp:snr" -> "eudp_snr")."""
+  return "".join(ch if ch.isalnum() else "_" for ch in name)
+
+
 def markdown_table(header: list[str], rows: list[list]) -> str:
   """A GitHub-flavoured markdown table."""
   lines = [header, ["---"] * len(header), *rows]

@@ -30,20 +30,10 @@ from aigc_jax import (
   train,
 )
 from aigc_jax.eval import classifiers, contrastive
-from experiments.unlearnable import (
-  generate_random,
-  make_protection,
-)
+from aigc_jax.protect import recipes
 
 # The random controls last: CP-S starts from CP-C's noise, not theirs.
 PROTECTIONS = ("cp_class", "cp_sample", "random_sample", "random_class")
-LABELS = {
-  "clean": "clean",
-  "cp_class": "CP-C",
-  "cp_sample": "CP-S",
-  "random_sample": "random",
-  "random_class": "random (C)",
-}
 
 
 def generate_cp(config, train_set, mesh, *, classwise, init=None):
@@ -179,13 +169,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if name not in config.protections:
       continue
     if name.startswith("random_"):
-      sets[name], infos[name] = make_protection(
+      sets[name], infos[name] = recipes.protected_set(
         workdir,
         name,
         train_set,
         b,
         functools.partial(
-          generate_random,
+          recipes.generate_random,
           config,
           train_set,
           classwise=name == "random_class",
@@ -197,7 +187,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       init = data.to_model_range(sets["cp_class"]) - data.to_model_range(
         train_set.images
       )
-    sets[name], infos[name] = make_protection(
+    sets[name], infos[name] = recipes.protected_set(
       workdir,
       name,
       train_set,
@@ -247,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def cp_report(config, workdir, results, infos, total) -> str:
   sets = ["clean", *infos]
   table = record.markdown_table(
-    ["learner"] + [LABELS[s] for s in sets],
+    ["learner"] + [recipes.label(s, clean="clean") for s in sets],
     [
       [contrastive.LEARNER_LABELS[m]]
       + [f"{100 * results[s, m]['probe_accuracy']:.1f}" for s in sets]
@@ -256,7 +246,7 @@ def cp_report(config, workdir, results, infos, total) -> str:
   )
   acc = {k: 100 * r["probe_accuracy"] for k, r in results.items()}
   drops = [
-    f"- {contrastive.LEARNER_LABELS[m]}, {LABELS[s]}: "
+    f"- {contrastive.LEARNER_LABELS[m]}, {recipes.label(s, clean='clean')}: "
     f"{acc['clean', m] - acc[s, m]:.1f} points"
     for m in config.methods
     for s in infos
@@ -265,7 +255,7 @@ def cp_report(config, workdir, results, infos, total) -> str:
     ["protection", "budget", "L∞ (/255)", "rounds", "final loss", "time (s)"],
     [
       [
-        LABELS[s],
+        recipes.label(s, clean="clean"),
         f"{i['norm']} {i['eps_255']:.3g}/255",
         f"{i['linf_255']:.0f}",
         i["rounds"],

@@ -36,7 +36,7 @@ import numpy as np
 from aigc_jax import data, launch, models, parallel, purify, record, train
 from aigc_jax.eval import classifiers, contrastive, ddpm, victims
 from aigc_jax.metrics import psnr
-from experiments import cp, udp, unlearnable
+from aigc_jax.protect import recipes
 
 PURIFIERS = ("avatar", "le", "le_paper", "le_mse", "le_lpips")
 # Countermeasures whose victims train with one seed whatever victim_seeds
@@ -103,14 +103,13 @@ def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
         f"protections including {name!r} into {source}, or leave "
         "protections_from empty to generate them here."
       )
-    sets[name], infos[name] = unlearnable.make_protection(
+    recipe = recipes.PROTECTIONS[name]
+    sets[name], infos[name] = recipes.protected_set(
       source,
       name,
       train_set,
-      unlearnable.protection_budget(config, name, train_set.images.shape[1:]),
-      functools.partial(
-        unlearnable.generate_protection, config, name, train_set, mesh
-      ),
+      recipe.budget(config, train_set.images.shape[1:]),
+      functools.partial(recipe.generate, config, train_set, mesh),
     )
     if sets[name].shape != train_set.images.shape:
       raise ValueError(
@@ -187,7 +186,7 @@ def cp_set_paths(cp_config) -> dict[str, str]:
 
 def udp_set_paths(udp_config) -> dict[str, str]:
   return {
-    method: os.path.join("protect", udp.set_slug(method), "protected.npz")
+    method: os.path.join("protect", record.slug(method), "protected.npz")
     for method in udp_config.protect.methods
   }
 
@@ -293,7 +292,9 @@ def seeded_victim(train_victim, workdir, images, labels, row, num_seeds):
 
 
 def check_config(config, mesh) -> None:
-  unlearnable.check_config(config, mesh)
+  recipes.check_config(config, mesh)
+  for name in config.countermeasures:
+    victims.check_countermeasure(name)
   if config.victim_seeds < 1:
     raise ValueError(
       f"victim_seeds is {config.victim_seeds}; set it to 1 or more (the "
@@ -394,7 +395,7 @@ def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
   )
   results = {}
   for set_name, images in run.sets.items():
-    slug = udp.set_slug(set_name)
+    slug = record.slug(set_name)
     for row in ("none", *config.purifiers):
       if row == "none":
         root, x = os.path.join(run.path, "eval", slug), images
@@ -532,17 +533,17 @@ def set_label(name: str) -> str:
   cp.py run, "udp/eudp_snr" one of the udp.py run."""
   kind, _, rest = name.rpartition("/")
   if kind == "cp":
-    return f"{cp.LABELS[rest]} (cp.py run)"
+    return f"{recipes.label(rest)} (cp.py run)"
   if kind == "udp":
     return f"{rest} (udp.py run)"
-  return unlearnable.LABELS[name]
+  return recipes.label(name)
 
 
 def le_report(
   config, workdir, results, rows, quality, infos, manifold_size, ddpm_s, total
 ) -> str:
   sets = ["clean", *infos]
-  labels = unlearnable.LABELS
+  labels = {s: recipes.label(s) for s in sets}
   acc = lambda s, r: 100 * results[s, r]["test_accuracy"]
   cell = lambda s, r: f"{acc(s, r):.1f}" if (s, r) in results else "–"
   table = record.markdown_table(
@@ -651,7 +652,8 @@ def contrastive_report(config, results) -> str:
   ]
   acc = lambda s, r, m: 100 * results[s, r, m]["probe_accuracy"]
   table = record.markdown_table(
-    ["learner"] + [cp.LABELS[s] + SHORT_LABELS[r] for s, r in columns],
+    ["learner"]
+    + [recipes.label(s, clean="clean") + SHORT_LABELS[r] for s, r in columns],
     [
       [contrastive.LEARNER_LABELS[m]]
       + [f"{acc(s, r, m):.1f}" for s, r in columns]
@@ -667,7 +669,7 @@ def contrastive_report(config, results) -> str:
         back = acc(s, r, m) - acc(s, "none", m)
         learner = contrastive.LEARNER_LABELS[m]
         recovered.append(
-          f"- {learner}, {cp.LABELS[s]}{SHORT_LABELS[r]}: "
+          f"- {learner}, {recipes.label(s, clean='clean')}{SHORT_LABELS[r]}: "
           f"{back:+.1f} points of the {lost:.1f} that CP took"
         )
   return f"""

@@ -237,7 +237,7 @@ def protect_methods(
   sets, perturbations, seconds, traces = {"clean": clean}, {}, {}, {}
   for method in config.protect.methods:
     start = time.time()
-    mdir = os.path.join(workdir, "protect", set_slug(method))
+    mdir = os.path.join(workdir, "protect", record.slug(method))
     reference = equal_l2_reference(method)
     if reference is None:
       protected, traces[method] = protect_dataset(
@@ -303,11 +303,6 @@ def accumulated_seconds(path: str, elapsed: float) -> float:
     path, lambda f: f.write(json.dumps({"seconds": total}).encode())
   )
   return total
-
-
-def set_slug(name: str) -> str:
-  """The directory name of a training set ("eudp:snr" -> "eudp_snr")."""
-  return "".join(ch if ch.isalnum() else "_" for ch in name)
 
 
 def perturbation_table_row(clean, protected, config) -> dict:
@@ -400,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   for name, images in sets.items():
     results[name] = ddpm.train_and_score(
       config,
-      os.path.join(workdir, "eval", set_slug(name)),
+      os.path.join(workdir, "eval", record.slug(name)),
       images,
       classifier,
       real,

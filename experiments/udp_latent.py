@@ -223,7 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     results[name] = [
       t2i_eval.finetune_and_score(
         config,
-        os.path.join(workdir, "eval", udp.set_slug(name), f"seed{k}"),
+        os.path.join(workdir, "eval", record.slug(name), f"seed{k}"),
         finetune,
         sample,
         images,

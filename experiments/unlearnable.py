@@ -14,389 +14,21 @@ the command resumes: finished protections and classifiers are read back.
 """
 
 import functools
-import json
 import os
 import time
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from tqdm.auto import tqdm
 
-from aigc_jax import data, launch, parallel, protect, record, train
+from aigc_jax import launch, parallel, record
 from aigc_jax.eval import classifiers, victims
-from aigc_jax.metrics import accuracy
-
-PROTECTIONS = (
-  "emn_sample",
-  "emn_class",
-  "remn",
-  "lsp",
-  "random_sample",
-  "random_class",
-)
-LABELS = {
-  "clean": "clean data",
-  "emn_sample": "EMN",
-  "emn_class": "EMN (C)",
-  "remn": "REMN",
-  "lsp": "LSP",
-  "random_sample": "random",
-  "random_class": "random (C)",
-}
-
-
-def _generator_config(config) -> ml_collections.ConfigDict:
-  """A classifier config for the generator's own model (EMN, REMN)."""
-  c = ml_collections.ConfigDict(
-    {"model": config.protect.model, "train": config.train}
-  )
-  with c.unlocked():
-    c.train = config.train.copy_and_resolve_references()
-    c.train.learning_rate = config.protect.learning_rate
-    c.train.grad_clip = config.protect.grad_clip
-  return c
-
-
-def padded_batches(n: int, size: int):
-  """Consecutive index ranges covering 0..n, the last one padded by
-  repeating its final index (one compiled shape), with the count of real
-  indices in each."""
-  for lo in range(0, n, size):
-    idx = np.arange(lo, min(lo + size, n))
-    yield np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))]), len(idx)
-
-
-def _logits_fn(model, params, batch_stats):
-  return lambda x: train.classifier_logits(model, params, batch_stats, x)
-
-
-def generator_accuracy(model, state, images, labels, mesh, batch) -> float:
-  """The generator's accuracy on the protected images (EMN's stopping
-  rule)."""
-  classifier = classifiers.Classifier(model, state.params, state.batch_stats)
-  logits = classifiers.predict_logits(classifier, images, batch, mesh)
-  return float(accuracy(logits, labels))
-
-
-def generate_emn(config, train_set, mesh, *, classwise: bool):
-  """Error-minimising noise (Huang et al. 2021, arXiv 2101.04898, Alg. 1):
-  on the alternation engine, the whole set as one chunk, `model_steps`
-  generator steps in training order, then `pgd_steps` descent steps of δ
-  on every slice of `noise_batch_size` images, until the generator fits
-  x + δ (`stop_accuracy`).
-
-  Returns:
-    δ per example in model units, and {"rounds", "train_accuracy"}.
-  """
-  p, e = config.protect, config.protect.emn
-  x = data.to_model_range(train_set.images)
-  labels = train_set.labels
-  n, num_classes = len(x), train_set.num_classes
-  model, optimizer = classifiers.build_classifier(
-    _generator_config(config), num_classes
-  )
-  key = jax.random.fold_in(jax.random.key(config.seed), 11 + classwise)
-  init_key, model_key, noise_key = jax.random.split(key, 3)
-  state = train.init_or_restore(
-    functools.partial(
-      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
-    ),
-    mesh,
-    None,
-  )
-  b = protect.budget(p.eps)
-  rep = parallel.replicated(mesh)
-  # The generation loader has no augmentation (the original's).
-  model_step = jax.jit(
-    lambda s, batch: train.classifier_train_step(
-      s,
-      *batch,
-      model_key,
-      model=model,
-      optimizer=optimizer,
-      crop_pad=0,
-      flip=False,
-    ),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-
-  @jax.jit
-  def perturbation_step(s, chunk, delta, k):
-    logits_fn = lambda im: train.classifier_logits(
-      model, s.params, s.batch_stats, im
-    )
-    return protect.pgd(
-      protect.cross_entropy_objective(logits_fn, chunk.conditions),
-      chunk.x,
-      delta,
-      k,
-      budget=b,
-      steps=e.class_pgd_steps if classwise else e.pgd_steps,
-      step_size=e.step_size / protect.LEVELS_PER_UNIT,
-      ascent=False,
-      groups=chunk.groups,
-      unroll=protect.default_unroll(),
-    )
-
-  fits = []
-  nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-
-  def fitted(s, protected, y):
-    fits.append(generator_accuracy(model, s, protected, y, mesh, nb))
-    bar.set_postfix(train_accuracy=f"{fits[-1]:.3f}")
-    return fits[-1] > e.stop_accuracy
-
-  bar = tqdm(total=e.max_rounds, desc="emn_class" if classwise else "emn")
-  delta, *_ = protect.alternate(
-    x,
-    lambda k, shape: np.zeros(shape, np.float32),
-    state,
-    noise_key,
-    perturbation_step=perturbation_step,
-    model_step=model_step,
-    schedule=protect.Schedule(
-      rounds=e.max_rounds,
-      inner_steps=e.model_steps,
-      batch_size=p.model_batch_size,
-      chunk_size=n,
-      slice_size=p.noise_batch_size,
-      epoch_order=True,
-    ),
-    mesh=mesh,
-    seed=config.seed,
-    conditions=labels,
-    groups=labels if classwise else None,
-    num_groups=num_classes,
-    progress=bar.update,
-    until=fitted,
-  )
-  bar.close()
-  per_example = delta[labels] if classwise else delta
-  return per_example, {"rounds": len(fits), "train_accuracy": fits[-1]}
-
-
-def generate_remn(config, train_set, mesh):
-  """Robust error-minimising noise (protection-methods.md §2.3): per step,
-  the batch's δ from a random start by descent on the loss after a random
-  augmentation and a PGD attack of radius `attack_eps`, then an adversarial
-  training step of the generator on the protected batch; at the end, δ for
-  every example from the final generator.
-
-  Returns:
-    δ per example in model units, and {"rounds", "train_accuracy"}.
-  """
-  p, rm = config.protect, config.protect.remn
-  gen = _generator_config(config)
-  x = data.to_model_range(train_set.images)
-  labels = train_set.labels
-  n = len(x)
-  model, optimizer = classifiers.build_classifier(
-    gen, train_set.num_classes, rm.model_steps
-  )
-  key = jax.random.fold_in(jax.random.key(config.seed), 13)
-  init_key, model_key, noise_key = jax.random.split(key, 3)
-  state = train.init_or_restore(
-    functools.partial(
-      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
-    ),
-    mesh,
-    None,
-  )
-  b = protect.budget(p.eps)
-  attack_budget = protect.budget(rm.attack_eps)
-  unit = protect.LEVELS_PER_UNIT
-  crop_pad, flip = config.train.crop_pad, config.train.flip
-  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-
-  def noise_step(params, batch_stats, xb, yb, k):
-    objective = protect.robust_objective(
-      _logits_fn(model, params, batch_stats),
-      yb,
-      augment=lambda kk, im: train.random_crop_flip(
-        kk, im, pad=crop_pad, flip=flip
-      ),
-      attack_budget=attack_budget,
-      attack_steps=rm.attack_steps,
-      attack_step_size=rm.attack_step_size / unit,
-      num_augmentations=rm.num_augmentations,
-      unroll=protect.default_unroll(),
-    )
-    start_key, pgd_key = jax.random.split(k)
-    start = protect.init_perturbation(start_key, xb.shape, b, random_start=True)
-    delta, _ = protect.pgd(
-      objective,
-      xb,
-      start,
-      pgd_key,
-      budget=b,
-      steps=rm.pgd_steps,
-      step_size=rm.step_size / unit,
-      ascent=False,
-      unroll=protect.default_unroll(),
-    )
-    return delta
-
-  noise_step = jax.jit(noise_step, out_shardings=shard)
-  model_step = jax.jit(
-    lambda s, xb, db, yb: train.classifier_train_step(
-      s,
-      protect.apply_perturbation(xb, db),
-      yb,
-      model_key,
-      model=model,
-      optimizer=optimizer,
-      crop_pad=crop_pad,
-      flip=flip,
-      attack=train.pgd_attack(
-        attack_budget,
-        steps=rm.attack_steps,
-        step_size=rm.attack_step_size / unit,
-        unroll=protect.default_unroll(),
-      ),
-    ),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-  mb = p.model_batch_size
-  for step in tqdm(range(rm.model_steps), desc="remn"):
-    idx = data.batch_indices(config.seed, step, n, mb)
-    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-    k = jax.random.fold_in(noise_key, step)
-    db = parallel.settle(
-      noise_step(state.params, state.batch_stats, xb, yb, k), mesh
-    )
-    state, _ = parallel.settle(model_step(state, xb, db, yb), mesh)
-  delta = np.zeros(x.shape, np.float32)
-  nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-  for i, (idx, count) in enumerate(padded_batches(n, nb)):
-    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-    k = jax.random.fold_in(noise_key, 10_000_000 + i)
-    out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
-    delta[idx[:count]] = out[:count]
-  protected = np.clip(x + delta, -1.0, 1.0)
-  acc = generator_accuracy(model, state, protected, labels, mesh, nb)
-  return delta, {"rounds": rm.model_steps, "train_accuracy": acc}
-
-
-def lsp_l2(config, image_shape) -> float:
-  """LSP's L2 radius in [0, 255] units: config.protect.lsp.l2, or (0) ISS's
-  L2 = 1.0 for 32x32x3 in [0, 1] units at the same RMS per value."""
-  if config.protect.lsp.l2:
-    return float(config.protect.lsp.l2)
-  return 255.0 * float(np.sqrt(np.prod(image_shape) / 3072.0))
-
-
-def generate_lsp(config, train_set):
-  b = protect.budget(lsp_l2(config, train_set.images.shape[1:]), "l2")
-  delta = protect.lsp_perturbations(
-    jax.random.fold_in(jax.random.key(config.seed), 17),
-    train_set.labels,
-    train_set.num_classes,
-    train_set.images.shape[1:],
-    b,
-    patch=config.protect.lsp.patch,
-  )
-  return np.asarray(delta), {"rounds": 0}
-
-
-def generate_random(config, train_set, *, classwise: bool):
-  """The controls of Huang et al.'s Table 1: noise that knows no model, ±ε
-  per block of `protect.random.patch` pixels (the budget's largest
-  perturbation), one per example or (`classwise`) one per class. Class-wise,
-  it is the crudest shortcut of that size (the same ±ε pattern on every
-  example of a class): it shows whether the victim takes any such shortcut
-  over the data's own features."""
-  h, w, c = train_set.images.shape[1:]
-  patch = config.protect.random.patch
-  count = train_set.num_classes if classwise else len(train_set.images)
-  blocks = protect.random_perturbation(
-    jax.random.fold_in(jax.random.key(config.seed), 19 + classwise),
-    (count, -(-h // patch), -(-w // patch), c),
-    protect.budget(config.protect.eps),
-  )
-  delta = jnp.repeat(jnp.repeat(blocks, patch, 1), patch, 2)[:, :h, :w]
-  if classwise:
-    delta = delta[train_set.labels]
-  return np.asarray(delta), {"rounds": 0}
-
-
-def protection_budget(config, name, image_shape) -> protect.Budget:
-  if name == "lsp":
-    return protect.budget(lsp_l2(config, image_shape), "l2")
-  return protect.budget(config.protect.eps)
-
-
-def generate_protection(config, name, train_set, mesh):
-  """δ of protection `name` for `train_set` and the generation's record."""
-  if name in ("emn_sample", "emn_class"):
-    return generate_emn(config, train_set, mesh, classwise=name == "emn_class")
-  if name == "remn":
-    return generate_remn(config, train_set, mesh)
-  if name == "lsp":
-    return generate_lsp(config, train_set)
-  if name in ("random_sample", "random_class"):
-    return generate_random(config, train_set, classwise=name == "random_class")
-  raise ValueError(f"Unknown protection {name!r}; choose from {PROTECTIONS}.")
-
-
-def make_protection(workdir, name, train_set, budget, generate):
-  """The protected uint8 images of `name`, from `generate() -> (δ, info)`
-  once and then read from `protections/<name>.npz`; and the generation's
-  record (with the measured perturbation sizes)."""
-  path = os.path.join(workdir, "protections", f"{name}.npz")
-  meta_path = path.replace(".npz", ".json")
-  if os.path.exists(path) and os.path.exists(meta_path):
-    with open(meta_path) as m:
-      return record.load_arrays(path)["images"], json.load(m)
-  start = time.time()
-  delta, info = generate()
-  images = protect.quantize_protected(train_set.images, delta, budget)
-  sizes = protect.perturbation_sizes(train_set.images, images, budget.norm)
-  info = {
-    **info,
-    "seconds": round(time.time() - start, 1),
-    "norm": budget.norm,
-    "eps_255": budget.eps_255,
-    "max_size_255": float(sizes.max()),
-    "linf_255": float(
-      protect.perturbation_sizes(train_set.images, images, "linf").max()
-    ),
-  }
-  if jax.process_index() == 0:
-    # The images first, the record of them last: a kill between the two
-    # computes the protection again.
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    record.save_arrays(
-      path,
-      images=images,
-      labels=train_set.labels,
-      delta=images.astype(np.int16) - train_set.images,
-    )
-    data.noise_grid(
-      path.replace(".npz", "_grid.png"),
-      train_set.images,
-      images,
-      max(info["linf_255"], 1.0),
-    )
-    record.atomic_write(meta_path, lambda f: f.write(json.dumps(info).encode()))
-  return images, info
+from aigc_jax.protect import recipes
 
 
 def check_config(config, mesh) -> None:
   """Fails on bad settings before any work."""
-  for name in config.protections:
-    if name not in PROTECTIONS:
-      raise ValueError(
-        f"Unknown protection {name!r}; choose from {PROTECTIONS}."
-      )
+  recipes.check_config(config, mesh)
   for name in config.countermeasures:
     victims.check_countermeasure(name)
-  protect.budget(config.protect.eps)
-  for batch in (config.train.batch_size, config.protect.model_batch_size):
-    parallel.check_batch_size(batch, mesh)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -407,12 +39,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   sets, infos = {"clean": train_set.images}, {}
   for name in config.protections:
-    sets[name], infos[name] = make_protection(
+    recipe = recipes.PROTECTIONS[name]
+    sets[name], infos[name] = recipes.protected_set(
       workdir,
       name,
       train_set,
-      protection_budget(config, name, train_set.images.shape[1:]),
-      functools.partial(generate_protection, config, name, train_set, mesh),
+      recipe.budget(config, train_set.images.shape[1:]),
+      functools.partial(recipe.generate, config, train_set, mesh),
     )
     writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
   results = {}
@@ -450,7 +83,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
   sets = ["clean", *infos]
-  header = ["countermeasure"] + [LABELS[s] for s in sets]
+  header = ["countermeasure"] + [recipes.label(s) for s in sets]
   rows = [
     [victims.countermeasure_label(config, cm)]
     + [f"{100 * results[s, cm]['test_accuracy']:.1f}" for s in sets]
@@ -465,7 +98,7 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
       verdict = "met" if drop >= 40 else "missed"
       if s.startswith("random_"):
         verdict = "a control"
-      lines.append(f"- {LABELS[s]}: {drop:.1f} points ({verdict})")
+      lines.append(f"- {recipes.label(s)}: {drop:.1f} points ({verdict})")
   ptable = record.markdown_table(
     [
       "protection",
@@ -478,7 +111,7 @@ def unlearnable_report(config, workdir, results, infos, total, channels) -> str:
     ],
     [
       [
-        LABELS[s],
+        recipes.label(s),
         f"{i['norm']} {i['eps_255']:.3g}/255",
         f"{i['max_size_255']:.3g}",
         f"{i['linf_255']:.0f}",

@@ -190,7 +190,8 @@ def test_remn_objective_attacks_then_descends_and_composes_with_grad():
 
 
 def _generator_case(name):
-  from experiments import cp, unlearnable
+  from aigc_jax.protect import recipes
+  from experiments import cp
   from experiments.configs import cp as cp_configs
   from experiments.configs import unlearnable as ul_configs
 
@@ -204,12 +205,10 @@ def _generator_case(name):
     return generate, protect.budget(config.protect.eps)
   config = ul_configs.get_config("smoke")
   config.protect.update(model_batch_size=32, noise_batch_size=32)
-  generate = functools.partial(
-    unlearnable.generate_protection, config, name, ds
-  )
+  recipe = recipes.PROTECTIONS[name]
   return (
-    lambda mesh: generate(mesh),
-    unlearnable.protection_budget(config, name, ds.images.shape[1:]),
+    lambda mesh: recipe.generate(config, ds, mesh),
+    recipe.budget(config, ds.images.shape[1:]),
   )
 
 
@@ -252,13 +251,13 @@ def test_generators_keep_the_budget_repeat_and_agree_on_1_and_4_devices(name):
 
 
 def test_random_controls_fill_the_budget_in_blocks():
-  from experiments import unlearnable
+  from aigc_jax.protect import recipes
   from experiments.configs import unlearnable as ul_configs
 
   ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
   config = ul_configs.get_config("smoke")
   config.protect.random.patch = 3  # 8 is not a multiple: the edge is cut
-  delta, _ = unlearnable.generate_random(config, ds, classwise=False)
+  delta, _ = recipes.generate_random(config, ds, classwise=False)
   eps = protect.budget(config.protect.eps).eps
   assert delta.shape == ds.images.shape
   np.testing.assert_allclose(np.abs(delta), eps)  # every value at ±ε
@@ -272,7 +271,7 @@ def test_random_controls_fill_the_budget_in_blocks():
 
 
 def test_emn_stops_at_its_accuracy_threshold():
-  from experiments import unlearnable
+  from aigc_jax.protect import recipes
   from experiments.configs import unlearnable as ul_configs
 
   ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
@@ -282,7 +281,7 @@ def test_emn_stops_at_its_accuracy_threshold():
   mesh = parallel.make_mesh(4)
   for stop, rounds in ((0.0, 1), (1.0, 3)):
     config.protect.emn.stop_accuracy = stop
-    _, info = unlearnable.generate_emn(config, ds, mesh, classwise=True)
+    _, info = recipes.generate_emn(config, ds, mesh, classwise=True)
     assert info["rounds"] == rounds
     if rounds == 1:
       assert info["train_accuracy"] > stop
