@@ -191,7 +191,6 @@ def test_remn_objective_attacks_then_descends_and_composes_with_grad():
 
 def _generator_case(name):
   from aigc_jax.protect import recipes
-  from experiments import cp
   from experiments.configs import cp as cp_configs
   from experiments.configs import unlearnable as ul_configs
 
@@ -200,7 +199,7 @@ def _generator_case(name):
     config = cp_configs.get_config("smoke")
     config.protect.batch_size = 32
     generate = functools.partial(
-      cp.generate_cp, config, ds, classwise=name == "cp_class"
+      recipes.generate_cp, config, ds, classwise=name == "cp_class"
     )
     return generate, protect.budget(config.protect.eps)
   config = ul_configs.get_config("smoke")

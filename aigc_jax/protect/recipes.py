@@ -8,7 +8,9 @@ augmentation of the generator's own training) and `seed`; see
 `experiments/configs/unlearnable.py`. EMN runs on the alternation engine
 (`protect.alternate`); REMN trains its generator adversarially with a fresh
 δ per step, then protects every image with the final generator; LSP and
-the random controls optimise nothing. `protected_set` computes a set once
+the random controls optimise nothing. CP (`generate_cp`) poisons a
+contrastive learner's data (`experiments/configs/cp.py`). `protected_set`
+computes a set once
 and keeps it (uint8 images, labels, δ) in a workdir. Import it as
 `from aigc_jax.protect import recipes` (it builds on `aigc_jax.eval`).
 """
@@ -27,7 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from aigc_jax import data, parallel, protect, record, train
-from aigc_jax.eval import classifiers
+from aigc_jax.eval import classifiers, contrastive
 from aigc_jax.metrics import accuracy
 
 
@@ -348,6 +350,110 @@ def protected_set(workdir, name, train_set, budget, generate):
     )
     record.atomic_write(meta_path, lambda f: f.write(json.dumps(info).encode()))
   return images, info
+
+
+def generate_cp(config, train_set, mesh, *, classwise, init=None):
+  """CP's min-min alternation (He et al. 2023, arXiv 2202.11202, Alg. 1) on
+  the alternation engine: each round, encoder steps on views of x + δ in
+  training order, then descent steps on δ through the augmentation, on
+  `noise_batches` slices drawn in epoch order (0: every slice).
+
+  Args:
+    config: the experiment config (`protect`, `contrastive`, `attacker`).
+    train_set: the data to poison.
+    mesh: the device mesh.
+    classwise: one δ per class (CP-C) or per example (CP-S).
+    init: the starting δ per example (CP-S from CP-C); None: uniform in
+      the budget (the original's U(−ε, ε)).
+
+  Returns:
+    δ per example in model units, and {"rounds", "final_loss"}: the mean
+    objective before the last PGD step of the last round.
+  """
+  p = config.protect
+  g = p.cp_class if classwise else p.cp_sample
+  x = data.to_model_range(train_set.images)
+  labels = train_set.labels
+  n, num_classes = len(x), train_set.num_classes
+  model, optimizer, settings = contrastive.build_learner(
+    config, config.attacker, p.learning_rate
+  )
+  augment = contrastive.augmenter(config)
+  key = jax.random.fold_in(jax.random.key(config.seed), 19 + classwise)
+  init_key, model_key, noise_key, start_key = jax.random.split(key, 4)
+  state = train.init_or_restore(
+    contrastive.learner_init(
+      config, model, optimizer, config.attacker, init_key, x.shape[1:]
+    ),
+    mesh,
+    None,
+  )
+  b = protect.budget(p.eps)
+  rep = parallel.replicated(mesh)
+  model_step = jax.jit(
+    contrastive.learner_step(config, model, optimizer, settings, model_key),
+    out_shardings=(rep, rep),
+    donate_argnums=0,
+  )
+
+  @jax.jit
+  def perturbation_step(s, chunk, delta, k):
+    objective = protect.contrastive_objective(
+      lambda v1, v2: train.contrastive_losses(
+        model, s, s.params, v1, v2, **settings
+      )[0],
+      augment,
+    )
+    return protect.pgd(
+      objective,
+      chunk.x,
+      delta,
+      k,
+      budget=b,
+      steps=g.pgd_steps,
+      step_size=g.step_size / protect.LEVELS_PER_UNIT,
+      ascent=False,
+      groups=chunk.groups,
+      unroll=protect.default_unroll(),
+    )
+
+  shape = (num_classes, *x.shape[1:]) if classwise else x.shape
+  if init is not None:
+    start = np.array(init, np.float32)
+  else:
+    start = np.array(
+      protect.init_perturbation(start_key, shape, b, random_start=True)
+    )
+  bs = -(-min(p.batch_size, n) // mesh.size) * mesh.size
+  bar = tqdm(total=g.rounds, desc="cp_class" if classwise else "cp_sample")
+  delta, traces, _ = protect.alternate(
+    x,
+    lambda k, shape: start,
+    state,
+    noise_key,
+    perturbation_step=perturbation_step,
+    model_step=model_step,
+    schedule=protect.Schedule(
+      rounds=g.rounds,
+      inner_steps=g.model_steps or data.steps_per_epoch(n, bs),
+      batch_size=bs,
+      chunk_size=n,
+      slice_size=bs,
+      random_slices=g.noise_batches,
+      epoch_order=True,
+    ),
+    mesh=mesh,
+    seed=config.seed,
+    groups=labels if classwise else None,
+    num_groups=num_classes,
+    progress=bar.update,
+  )
+  bar.close()
+  per_example = delta[labels] if classwise else delta
+  return per_example, {
+    "rounds": g.rounds,
+    "final_loss": float(traces[0, -1, -1]),
+  }
 
 
 class Protection(NamedTuple):
