@@ -1,6 +1,6 @@
 """LE: purify unlearnable examples with Joint-Conditional Diffusion
 Purification and measure what a classifier trained on them learns, beside the
-other countermeasures (the seed's table, seed-results.md §1).
+other countermeasures (the seed's table; Jiang et al., ACM MM 2023).
 
   python experiments/le.py --config=experiments/configs/le.py[:variant] \
     --workdir=DIR

@@ -1,5 +1,5 @@
-"""Contrastive poisoning, CP (He, Zha and Katabi, ICLR 2023;
-protection-methods.md §2.5): error-minimising noise against a contrastive
+"""Contrastive poisoning, CP (He, Zha and Katabi, ICLR 2023, arXiv
+2202.11202, Alg. 1): error-minimising noise against a contrastive
 learner,
 
   min_δ min_θ  L_CL(θ; {x_i + δ_i}),

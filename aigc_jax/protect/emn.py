@@ -1,5 +1,6 @@
-"""Error-minimising noise for classifiers: EMN (Huang et al., ICLR 2021) and
-REMN, its robust variant (Fu et al., ICLR 2022); protection-methods.md §2.1-2.3.
+"""Error-minimising noise for classifiers: EMN (Huang et al., ICLR 2021,
+arXiv 2101.04898, Eq. 2) and REMN, its robust variant (Fu et al., ICLR 2022,
+arXiv 2203.14533, Eq. 4).
 
 Both are objectives for the shared PGD loop, descended (`ascent=False`):
 

@@ -5,8 +5,9 @@ No optimisation: each class gets a Gaussian cluster in a small feature space
 (scikit-learn's `make_classification` with one cluster per class,
 `class_sep=10`, all features informative), each sample is blown up to image
 size by repeating every feature over a `patch` x `patch` block, and scaled to
-a fixed L2 norm (protection-methods.md §2.4). The perturbations are trivially
-separable by class, so a classifier learns them instead of the images.
+a fixed L2 norm (Yu et al. 2022, arXiv 2111.00898, Alg. 1). The
+perturbations are trivially separable by class, so a classifier learns them
+instead of the images.
 
 Differences from the original script, on purpose: the randomness is JAX's (the
 clusters are the same construction, not the same numbers), and the norm is

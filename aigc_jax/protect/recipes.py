@@ -45,6 +45,29 @@ def _generator_config(config) -> ml_collections.ConfigDict:
   return c
 
 
+def _generator(config, train_set, mesh, salt: int, num_steps=None):
+  """The generator of EMN and REMN: its model, optimiser (the config's
+  `protect.model` at `protect.learning_rate`), initial state, and the keys
+  of its steps and of δ's, all from (seed, salt)."""
+  model, optimizer = classifiers.build_classifier(
+    _generator_config(config), train_set.num_classes, num_steps
+  )
+  key = jax.random.fold_in(jax.random.key(config.seed), salt)
+  init_key, model_key, noise_key = jax.random.split(key, 3)
+  state = train.init_or_restore(
+    functools.partial(
+      train.init_classifier_state,
+      model,
+      optimizer,
+      init_key,
+      train_set.images.shape[1:],
+    ),
+    mesh,
+    None,
+  )
+  return model, optimizer, state, model_key, noise_key
+
+
 def padded_batches(n: int, size: int):
   """Consecutive index ranges covering 0..n, the last one padded by
   repeating its final index (one compiled shape), with the count of real
@@ -80,17 +103,8 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n, num_classes = len(x), train_set.num_classes
-  model, optimizer = classifiers.build_classifier(
-    _generator_config(config), num_classes
-  )
-  key = jax.random.fold_in(jax.random.key(config.seed), 11 + classwise)
-  init_key, model_key, noise_key = jax.random.split(key, 3)
-  state = train.init_or_restore(
-    functools.partial(
-      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
-    ),
-    mesh,
-    None,
+  model, optimizer, state, model_key, noise_key = _generator(
+    config, train_set, mesh, 11 + classwise
   )
   b = protect.budget(p.eps)
   rep = parallel.replicated(mesh)
@@ -165,7 +179,7 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
 
 
 def generate_remn(config, train_set, mesh):
-  """Robust error-minimising noise (protection-methods.md §2.3): per step,
+  """Robust error-minimising noise (Fu et al. 2022, arXiv 2203.14533): per step,
   the batch's δ from a random start by descent on the loss after a random
   augmentation and a PGD attack of radius `attack_eps`, then an adversarial
   training step of the generator on the protected batch; at the end, δ for
@@ -175,21 +189,11 @@ def generate_remn(config, train_set, mesh):
     δ per example in model units, and {"rounds", "train_accuracy"}.
   """
   p, rm = config.protect, config.protect.remn
-  gen = _generator_config(config)
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
   n = len(x)
-  model, optimizer = classifiers.build_classifier(
-    gen, train_set.num_classes, rm.model_steps
-  )
-  key = jax.random.fold_in(jax.random.key(config.seed), 13)
-  init_key, model_key, noise_key = jax.random.split(key, 3)
-  state = train.init_or_restore(
-    functools.partial(
-      train.init_classifier_state, model, optimizer, init_key, x.shape[1:]
-    ),
-    mesh,
-    None,
+  model, optimizer, state, model_key, noise_key = _generator(
+    config, train_set, mesh, 13, rm.model_steps
   )
   b = protect.budget(p.eps)
   attack_budget = protect.budget(rm.attack_eps)

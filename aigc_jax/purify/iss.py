@@ -1,6 +1,6 @@
 """ISS, Image Shortcut Squeezing (Liu, Zhao, Larson, ICML 2023): simple
 compressions of the training images that remove unlearnable perturbations'
-shortcuts (protection-methods.md §3.1).
+shortcuts (arXiv 2301.13838).
 
 Perturbations from slightly trained surrogates are low-frequency and colourful
 (grayscale removes them); those from fully trained surrogates are

@@ -5,7 +5,7 @@ diffusion purification (Dolatabadi et al. 2023; Nie et al. 2022).
 The protected image x_u is diffused to t* and denoised by a DDPM trained on
 other, clean data, so that the output lies on the clean manifold. JCDP guides
 each reverse step toward x_u diffused to the same step, x_t (the paper's
-reverse step, seed-results.md §1):
+reverse step; Jiang et al., ACM MM 2023):
 
   x*_{t-1} ~ N(μ_φ(x*_t, t) + σ_t² (d1 + d2), σ_t² I),
   d1 = -λ1(t) ∇ D_m(x*_t, x_t),   d2 = -λ2(t) ∇ D_p(x*_t, x_t),
@@ -14,7 +14,7 @@ with D_m the per-image mean squared error and D_p LPIPS. This is the shared
 guided reverse step (`diffusion.ddpm_step` with an energy) with the energy
 λ1 D_m + λ2 D_p; nothing else is specific to JCDP.
 
-Two schedules for λ(t) (protection-methods.md §1.3):
+Two schedules for λ(t), the paper's and its released code's:
   * "paper": λ1 and λ2 constant, both terms at every step;
   * "original": the released code's, λ(t) = scale · √(1-ᾱ_t) / √ᾱ_t, with
     the MSE term alone for t > `split` and the LPIPS term alone for

@@ -1,6 +1,6 @@
 """Data augmentation in JAX, for images in [-1, 1]: the standard random crop
 and flip, and UEraser's adversarial-augmentation family (Qin et al. 2023,
-protection-methods.md §3.4).
+arXiv 2303.15127).
 
 Every function is `augment(key, images) -> images` on a (B, H, W, C) batch,
 with independent draws per image, so it jits, vmaps over keys (K views of a
@@ -278,8 +278,8 @@ def simclr_augment(
   grayscale_prob: float = 0.2,
 ) -> jax.Array:
   """The contrastive-learning view of SimCLR, MoCo v2 and BYOL on CIFAR
-  (as in contrastive poisoning's differentiable kornia pipeline,
-  protection-methods.md §2.5): RandomResizedCrop(scale 0.2-1), horizontal
+  (as in contrastive poisoning's differentiable kornia pipeline, He et al.
+  2023, arXiv 2202.11202): RandomResizedCrop(scale 0.2-1), horizontal
   flip, ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8, grayscale with p 0.2.
   Differentiable in `images`.
 

@@ -93,7 +93,8 @@ def pgd_attack(
 ) -> Attack:
   """Madry et al.'s PGD attack on the cross-entropy, for adversarial
   training (`classifier_train_step(..., attack=pgd_attack(budget(8)))` is
-  PGD-10 at 8/255, protection-methods.md §3.3), on the shared PGD loop.
+  PGD-10 at 8/255, Madry et al. 2018, arXiv 1706.06083), on the shared PGD
+  loop.
 
   Args:
     budget: the attack radius (`aigc_jax.protect.budget`).

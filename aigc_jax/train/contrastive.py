@@ -1,7 +1,7 @@
 """Self-supervised contrastive learning: SimCLR (Chen et al. 2020), MoCo v2
 (Chen et al. 2020) and BYOL (Grill et al. 2020), with a linear probe on
-frozen features; the victims of contrastive poisoning
-(protection-methods.md §2.5).
+frozen features; the victims of contrastive poisoning (He et al. 2023,
+arXiv 2202.11202).
 
 Each method is a per-example loss on two views of a batch,
 `contrastive_losses(...) -> (B,)`, so the same function trains the encoder

@@ -17,7 +17,7 @@ with z ~ p(z) fresh every step. Everything takes a `generator(params, z)`
 function that maps (B, d) latents to NHWC images in [-1, 1]; hierarchical
 latents are flattened into one vector first (the paper's footnote 1).
 
-Implementation choice (`erasure-methods.md` §5.1): the shift uses the unit
+Implementation choice (the paper leaves it open): the shift uses the unit
 vector ẑ_e = z_e / ||z_e||, so the shifted latent lands exactly on the
 threshold; `unit_shift=False` gives the literal z - (proj - t) z_e.
 """

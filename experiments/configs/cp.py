@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.probe = ml_collections.ConfigDict(
     {"steps": 1000, "learning_rate": 0.01, "weight_decay": 1e-4}
   )
-  # CP (protection-methods.md §2.5): each round, `model_steps` encoder steps
+  # CP (He et al. 2023, Alg. 1): each round, `model_steps` encoder steps
   # on poisoned views, then `pgd_steps` descent steps of δ per batch on
   # `noise_batches` batches (0: the whole set). CP-S starts from CP-C's
   # noise when "cp_class" is also generated (the paper's recipe).

@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "noise_batch_size": 512,
     }
   )
-  # EMN, min-min (protection-methods.md §2.1-2.2): `model_steps` SGD steps
+  # EMN, min-min (Huang et al. 2021, Alg. 1): `model_steps` SGD steps
   # on x + δ, then `pgd_steps` descent steps on δ over the whole set;
   # repeat until the model's accuracy on x + δ exceeds `stop_accuracy`.
   c.protect.emn = ml_collections.ConfigDict(
@@ -63,9 +63,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "max_rounds": 30,
     }
   )
-  # REMN, min-min-max (§2.3): per model step, δ of the batch from a random
-  # start by `pgd_steps` descent steps on the loss after augmentation and an
-  # attack of radius `attack_eps`; then an adversarial-training step.
+  # REMN, min-min-max (Fu et al. 2022): per model step, δ of the batch from
+  # a random start by `pgd_steps` descent steps on the loss after
+  # augmentation and an attack of radius `attack_eps`; then an
+  # adversarial-training step.
   c.protect.remn = ml_collections.ConfigDict(
     {
       "model_steps": 300,
@@ -77,8 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "num_augmentations": 2,
     }
   )
-  # LSP (§2.4): l2 = 0 scales to ISS's L2 = 1.0 on CIFAR-10 ([0, 1] units,
-  # 3072 values), i.e. the same per-value RMS, at this data's size.
+  # LSP (Yu et al. 2022): l2 = 0 scales to ISS's L2 = 1.0 on CIFAR-10 ([0,
+  # 1] units, 3072 values), i.e. the same per-value RMS, at this data's size.
   c.protect.lsp = ml_collections.ConfigDict({"l2": 0.0, "patch": 2})
   # The random controls ("random_sample", "random_class"; not run by
   # default): ±eps per block of `patch` x `patch` pixels.
@@ -87,11 +88,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     {
       "jpeg_quality": 10,
       "bdr_bits": 4,
-      # Adversarial training (§3.3): PGD-10 at 8/255, step 2/255.
+      # Adversarial training (Madry et al. 2018): PGD-10 at 8/255, step 2/255.
       "at_eps": 8.0,
       "at_steps": 10,
       "at_step_size": 2.0,
-      # Adversarial augmentation (UEraser, §3.4): the max loss over
+      # Adversarial augmentation (UEraser, Qin et al. 2023): the max loss over
       # `aa_views` augmented views for the first `aa_max_epochs` epochs,
       # then one view, for `aa_epochs` epochs in all.
       "aa_views": 5,
