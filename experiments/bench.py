@@ -39,7 +39,6 @@ from aigc_jax.purify.jcdp import (
   lpips_guidance_distance,
 )
 from experiments import torch_twins
-from experiments.time_closed_form import TEXT_WIDTH, sd14_projections
 
 CONFIG_FILE = launch.config_path(__file__)
 # XLA:CPU runs a loop body several times slower than the same ops unrolled
@@ -408,11 +407,13 @@ def resnet18_step_row(name: str, c, mesh, device: str) -> Row:
 
 def uce_row(name: str, c, mesh, device: str) -> Row:
   """UCE's closed-form edit of SD v1.4's 32 cross-attention projections."""
+  from aigc_jax import sd  # imports diffusers: only for the rows that use it
+
   del mesh  # one linear solve: nothing to shard
   torch = _torch()
   rng = np.random.default_rng(6)
-  emb = lambda n: rng.normal(size=(n, TEXT_WIDTH)).astype(np.float32)
-  kernels = {k: np.asarray(v) for k, v in sd14_projections().items()}
+  emb = lambda n: rng.normal(size=(n, sd.SD14_TEXT_WIDTH)).astype(np.float32)
+  kernels = {k: np.asarray(v) for k, v in sd.sd14_random_projections().items()}
   erase, target = emb(75 * c.concepts), emb(75 * c.concepts)
   preserve = emb(77 * (1 + c.preserve))
   edit = jax.jit(lambda k, e, t, p: unlearn.uce_edit(k, e, t, p, lam=0.5))

@@ -19,34 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from aigc_jax import unlearn
-
-# (block, number of cross-attention blocks, inner width) of SD v1.4's UNet.
-SD14_CROSS_ATTENTION = (
-  ("down_blocks_0", 2, 320),
-  ("down_blocks_1", 2, 640),
-  ("down_blocks_2", 2, 1280),
-  ("mid_block", 1, 1280),
-  ("up_blocks_1", 3, 1280),
-  ("up_blocks_2", 3, 640),
-  ("up_blocks_3", 3, 320),
-)
-TEXT_WIDTH = 768
-
-
-def sd14_projections(seed: int = 0) -> dict[str, jax.Array]:
-  """Random kernels named and shaped as SD v1.4's 32 cross-attention ones."""
-  rng = np.random.default_rng(seed)
-  kernels = {}
-  for block, count, width in SD14_CROSS_ATTENTION:
-    for j in range(count):
-      for kv in ("to_k", "to_v"):
-        name = f"{block}/attentions_{j}/transformer_blocks_0/attn2/{kv}"
-        kernels[name] = jnp.asarray(
-          rng.normal(size=(TEXT_WIDTH, width)) / np.sqrt(TEXT_WIDTH),
-          jnp.float32,
-        )
-  return kernels
+from aigc_jax import sd, unlearn
 
 
 def _time(fn, *args, repeats: int):
@@ -68,8 +41,10 @@ def main():
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
   rng = np.random.default_rng(1)
-  emb = lambda n: jnp.asarray(rng.normal(size=(n, TEXT_WIDTH)), jnp.float32)
-  kernels = sd14_projections()
+  emb = lambda n: jnp.asarray(
+    rng.normal(size=(n, sd.SD14_TEXT_WIDTH)), jnp.float32
+  )
+  kernels = sd.sd14_random_projections()
   erase, target = emb(75 * args.concepts), emb(75 * args.concepts)
   preserve = emb(77 * (1 + args.preserve))
   uce = jax.jit(
@@ -87,7 +62,9 @@ def main():
     f"{os.cpu_count()} CPU threads)"
   )
   edited = uce(kernels, erase, target, preserve)
-  concept = emb(77 * args.concepts).reshape(args.concepts, 77, TEXT_WIDTH)
+  concept = emb(77 * args.concepts).reshape(
+    args.concepts, 77, sd.SD14_TEXT_WIDTH
+  )
   derive = jax.jit(
     lambda e, o, c: unlearn.adversarial_embedding(e, o, c, lam=0.1)
   )

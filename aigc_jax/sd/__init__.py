@@ -9,8 +9,10 @@ editors (aigc_jax.unlearn) rewrite; `attention` recomputes their maps.
 from aigc_jax.sd import attention
 from aigc_jax.sd.attention import cross_attention_maps
 from aigc_jax.sd.cross_attention import (
+  SD14_TEXT_WIDTH,
   projection_names,
   read_projections,
+  sd14_random_projections,
   write_projections,
 )
 from aigc_jax.sd.load import (
@@ -38,6 +40,7 @@ from aigc_jax.sd.text import (
 )
 
 __all__ = [
+  "SD14_TEXT_WIDTH",
   "StableDiffusion",
   "attention",
   "check_unet_config",
@@ -57,6 +60,7 @@ __all__ = [
   "read_projections",
   "read_state_dict",
   "sample_latents",
+  "sd14_random_projections",
   "text_to_image",
   "tokenize",
   "write_projections",

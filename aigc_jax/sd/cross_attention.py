@@ -13,6 +13,8 @@ of them goes straight through `jax.tree.map`, `jax.vmap` and `jax.jit`.
 """
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import traverse_util
 
 _SEP = "/"
@@ -88,3 +90,31 @@ def write_projections(
       )
     flat[path] = kernel
   return traverse_util.unflatten_dict(flat)
+
+
+# (block, number of cross-attention blocks, inner width) of SD v1.4's UNet.
+SD14_CROSS_ATTENTION = (
+  ("down_blocks_0", 2, 320),
+  ("down_blocks_1", 2, 640),
+  ("down_blocks_2", 2, 1280),
+  ("mid_block", 1, 1280),
+  ("up_blocks_1", 3, 1280),
+  ("up_blocks_2", 3, 640),
+  ("up_blocks_3", 3, 320),
+)
+SD14_TEXT_WIDTH = 768
+
+
+def sd14_random_projections(seed: int = 0) -> dict[str, jax.Array]:
+  """Random kernels named and shaped as SD v1.4's 32 cross-attention ones."""
+  rng = np.random.default_rng(seed)
+  kernels = {}
+  for block, count, width in SD14_CROSS_ATTENTION:
+    for j in range(count):
+      for kv in ("to_k", "to_v"):
+        name = f"{block}/attentions_{j}/transformer_blocks_0/attn2/{kv}"
+        kernels[name] = jnp.asarray(
+          rng.normal(size=(SD14_TEXT_WIDTH, width)) / np.sqrt(SD14_TEXT_WIDTH),
+          jnp.float32,
+        )
+  return kernels
