@@ -29,6 +29,7 @@ import numpy as np
 
 from aigc_jax import data, launch, parallel, record, sd
 from aigc_jax.eval import classifiers
+from aigc_jax.metrics import share_interval
 from aigc_jax.unlearn import closed_form, mace, rece
 
 
@@ -217,21 +218,22 @@ def timed(fn, *args):
 
 def score_samples(config, predicted, pairs, class_of) -> dict[str, float]:
   """Per-set accuracies from predicted digits of `per_prompt` samples of
-  every (concept, prompt) pair."""
+  every (concept, prompt) pair, each with its sample count (`n/<set>`)."""
   n = config.sample.per_prompt
   concepts = np.repeat([c for c, _ in pairs], n)
   correct = predicted == np.asarray([class_of[c] for c in concepts])
-
-  def acc(names):
-    picked = np.isin(concepts, list(names))
-    return float(correct[picked].mean()) if picked.any() else float("nan")
-
   kept = [c for c in config.concepts if c not in config.erase]
-  return {
-    "erased": acc(config.erase),
-    "kept": acc(kept),
-    **{f"lookalike/{c}": acc([c]) for c in config.lookalikes},
+  sets = {
+    "erased": config.erase,
+    "kept": kept,
+    **{f"lookalike/{c}": [c] for c in config.lookalikes},
   }
+  scores = {}
+  for name, members in sets.items():
+    picked = np.isin(concepts, list(members))
+    scores[name] = float(correct[picked].mean()) if picked.any() else np.nan
+    scores[f"n/{name}"] = int(picked.sum())
+  return scores
 
 
 def evaluate(config, workdir, name, images, pairs, classifier, mesh, class_of):
@@ -247,12 +249,12 @@ def evaluate(config, workdir, name, images, pairs, classifier, mesh, class_of):
   return score_samples(config, predicted, pairs, class_of)
 
 
-def attack_success(config, predicted, class_of) -> float:
+def attack_success(config, predicted, class_of) -> dict:
   """Share of the adversarial-embedding samples classified as the erased
-  concept they were derived from."""
+  concept they were derived from, and the number of samples."""
   n = config.sample.per_prompt * len(config.templates)
   wanted = np.repeat([class_of[c] for c in config.erase], n)
-  return float((predicted == wanted).mean())
+  return {"share": float((predicted == wanted).mean()), "n": len(wanted)}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -384,6 +386,16 @@ def _pct(x) -> str:
   return "–" if x is None or np.isnan(x) else f"{100 * x:.1f}"
 
 
+def _share(x, n: int) -> str:
+  """A share of n samples with its count and 95% Wilson interval: "15.6
+  (5/32, 6.9–31.8)"; a share of few samples is coarse."""
+  if x is None or np.isnan(x):
+    return "–"
+  hits = round(x * n)
+  lo, hi = share_interval(hits, n)
+  return f"{100 * x:.1f} ({hits}/{n}, {100 * lo:.1f}–{100 * hi:.1f})"
+
+
 def report(config, workdir, r) -> str:
   erase = ", ".join(f'"{c}"' for c in config.erase)
   lines = [
@@ -412,15 +424,17 @@ def report(config, workdir, r) -> str:
     header += ["paraphrases, kept"]
     rows = []
     for name, s in r["scores"].items():
+      # "captions/erased" was scored on s["captions/n/erased"] samples.
+      cell = lambda key, s=s: _share(s[key], s[key.replace("/", "/n/", 1)])
       rows.append(
         [
           name,
-          _pct(s["captions/erased"]),
-          _pct(s["captions/kept"]),
-          _pct(s["paraphrases/erased"]),
+          cell("captions/erased"),
+          cell("captions/kept"),
+          cell("paraphrases/erased"),
           _pct(s["H_o"]),
-          *[_pct(s[f"captions/{k}"]) for k in look],
-          _pct(s["paraphrases/kept"]),
+          *[cell(f"captions/{k}") for k in look],
+          cell("paraphrases/kept"),
         ]
       )
     lines += [
@@ -428,12 +442,15 @@ def report(config, workdir, r) -> str:
       f"(test accuracy {100 * r['classifier_test_accuracy']:.1f}%) on the "
       "samples: Acc_e on the erased concepts' caption prompts, Acc_s on the "
       "kept concepts', Acc_g on the erased concepts' held-out paraphrases; "
-      "H_o = 3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g)).",
+      "H_o = 3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g)). Each share "
+      "with (correct/samples, 95% Wilson interval).",
       "",
       record.markdown_table(header, rows),
     ]
     if r["attack_success"]:
-      rows = [[k, _pct(v)] for k, v in r["attack_success"].items()]
+      rows = [
+        [k, _share(v["share"], v["n"])] for k, v in r["attack_success"].items()
+      ]
       lines += [
         "Attack success (%) of RECE's closed-form adversarial embeddings "
         "(the erased prompts' embeddings c' = argmin Σ‖c' K_edited − c "
