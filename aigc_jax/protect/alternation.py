@@ -114,13 +114,6 @@ def chunk_bounds(num_images: int, chunk_size: int) -> list[int]:
   return [*range(0, num_images, size), num_images]
 
 
-def _padded(a: np.ndarray | None, size: int) -> np.ndarray | None:
-  """`a` with its last row repeated up to `size` rows."""
-  if a is None or len(a) == size:
-    return a
-  return np.concatenate([a, np.repeat(a[-1:], size - len(a), 0)])
-
-
 def _check_layout(workdir: str, layout: dict) -> None:
   """Records the chunking of a run in `workdir`, refusing another one: a
   resumed run must cut the data as the first one did."""
