@@ -17,308 +17,21 @@ uint8) and a grid of clean / protected / amplified noise, each DDPM's
 samples, metrics.jsonl and report.md.
 """
 
-import functools
-import json
 import os
 import time
-from collections.abc import Callable
-from typing import NamedTuple
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
-from tqdm.auto import tqdm
 
 from aigc_jax import (
   data,
-  diffusion,
   launch,
   parallel,
   protect,
   record,
-  train,
 )
 from aigc_jax.eval import classifiers, ddpm, features
-from aigc_jax.metrics import (
-  psnr,
-  ssim,
-)
+from aigc_jax.protect import udp_recipes
 from aigc_jax.purify import gaussian_blur, jpeg_compress
-from aigc_jax.train import ddpm_eps_fn
-
-
-def check_methods(config) -> None:
-  """Fails now, not after minutes of protection, on a method name the
-  library does not know, a reading this surrogate cannot run, or a
-  robustness row of a method that is not run."""
-  robust = config.eval.robust_method
-  if robust and robust not in config.protect.methods:
-    raise ValueError(
-      f"eval.robust_method {robust!r} is not among protect.methods "
-      f"{tuple(config.protect.methods)}."
-    )
-  for i, method in enumerate(config.protect.methods):
-    reference = equal_l2_reference(method)
-    if reference is not None:
-      if reference not in config.protect.methods[:i]:
-        raise ValueError(
-          f"{method!r} draws noise of {reference!r}'s L2 norms: list "
-          f"{reference!r} before it in protect.methods."
-        )
-      continue
-    _, reading, _ = protect.parse_method(method)
-    if reading.objective == "encoder" and "sd" not in config:
-      raise ValueError(
-        f"{method!r} attacks a latent model's encoder; a pixel DDPM has none. "
-        "Use it with a text-to-image surrogate (the concept default or :sd)."
-      )
-    if reading.objective == "bilevel" and config.protect.bilevel_lr <= 0:
-      raise ValueError(
-        f"{method!r} needs protect.bilevel_lr > 0 (the unrolled SGD step)."
-      )
-
-
-class ProtectionSteps(NamedTuple):
-  """The two halves of the alternation, jitted once for every method.
-
-  Attributes:
-    inner_min: `(state, batch) -> (state, metrics)`, one surrogate step on
-      protected images (donates `state`).
-    perturb: `(state, chunk, delta, key, policy, reading) -> (delta, trace)`,
-      `pgd_steps` PGD steps of the reading's objective (`reading` static).
-    schedule: the surrogate's noise schedule.
-
-  With conditions (a text-to-image surrogate, `udp_latent`), a minibatch is
-  `(images, conditions)`.
-  """
-
-  inner_min: Callable
-  perturb: Callable
-  schedule: diffusion.NoiseSchedule
-
-
-def _protection_key(config) -> jax.Array:
-  """The root key of the protection: the surrogate's steps fold in 1, the
-  perturbation 2."""
-  return jax.random.fold_in(jax.random.key(config.seed), 7)
-
-
-def reading_step(config, reading, chunk, delta, key, **objective_args):
-  """`config.protect.pgd_steps` PGD steps on δ of `reading`'s objective
-  (`protect.reading_objective` with `objective_args`) on a chunk: the
-  perturbation half of the alternation, for any surrogate."""
-  p = config.protect
-  objective = protect.reading_objective(
-    reading,
-    clean=chunk.x,
-    num_draws=p.num_draws,
-    bilevel_steps=p.bilevel_steps,
-    bilevel_lr=p.bilevel_lr,
-    **objective_args,
-  )
-  return protect.pgd(
-    objective,
-    chunk.x,
-    delta,
-    key,
-    budget=protect.budget(p.eps, p.norm),
-    steps=p.pgd_steps,
-    step_size=p.step_size / protect.LEVELS_PER_UNIT,
-    ascent=protect.READINGS[reading].ascent,
-    # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
-    unroll=True if jax.default_backend() == "cpu" else 1,
-  )
-
-
-def protection_steps(config, mesh) -> ProtectionSteps:
-  model, schedule, optimizer = ddpm.build_ddpm(config.surrogate)
-  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
-  key = _protection_key(config)
-  inner_min = jax.jit(
-    functools.partial(
-      train.ddpm_train_step,
-      key=jax.random.fold_in(key, 1),
-      model=model,
-      optimizer=optimizer,
-      schedule=schedule,
-      ema_decay=config.surrogate.train.ema_decay,
-    ),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-
-  def perturb(state, chunk, delta, k, policy, reading):
-    return reading_step(
-      config,
-      reading,
-      chunk,
-      delta,
-      k,
-      eps_fn_of=lambda params: ddpm_eps_fn(model, params),
-      params=state.params,
-      schedule=schedule,
-      policy=policy,
-    )
-
-  perturb = jax.jit(
-    perturb, static_argnames="reading", out_shardings=(shard, rep)
-  )
-  return ProtectionSteps(inner_min, perturb, schedule)
-
-
-def protect_dataset(
-  config, workdir, method, images, surrogate, mesh, steps, conditions=None
-):
-  """Protects uint8 `images` with `method` through the alternation engine
-  (`protect.alternate`), chunk by chunk; resumable in `workdir`.
-
-  Per chunk, `rounds` alternations: `inner_steps` surrogate steps on
-  minibatches of the protected chunk (for readings that train it), then
-  `pgd_steps` steps of the reading's objective (`steps`, from
-  `protection_steps`). The random control draws ±eps and optimises nothing.
-  `conditions` (one row per image, e.g. caption embeddings) go with their
-  images into both halves.
-
-  Returns:
-    The protected uint8 images and the objective's trace (chunks, rounds,
-    PGD steps).
-  """
-  p = config.protect
-  name, reading, policy_name = protect.parse_method(method)
-  b = protect.budget(p.eps, p.norm)
-  if reading.objective == "none":
-    delta0 = lambda k, shape: protect.random_perturbation(k, shape, b)
-  else:
-    delta0 = lambda k, shape: protect.init_perturbation(
-      k, shape, b, random_start=p.random_start
-    )
-  policy = None
-  if policy_name is not None:
-    policy = protect.eudp_policy(policy_name, steps.schedule)
-  rounds = 0 if reading.objective == "none" else p.rounds
-  key = jax.random.fold_in(_protection_key(config), 2)
-  bar = tqdm(
-    total=len(protect.chunk_bounds(len(images), p.chunk_size)[1:]) * rounds,
-    desc=f"protect {method}",
-    disable=jax.process_index() != 0,
-  )
-  delta, traces, _ = protect.alternate(
-    data.to_model_range(images),
-    delta0,
-    surrogate,
-    key,
-    perturbation_step=lambda state, chunk, d, k: steps.perturb(
-      state, chunk, d, k, policy, name
-    ),
-    model_step=steps.inner_min if reading.trains_surrogate else None,
-    schedule=protect.Schedule(
-      rounds, p.inner_steps, p.batch_size, p.chunk_size
-    ),
-    mesh=mesh,
-    seed=config.seed,
-    conditions=conditions,
-    workdir=workdir,
-    progress=bar.update,
-  )
-  bar.close()
-  return protect.quantize_protected(images, delta, b), traces
-
-
-def protect_methods(
-  config, workdir, clean, labels, surrogate, mesh, steps, writer, **kwargs
-):
-  """Every method of `config.protect.methods` on `clean` (uint8), each in
-  `workdir/protect/<method>/` with `protected.npz` (uint8 `clean` and
-  `protected` side by side, and `labels`: anyone can check the budget
-  without this code) and a noise grid. Returns the training sets (clean
-  first), the perturbation table rows, the seconds per method and the
-  objective traces; `kwargs` go to `protect_dataset`."""
-  sets, perturbations, seconds, traces = {"clean": clean}, {}, {}, {}
-  for method in config.protect.methods:
-    start = time.time()
-    mdir = os.path.join(workdir, "protect", record.slug(method))
-    reference = equal_l2_reference(method)
-    if reference is None:
-      protected, traces[method] = protect_dataset(
-        config, mdir, method, clean, surrogate, mesh, steps, **kwargs
-      )
-    else:
-      protected = random_at_equal_l2(config, clean, sets[reference])
-      traces[method] = np.zeros((0, 0, 0), np.float32)
-    seconds[method] = accumulated_seconds(
-      os.path.join(mdir, "seconds.json"), time.time() - start
-    )
-    record.save_arrays(
-      os.path.join(mdir, "protected.npz"),
-      clean=clean,
-      protected=protected,
-      labels=labels,
-    )
-    data.noise_grid(
-      os.path.join(mdir, "grid.png"), clean, protected, config.protect.eps
-    )
-    sets[method] = protected
-    perturbations[method] = perturbation_table_row(clean, protected, config)
-    writer.write(
-      0,
-      {
-        f"perturbation/{method}/{k}": v
-        for k, v in perturbations[method].items()
-      },
-    )
-  return sets, perturbations, seconds, traces
-
-
-EQUAL_L2 = "random_l2:"
-
-
-def equal_l2_reference(method: str) -> str | None:
-  """The method whose L2 norms "random_l2:<method>" copies, or None."""
-  return method[len(EQUAL_L2) :] if method.startswith(EQUAL_L2) else None
-
-
-def random_at_equal_l2(config, clean, reference) -> np.ndarray:
-  """The random control at equal L2 (`protect.random_like`): for each image,
-  `reference`'s perturbation of it with its magnitudes shuffled and random
-  signs, so its L2 and L∞ norms are the reference's after uint8 rounding."""
-  b = protect.budget(config.protect.eps, config.protect.norm)
-  x = data.to_model_range(clean)
-  delta = data.to_model_range(reference) - x
-  key = jax.random.fold_in(_protection_key(config), 3)
-  noise = protect.random_like(key, jnp.asarray(delta), jnp.asarray(x))
-  return protect.quantize_protected(clean, np.asarray(noise), b)
-
-
-def accumulated_seconds(path: str, elapsed: float) -> float:
-  """`elapsed` plus what earlier invocations spent, kept in the JSON file at
-  `path`: a resumed protection reports the time of every chunk, not only of
-  the chunks this invocation computed."""
-  spent = 0.0
-  if os.path.exists(path):
-    with open(path) as f:
-      spent = json.load(f)["seconds"]
-  total = round(spent + elapsed, 1)
-  record.atomic_write(
-    path, lambda f: f.write(json.dumps({"seconds": total}).encode())
-  )
-  return total
-
-
-def perturbation_table_row(clean, protected, config) -> dict:
-  """Imperceptibility of a protection: L∞, L2 (in /255), PSNR, SSIM."""
-  a, b = data.to_model_range(clean), data.to_model_range(protected)
-  size = min(clean.shape[1:3])
-  return {
-    "linf_255": float(
-      protect.perturbation_sizes(clean, protected, "linf").max()
-    ),
-    "l2_255": float(protect.perturbation_sizes(clean, protected, "l2").mean()),
-    "psnr_db": float(jnp.mean(psnr(a, b))),
-    "ssim": float(
-      jnp.mean(ssim(a, b, filter_size=min(config.eval.ssim_filter, size)))
-    ),
-  }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -335,7 +48,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.check_batch_size(batch, mesh)
   # Fail on bad settings now, not after minutes of protection.
   protect.budget(config.protect.eps, config.protect.norm)
-  check_methods(config)
+  udp_recipes.check_methods(config)
   robust = config.eval.robust_method
   train_set, test_set = classifiers.load_train_test(config)
   clean = train_set.images
@@ -371,8 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     desc="surrogate",
   )
 
-  steps = protection_steps(config, mesh)
-  sets, perturbations, protect_seconds, traces = protect_methods(
+  steps = udp_recipes.protection_steps(config, mesh)
+  sets, perturbations, protect_seconds, traces = udp_recipes.protect_methods(
     config, workdir, clean, train_set.labels, surrogate, mesh, steps, writer
   )
 
@@ -421,14 +134,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ),
   )
   return {"results": results, "perturbations": perturbations, "seconds": total}
-
-
-def objective_ends(trace: np.ndarray) -> list[str]:
-  """A method's objective (mean over chunks) before the first PGD step and
-  before the last one, as report cells; "-" for a method without one."""
-  if not trace.size:
-    return ["-", "-"]
-  return [f"{trace[:, 0, 0].mean():.4f}", f"{trace[:, -1, -1].mean():.4f}"]
 
 
 def udp_report(
@@ -513,7 +218,7 @@ def udp_report(
         f"{v['l2_255']:.1f}",
         f"{v['psnr_db']:.2f}",
         f"{v['ssim']:.4f}",
-        *objective_ends(traces[m]),
+        *udp_recipes.objective_ends(traces[m]),
         protect_seconds[m],
       ]
       for m, v in perturbations.items()

@@ -38,12 +38,12 @@ from aigc_jax import (
 )
 from aigc_jax.eval import classifiers, ddpm
 from aigc_jax.eval import text_to_image as t2i_eval
-from experiments import udp
+from aigc_jax.protect import udp_recipes
 
 
 def latent_steps(
   config, model, params, step, mesh, anchors
-) -> udp.ProtectionSteps:
+) -> udp_recipes.ProtectionSteps:
   """The two halves of the alternation for a latent diffusion model; a
   minibatch is (images, text embeddings). The inner min fine-tunes the UNet
   (`step`, from `finetune_step`) on the latents of the protected images;
@@ -53,7 +53,7 @@ def latent_steps(
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
   anchors = jax.device_put(anchors, rep)
   finetune_step = jax.jit(step, out_shardings=(rep, rep), donate_argnums=0)
-  surrogate_key = jax.random.fold_in(udp._protection_key(config), 1)
+  surrogate_key = jax.random.fold_in(udp_recipes.protection_key(config), 1)
   surrogate_key = jax.device_put(surrogate_key, rep)
 
   def inner_min(state, batch):
@@ -76,7 +76,7 @@ def latent_steps(
       encode_fn = lambda x: sd.decode_latents(
         model, vae_params, sd.encode_images(model, vae_params, x)
       )
-    return udp.reading_step(
+    return udp_recipes.reading_step(
       config,
       reading,
       chunk,
@@ -97,7 +97,7 @@ def latent_steps(
   perturb = jax.jit(
     perturb, static_argnames="reading", out_shardings=(shard, rep)
   )
-  return udp.ProtectionSteps(
+  return udp_recipes.ProtectionSteps(
     inner_min,
     lambda state, chunk, delta, key, policy, reading: perturb(
       state.params, params["vae"], anchors, chunk, delta, key, policy, reading
@@ -167,7 +167,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   parallel.check_batch_size(config.finetune.batch_size, mesh)
   parallel.check_batch_size(config.protect.batch_size, mesh)
   protect.budget(config.protect.eps, config.protect.norm)
-  udp.check_methods(config)
+  udp_recipes.check_methods(config)
   model, params = sd.load_model(config.sd.model)
   clean, labels, captions, test_set = t2i_eval.captioned_images(config, model)
   contexts = np.asarray(sd.encode_prompts(model, params, captions))
@@ -192,7 +192,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   for eps in budgets(config):
     at = config_at_budget(config, eps)
     steps = latent_steps(at, model, params, step, mesh, anchors)
-    protected = udp.protect_methods(
+    protected = udp_recipes.protect_methods(
       at,
       os.path.join(workdir, f"eps{eps:g}") if sweeps(config) else workdir,
       clean,
@@ -536,7 +536,7 @@ def report(
         f"{v['l2_255']:.1f}",
         f"{v['psnr_db']:.2f}",
         f"{v['ssim']:.3f}",
-        *udp.objective_ends(traces[m]),
+        *udp_recipes.objective_ends(traces[m]),
         f"{seconds[m]:.1f}",
       ]
     )
@@ -561,7 +561,11 @@ def report(
 
 Command:
 
-{launch.command_line(udp.__file__, config, workdir)}
+{
+    launch.command_line(
+      os.path.join(os.path.dirname(__file__), "udp.py"), config, workdir
+    )
+  }
 
 Model: `{config.sd.model}`. The data owner protects {num_images} images of
 {", ".join(words)} captioned "{config.sd.caption}" within

@@ -11,6 +11,7 @@ import pytest
 
 from aigc_jax import data, diffusion, parallel, protect, train
 from aigc_jax.models import DDPMUNet
+from aigc_jax.protect import udp_recipes
 
 # One level (the middle block keeps its attention): a third of the compile
 # time of two levels with attention (test_models covers those).
@@ -264,7 +265,6 @@ def _udp_smoke_config():
 
 
 def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
-  from experiments import udp
 
   config = _udp_smoke_config()
   config.protect.chunk_size = 4
@@ -272,8 +272,8 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   *_, state = _surrogate()
   images = _images(10)
   workdir = str(tmp_path / "eudp")
-  steps = udp.protection_steps(config, mesh)
-  first, trace = udp.protect_dataset(
+  steps = udp_recipes.protection_steps(config, mesh)
+  first, trace = udp_recipes.protect_dataset(
     config, workdir, "eudp:early", images, state, mesh, steps
   )
   assert trace.shape == (3, config.protect.rounds, config.protect.pgd_steps)
@@ -288,28 +288,27 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   os.remove(os.path.join(workdir, "chunk_0002.npz"))
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
   done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npz"))
-  again, _ = udp.protect_dataset(
+  again, _ = udp_recipes.protect_dataset(
     config, workdir, "eudp:early", images, state, mesh, steps
   )
   np.testing.assert_array_equal(first, again)
   assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npz")) == done
   assert protect.perturbation_sizes(images, again).max() <= 8
   with pytest.raises(ValueError, match="eudp:<policy>"):
-    udp.protect_dataset(
+    udp_recipes.protect_dataset(
       config, workdir, "photoguard", images, state, mesh, steps
     )
 
 
 def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
-  from experiments import udp
 
   config = _udp_smoke_config()
   mesh = parallel.make_mesh()
   *_, state = _surrogate()
   images = _images(8)
-  steps = udp.protection_steps(config, mesh)
+  steps = udp_recipes.protection_steps(config, mesh)
   unused = steps._replace(inner_min=None, perturb=None)  # no optimisation
-  protected, _ = udp.protect_dataset(
+  protected, _ = udp_recipes.protect_dataset(
     config, str(tmp_path / "random"), "random", images, state, mesh, unused
   )
   sizes = np.abs(protected.astype(int) - images.astype(int))
@@ -325,15 +324,14 @@ def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
 
 @pytest.mark.parametrize("method", ["min", "bilevel"])
 def test_every_reading_runs_through_the_launcher_steps(tmp_path, method):
-  from experiments import udp
 
   config = _udp_smoke_config()
   config.protect.update(rounds=2, pgd_steps=2)
   mesh = parallel.make_mesh()
   *_, state = _surrogate()
   images = _images(8)
-  steps = udp.protection_steps(config, mesh)
-  protected, trace = udp.protect_dataset(
+  steps = udp_recipes.protection_steps(config, mesh)
+  protected, trace = udp_recipes.protect_dataset(
     config, str(tmp_path / method), method, images, state, mesh, steps
   )
   assert trace.shape == (1, 2, 2) and np.isfinite(trace).all()
@@ -342,12 +340,11 @@ def test_every_reading_runs_through_the_launcher_steps(tmp_path, method):
 
 
 def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):
-  from experiments import udp
 
   path = str(tmp_path / "seconds.json")
-  assert udp.accumulated_seconds(path, 300.04) == 300.0
+  assert udp_recipes.accumulated_seconds(path, 300.04) == 300.0
   # Resumed with every chunk finished: nearly no time this invocation.
-  assert udp.accumulated_seconds(path, 1.2) == 301.2
+  assert udp_recipes.accumulated_seconds(path, 1.2) == 301.2
 
 
 @pytest.mark.parametrize("steps", [1, 4])
