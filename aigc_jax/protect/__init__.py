@@ -5,6 +5,7 @@ from aigc_jax.protect.alternation import (
   Schedule,
   alternate,
   chunk_bounds,
+  padded_slices,
 )
 from aigc_jax.protect.cp import contrastive_objective
 from aigc_jax.protect.emn import (
@@ -65,6 +66,7 @@ __all__ = [
   "latent_distance_objective",
   "lsp_perturbations",
   "nearest_anchors",
+  "padded_slices",
   "parse_method",
   "perturbation_sizes",
   "pgd",

@@ -267,17 +267,10 @@ def _chunk_path(workdir: str, c: int) -> str:
   return os.path.join(workdir, f"chunk_{c:04d}.npz")
 
 
-def _slices(schedule, n, devices, seed, r):
-  """(indices, count) of each slice the perturbation step sees in round r,
-  its indices padded to a multiple of the device count by repeating the
-  last one."""
-  size = -(-min(schedule.slice_size or n, n) // devices) * devices
-  if schedule.random_slices:
-    first = r * schedule.random_slices
-    return [
-      (data.batch_indices(seed + 1, first + i, n, size), size)
-      for i in range(schedule.random_slices)
-    ]
+def padded_slices(n: int, size: int) -> list[tuple[np.ndarray, int]]:
+  """Consecutive index ranges of `size` covering 0..n, the last padded by
+  repeating its final index (one compiled shape), each with its count of
+  real indices."""
   out = []
   for lo in range(0, n, size):
     idx = np.arange(lo, min(lo + size, n))
@@ -286,13 +279,24 @@ def _slices(schedule, n, devices, seed, r):
   return out
 
 
+def _slices(schedule, n, devices, seed, r):
+  """(indices, count) of each slice the perturbation step sees in round r,
+  its size a multiple of the device count."""
+  size = -(-min(schedule.slice_size or n, n) // devices) * devices
+  if not schedule.random_slices:
+    return padded_slices(n, size)
+  first = r * schedule.random_slices
+  return [
+    (data.batch_indices(seed + 1, first + i, n, size), size)
+    for i in range(schedule.random_slices)
+  ]
+
+
 def _minibatch(schedule, seed, n, r, m):
   """The model minibatch of step m of round r (indices into the chunk)."""
   batch = schedule.batch_size
   if schedule.epoch_order:
-    return data.batch_indices(
-      seed[0] + seed[1], r * schedule.inner_steps + m, n, batch
-    )
+    return data.batch_indices(sum(seed), r * schedule.inner_steps + m, n, batch)
   rng = np.random.default_rng([*seed, r, m])
   return rng.choice(n, batch, replace=batch > n)
 
@@ -323,12 +327,15 @@ def _alternate_chunk(
   groups = None if groups is None else groups.astype(np.int32)
   d = np.array(delta, np.float32)  # the host's copy, updated slice by slice
   protected = lambda: parallel.to_host(_protected(x, d, groups))
-  fixed = (
-    None
-    if schedule.random_slices
-    else _slices(schedule, n, mesh.size, seed[0] + seed[1], 0)
+  place = lambda idx: Chunk(
+    put(x[idx]), put(take(conditions, idx)), put(take(groups, idx))
   )
-  placed = {}  # the consecutive slices, placed on the mesh once
+  slices_of = lambda r: [
+    (idx, count, place(idx))
+    for idx, count in _slices(schedule, n, mesh.size, sum(seed), r)
+  ]
+  # Consecutive slices are the same every round: placed on the mesh once.
+  fixed = None if schedule.random_slices else slices_of(0)
   trace = []
   for r in range(schedule.rounds):
     if model_step is not None:
@@ -339,18 +346,10 @@ def _alternate_chunk(
           images[idx] if conditions is None else (images[idx], conditions[idx])
         )
         state, _ = parallel.settle(model_step(state, put(minibatch)), mesh)
-    slices = fixed or _slices(schedule, n, mesh.size, seed[0] + seed[1], r)
+    slices = fixed or slices_of(r)
     round_key = jax.random.fold_in(key, r)
     steps = []
-    for i, (idx, count) in enumerate(slices):
-      if fixed and i in placed:
-        chunk = placed[i]
-      else:
-        chunk = Chunk(
-          put(x[idx]), put(take(conditions, idx)), put(take(groups, idx))
-        )
-        if fixed:
-          placed[i] = chunk
+    for i, (idx, count, chunk) in enumerate(slices):
       k = round_key if len(slices) == 1 else jax.random.fold_in(round_key, i)
       start = parallel.replicate(mesh, d) if classwise else put(d[idx])
       out, objective = perturbation_step(state, chunk, start, k)

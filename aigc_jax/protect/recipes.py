@@ -68,15 +68,6 @@ def _generator(config, train_set, mesh, salt: int, num_steps=None):
   return model, optimizer, state, model_key, noise_key
 
 
-def padded_batches(n: int, size: int):
-  """Consecutive index ranges covering 0..n, the last one padded by
-  repeating its final index (one compiled shape), with the count of real
-  indices in each."""
-  for lo in range(0, n, size):
-    idx = np.arange(lo, min(lo + size, n))
-    yield np.concatenate([idx, np.repeat(idx[-1:], size - len(idx))]), len(idx)
-
-
 def _logits_fn(model, params, batch_stats):
   return lambda x: train.classifier_logits(model, params, batch_stats, x)
 
@@ -261,7 +252,7 @@ def generate_remn(config, train_set, mesh):
     state, _ = parallel.settle(model_step(state, xb, db, yb), mesh)
   delta = np.zeros(x.shape, np.float32)
   nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-  for i, (idx, count) in enumerate(padded_batches(n, nb)):
+  for i, (idx, count) in enumerate(protect.padded_slices(n, nb)):
     xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
     k = jax.random.fold_in(noise_key, 10_000_000 + i)
     out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
