@@ -16,9 +16,9 @@ import_torchvision()  # before lpips, which imports torchvision
 pytest.importorskip("lpips")
 
 from aigc_jax import record, unlearn  # noqa: E402
+from aigc_jax.bench import torch_twins  # noqa: E402
 from aigc_jax.models import ResNet18, load_lpips, lpips_distance  # noqa: E402
 from aigc_jax.models.unet import DDPMUNet  # noqa: E402
-from experiments import torch_twins  # noqa: E402
 
 
 def _nchw(x):

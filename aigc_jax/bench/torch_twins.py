@@ -1,4 +1,4 @@
-"""PyTorch twins of the computations `bench.py` times, with the same weights.
+"""PyTorch twins of the computations `aigc_jax.bench` times, same weights.
 
 Each twin is built from this project's Flax parameters, so the JAX and the
 PyTorch side of a benchmark row compute the same function on the same
@@ -23,7 +23,8 @@ import numpy as np
 from aigc_jax.models.unet import DDPMUNet
 
 
-def _torch():
+def torch_module():
+  """PyTorch, imported on first use (the `[torch]` extra)."""
   import torch
 
   return torch
@@ -31,7 +32,7 @@ def _torch():
 
 def _tensor(array):
   """A torch tensor holding a copy of `array` (JAX arrays are read-only)."""
-  return _torch().tensor(np.asarray(array))
+  return torch_module().tensor(np.asarray(array))
 
 
 def _conv(kernel) -> np.ndarray:
@@ -182,7 +183,7 @@ def lpips_twin(variables: dict):
   import_torchvision()
   import lpips
 
-  torch = _torch()
+  torch = torch_module()
   params = variables["params"]
   if "alex" not in params:
     raise ValueError(
@@ -234,7 +235,7 @@ def cifar_resnet18(num_classes: int = 10, width: int = 64, channels: int = 3):
   `aigc_jax.models.ResNet18` computes it: Flax's BatchNorm momentum 0.9 is
   PyTorch's 0.1, both use ε 1e-5, and the stride-2 convolutions pad
   (0, 1) as Flax's "SAME" does (kuangliu's pad (1, 1); same cost)."""
-  torch = _torch()
+  torch = torch_module()
   nn = torch.nn
   layers = [
     nn.Conv2d(channels, width, 3, 1, 1, bias=False),
@@ -257,7 +258,7 @@ def cifar_resnet18(num_classes: int = 10, width: int = 64, channels: int = 3):
 
 def resnet18_twin(params, batch_stats, num_classes: int = 10):
   """`cifar_resnet18` holding a Flax ResNet18's parameters and statistics."""
-  torch = _torch()
+  torch = torch_module()
   width = np.asarray(params["stem"]["kernel"]).shape[-1]
   channels = np.asarray(params["stem"]["kernel"]).shape[-2]
   model = cifar_resnet18(num_classes, width, channels)
@@ -307,7 +308,7 @@ def uce_edit_twin(
 
   Args are torch tensors; `kernels` maps names to (d, out) matrices.
   """
-  torch = _torch()
+  torch = torch_module()
   names = list(kernels)
   d = kernels[names[0]].shape[0]
   eye = torch.eye(d, dtype=erase_keys.dtype, device=erase_keys.device)
