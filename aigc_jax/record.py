@@ -152,6 +152,47 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in lines) + "\n"
 
 
+def expectation(expected, key: str, value: float) -> str:
+  """`value` against the bound `expected[key]` of a config's `expected`
+  block (`{"at_least": x}` or `{"at_most": x}`; the block's `source` says
+  where the number comes from): "met (≥ x)" or "missed (≥ x)". Reports
+  state targets only through this, so that no report hard-codes one."""
+  bound = expected[key]
+  if "at_least" in bound:
+    target, ok = f"≥ {bound.at_least:g}", value >= bound.at_least
+  else:
+    target, ok = f"≤ {bound.at_most:g}", value <= bound.at_most
+  return f"{'met' if ok else 'missed'} ({key} {target}, {expected.source})"
+
+
+def plot_curves(
+  path, x, curves, *, xlabel, ylabel, reference=None, log_x=True
+) -> None:
+  """A PNG of one measure against `x` per named curve (matplotlib, written
+  by process 0): e.g. concept success against the budget per method.
+  `reference`: `(label, value)` drawn as a dashed horizontal line."""
+  if jax.process_index() != 0:
+    return
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  for name, values in curves.items():
+    ax.plot(x, values, marker="o", label=name)
+  if reference is not None:
+    ax.axhline(reference[1], color="k", linestyle="--", label=reference[0])
+  if log_x:
+    ax.set_xscale("log", base=2)
+  ax.set_xticks(x, [f"{v:g}" for v in x])
+  ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 100))
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def write_report(workdir: str, text: str) -> str:
   """Writes workdir/report.md and returns its path."""
   path = os.path.join(workdir, REPORT_FILE)

@@ -23,22 +23,24 @@ Steps, each cached in the workdir so that a re-run resumes:
 """
 
 import functools
-import hashlib
 import os
 import time
-from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from aigc_jax import data, launch, models, parallel, purify, record, train
-from aigc_jax.eval import classifiers, contrastive, ddpm, victims
-from aigc_jax.metrics import psnr
+from aigc_jax import data, launch, models, parallel, record, train
+from aigc_jax.eval import (
+  classifiers,
+  contrastive,
+  ddpm,
+  purifiers,
+  runs,
+  victims,
+)
 from aigc_jax.protect import recipes
 
-PURIFIERS = ("avatar", "le", "le_paper", "le_mse", "le_lpips")
 # Countermeasures whose victims train with one seed whatever victim_seeds
 # says: each seed would compile their costlier steps anew (2-4x a plain
 # victim's time on digits).
@@ -51,44 +53,6 @@ SHORT_LABELS = {
   "le_mse": " + LE (MSE only)",
   "le_lpips": " + LE (LPIPS only)",
 }
-PURIFIER_LABELS = {
-  "avatar": "AVATAR-style (unguided diffusion purification)",
-  "le": "LE (JCDP)",
-  "le_paper": "LE, constant λ at every step (the paper's form)",
-  "le_mse": "LE, MSE term only",
-  "le_lpips": "LE, LPIPS term only",
-}
-
-
-def manifold_images(config, exclude: np.ndarray) -> np.ndarray:
-  """The learnable manifold's images: config.manifold's source, cut and
-  resized to the shape of the uint8 `exclude` images (the clean originals
-  of every set to be purified), without any image among them (that would
-  leak), then a class-balanced subset of `limit` (all when 0)."""
-  m = config.manifold
-  name, split = data.parse_source(m.source)
-  ds = data.load_dataset(name, split, data_dir=config.data.data_dir or None)
-  h, w, c = exclude.shape[1:]
-  images = ds.images
-  if images.shape[1:3] != (h, w) or m.crop:
-    images = data.resize_images(images, h, crop=m.crop)
-  if images.shape[-1] != c:
-    if images.shape[-1] != 1:
-      raise ValueError(
-        f"The manifold {m.source!r} has {images.shape[-1]} channels and the "
-        f"protected images {c}; choose a source with {c} channels."
-      )
-    images = np.repeat(images, c, axis=-1)
-  protected = {hashlib.sha1(x.tobytes()).digest() for x in exclude}
-  fresh = np.array(
-    [hashlib.sha1(x.tobytes()).digest() not in protected for x in images]
-  )
-  ds = ds._replace(images=images).take(np.flatnonzero(fresh))
-  if m.limit:
-    ds = data.balanced_subset(ds, m.limit, config.seed + 1)
-  if ds.num_examples == 0:
-    raise ValueError(f"The manifold {m.source!r} has no images left.")
-  return ds.images
 
 
 def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
@@ -118,147 +82,6 @@ def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
         "from other data."
       )
   return sets, infos
-
-
-class UpstreamRun(NamedTuple):
-  """Another experiment's finished run whose sets LE purifies.
-
-  Attributes:
-    path: its workdir.
-    config: the config it ran with (its training and evaluation recipe,
-      reused so that purified and unpurified sets are treated alike).
-    train_set: its clean training set.
-    test_set: its clean test set.
-    sets: its training sets (uint8) by name, "clean" first.
-  """
-
-  path: str
-  config: ml_collections.ConfigDict
-  train_set: data.Dataset
-  test_set: data.Dataset
-  sets: dict[str, np.ndarray]
-
-
-def load_upstream_run(path, script, set_paths, like) -> UpstreamRun:
-  """The run of experiments/<script> in `path` and its sets.
-
-  Args:
-    path: the run's workdir.
-    script: the experiment that made it ("cp.py", "udp.py"), for errors.
-    set_paths: `config -> {set name: .npz path relative to path}`.
-    like: uint8 images of the shape the DDPM purifies.
-  """
-  try:
-    config = ml_collections.ConfigDict(record.load_config_json(path))
-  except FileNotFoundError:
-    raise FileNotFoundError(
-      f"{path} holds no run of experiments/{script}: run it with "
-      f"--workdir={path} first, or leave this setting empty."
-    ) from None
-  train_set, test_set = classifiers.load_train_test(config)
-  if train_set.images.shape[1:] != like.shape[1:]:
-    raise ValueError(
-      f"The run in {path} has images of shape {train_set.images.shape[1:]}, "
-      f"the purifying DDPM's are {like.shape[1:]}: run it on data of the "
-      "same shape."
-    )
-  sets = {"clean": train_set.images}
-  for name, rel in set_paths(config).items():
-    npz = os.path.join(path, rel)
-    if not os.path.exists(npz):
-      raise FileNotFoundError(
-        f"{npz} does not exist: run experiments/{script} to the end with "
-        f"--workdir={path}."
-      )
-    with np.load(npz) as f:
-      # udp.py saves the clean images beside the protected ones; cp.py
-      # the protected images alone.
-      sets[name] = f["protected" if "protected" in f.files else "images"]
-  return UpstreamRun(path, config, train_set, test_set, sets)
-
-
-def cp_set_paths(cp_config) -> dict[str, str]:
-  return {
-    name: os.path.join("protections", f"{name}.npz")
-    for name in cp_config.protections
-  }
-
-
-def udp_set_paths(udp_config) -> dict[str, str]:
-  return {
-    method: os.path.join("protect", record.slug(method), "protected.npz")
-    for method in udp_config.protect.methods
-  }
-
-
-def purifier_settings(config, name: str) -> dict | None:
-  """`jcdp_purify` keywords of a purifier; None for unguided purification."""
-  p = config.purify
-  if name == "avatar":
-    return None
-  scale = p.scale or purify.OFFICIAL_SCALE
-  settings = {
-    "le": dict(form="original", mse_scale=scale, lpips_scale=scale),
-    "le_mse": dict(form="original", mse_scale=scale, lpips_scale=0.0),
-    "le_lpips": dict(form="original", mse_scale=0.0, lpips_scale=scale),
-    "le_paper": dict(
-      form="paper", mse_scale=p.paper_mse, lpips_scale=p.paper_lpips
-    ),
-  }
-  if name not in settings:
-    raise ValueError(f"Unknown purifier {name!r}; choose from {PURIFIERS}.")
-  return settings[name]
-
-
-def make_purify_fn(config, params, lpips_variables, name: str):
-  """`fn((images, indices)) -> purified` for a batch in [-1, 1]
-  (`purify.per_image_purifier`: image i with its own key)."""
-  model, schedule, _ = ddpm.build_ddpm(config.ddpm)
-  p = config.purify
-  guidance = purifier_settings(config, name)
-  if guidance is not None:
-    guidance.update(split=p.split, lpips_size=p.lpips_size or None)
-  fn = purify.per_image_purifier(
-    lambda params: train.ddpm_eps_fn(model, params),
-    schedule,
-    jax.random.key(config.seed),
-    guidance,
-    t_star=p.t_star,
-    rounds=p.rounds,
-    variance=p.variance,
-  )
-  return lambda batch: fn(params, lpips_variables, *batch)
-
-
-def purified_set(config, workdir, name, set_name, images, purify_fn, mesh):
-  """uint8 purified images, computed once into purified/<name>/<set>.npz."""
-  path = os.path.join(workdir, "purified", name, f"{set_name}.npz")
-
-  def compute():
-    start = time.time()
-    out = parallel.batched_apply(
-      purify_fn,
-      (data.to_model_range(images), np.arange(len(images), dtype=np.int32)),
-      batch_size=config.purify.batch_size,
-      mesh=mesh,
-    )
-    purified = data.to_uint8(out)
-    if jax.process_index() == 0:
-      n = min(10, len(images))
-      data.save_image_grid(
-        path.replace(".npz", "_grid.png"),
-        np.concatenate([images[:n], purified[:n]]),
-        ncol=n,
-      )
-    return {"images": purified, "seconds": round(time.time() - start, 1)}
-
-  cell = record.cached_arrays(path, compute)
-  return cell["images"], float(cell["seconds"])
-
-
-def mean_psnr(a: np.ndarray, b: np.ndarray) -> float:
-  """Mean PSNR (dB) between two uint8 sets."""
-  return float(jnp.mean(psnr(data.to_model_range(a), data.to_model_range(b))))
 
 
 def victim_cells(config) -> list[tuple[str, str]]:
@@ -301,7 +124,7 @@ def check_config(config, mesh) -> None:
       "number of victims trained on each set and countermeasure)."
     )
   for name in (*config.purifiers, *config.ablations):
-    purifier_settings(config, name)
+    purifiers.guidance(config.purify, name)
   rows = (*config.countermeasures, *config.purifiers, *config.ablations)
   for row in config.clean_rows:
     if row not in rows:
@@ -323,38 +146,41 @@ def check_config(config, mesh) -> None:
     )
 
 
-def make_purifier(config, workdir, params, lpips_variables, mesh, writer):
+def make_purifier(config, workdir, params, mesh, writer):
   """`purify(row, set_name, images, clean) -> purified uint8` and the dict
   it fills with each result's quality (PSNR to the `clean` originals and to
-  the input, seconds); each purified set is computed once into the workdir.
-  """
+  the input, seconds); each purified set is computed once into
+  `purified/<row>/<set>.npz`."""
   fns, quality = {}, {}
+  lpips_variables = models.load_lpips(config.purify.lpips)
 
   def purify_set(row, set_name, images, clean):
     if row not in fns:
-      fns[row] = make_purify_fn(config, params, lpips_variables, row)
-    out, seconds = purified_set(
-      config, workdir, row, set_name, images, fns[row], mesh
+      fns[row] = purifiers.purifier(
+        config.ddpm,
+        config.purify,
+        row,
+        jax.random.key(config.seed),
+        params,
+        lpips_variables,
+      )
+    path = os.path.join(workdir, "purified", row, f"{set_name}.npz")
+    out, seconds = purifiers.purified_set(
+      path, images, fns[row], config.purify.batch_size, mesh
     )
-    quality[row, set_name] = {
-      "input_psnr_to_clean_db": mean_psnr(images, clean),
-      "psnr_to_clean_db": mean_psnr(out, clean),
-      "psnr_to_input_db": mean_psnr(out, images),
+    quality[row, set_name] = q = {
+      "input_psnr_to_clean_db": purifiers.mean_psnr(images, clean),
+      "psnr_to_clean_db": purifiers.mean_psnr(out, clean),
+      "psnr_to_input_db": purifiers.mean_psnr(out, images),
       "seconds": seconds,
     }
-    writer.write(
-      0,
-      {
-        f"purify/{row}/{set_name}/{k}": v
-        for k, v in quality[row, set_name].items()
-      },
-    )
+    writer.write(0, {f"purify/{row}/{set_name}/{k}": v for k, v in q.items()})
     return out
 
   return purify_set, quality
 
 
-def contrastive_results(config, workdir, run: UpstreamRun, purify_set, mesh):
+def contrastive_results(config, workdir, run: runs.Run, purify_set, mesh):
   """Linear-probe accuracy of each learner in `contrastive_methods` on the
   CP run's sets as they are (that run's own encoders, read back) and after
   each purifier: {(set, row, learner): result}."""
@@ -380,7 +206,7 @@ def contrastive_results(config, workdir, run: UpstreamRun, purify_set, mesh):
   return results
 
 
-def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
+def udp_results(config, workdir, run: runs.Run, purify_set, mesh):
   """The UDP run's evaluation (a fresh DDPM trained on the set, its samples
   scored by that run's classifier) of its clean and protected sets as they
   are (that run's results, read back) and after each purifier:
@@ -408,15 +234,12 @@ def udp_results(config, workdir, run: UpstreamRun, purify_set, mesh):
   return results
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  mesh = parallel.make_mesh(config.num_devices or None)
-  check_config(config, mesh)
-  train_set, test_set = classifiers.load_train_test(config)
-  like = train_set.images
+def upstream_runs(config, like) -> tuple[runs.Run | None, runs.Run | None]:
+  """The CP run of `contrastive_from` and the UDP run of `udp_from`."""
   cp_run = udp_run = None
   if config.contrastive_from:
-    cp_run = load_upstream_run(
-      config.contrastive_from, "cp.py", cp_set_paths, like
+    cp_run = runs.load_run(
+      config.contrastive_from, "cp.py", runs.cp_set_paths, like
     )
     missing = set(config.contrastive_methods) - set(cp_run.config.methods)
     if missing:
@@ -426,92 +249,87 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "choose among those, so that the unpurified rows are that run's."
       )
   if config.udp_from:
-    udp_run = load_upstream_run(config.udp_from, "udp.py", udp_set_paths, like)
+    udp_run = runs.load_run(config.udp_from, "udp.py", runs.udp_set_paths, like)
+  return cp_run, udp_run
+
+
+def victim_results(config, workdir, sets, labels, purify_set, victim, writer):
+  """A victim per cell of `victim_cells`: {(set, row): result}."""
+  results = {}
+  for set_name, row in victim_cells(config):
+    images = sets[set_name]
+    purified = row in purifiers.PURIFIERS
+    if purified:
+      images = purify_set(row, set_name, images, sets["clean"])
+    results[set_name, row] = r = seeded_victim(
+      victim,
+      os.path.join(workdir, "victims", set_name, row),
+      images,
+      labels,
+      "none" if purified else row,
+      1 if row in ONE_SEED_ROWS else config.victim_seeds,
+    )
+    writer.write(0, {f"eval/{set_name}/{row}/{k}": v for k, v in r.items()})
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  check_config(config, mesh)
+  train_set, test_set = classifiers.load_train_test(config)
+  cp_run, udp_run = upstream_runs(config, train_set.images)
   writer = record.MetricWriter(workdir)
   start = time.time()
   protected, infos = load_protections(config, workdir, train_set, mesh)
   sets = {"clean": train_set.images, **protected}
-
   originals = [r.train_set.images for r in (cp_run, udp_run) if r]
-  manifold = manifold_images(config, np.concatenate([like, *originals]))
+  manifold = purifiers.manifold_images(
+    config.manifold,
+    config.data.data_dir,
+    np.concatenate([train_set.images, *originals]),
+    config.seed,
+  )
   ddpm_start = time.time()
   state = ddpm.train_ddpm(
     config.ddpm, os.path.join(workdir, "ddpm"), manifold, mesh, desc="ddpm"
   )
   ddpm_seconds = round(time.time() - ddpm_start, 1)
   purify_set, quality = make_purifier(
-    config,
-    workdir,
-    state.ema_params,
-    models.load_lpips(config.purify.lpips),
-    mesh,
-    writer,
+    config, workdir, state.ema_params, mesh, writer
   )
-  results = {}
-  train_victim = victims.victim_trainer(config, test_set, mesh)
-  for set_name, row in victim_cells(config):
-    images = sets[set_name]
-    if row in PURIFIERS:
-      images = purify_set(row, set_name, images, train_set.images)
-    results[set_name, row] = seeded_victim(
-      train_victim,
-      os.path.join(workdir, "victims", set_name, row),
-      images,
-      train_set.labels,
-      "none" if row in PURIFIERS else row,
-      1 if row in ONE_SEED_ROWS else config.victim_seeds,
-    )
-    writer.write(
-      0,
-      {
-        f"eval/{set_name}/{row}/{k}": v
-        for k, v in results[set_name, row].items()
-      },
-    )
+  victim = victims.victim_trainer(config, test_set, mesh)
+  results = victim_results(
+    config, workdir, sets, train_set.labels, purify_set, victim, writer
+  )
   cp_results = udp_eval = None
   if cp_run:
     cp_results = contrastive_results(config, workdir, cp_run, purify_set, mesh)
-    writer.write(
-      0,
-      {
-        f"contrastive/{s}/{r}/{m}/probe_accuracy": v["probe_accuracy"]
-        for (s, r, m), v in cp_results.items()
-      },
-    )
   if udp_run:
     udp_eval = udp_results(config, workdir, udp_run, purify_set, mesh)
-    writer.write(
-      0,
-      {
-        f"udp/{s}/{r}/{k}": v
-        for (s, r), result in udp_eval.items()
-        for k, v in result.items()
-      },
-    )
-  total = round(time.time() - start, 1)
-  rows = [*config.countermeasures, *config.purifiers, *config.ablations]
+  out = summary(results, quality, cp_results, udp_eval)
+  out["seconds"] = total = round(time.time() - start, 1)
+  for k, v in out.get("probe_accuracy", {}).items():
+    writer.write(0, {f"contrastive/{k}/probe_accuracy": v})
+  for k, r in out.get("udp", {}).items():
+    writer.write(0, {f"udp/{k}/{m}": v for m, v in r.items()})
   report = le_report(
-    config,
-    workdir,
-    results,
-    rows,
-    quality,
-    infos,
-    len(manifold),
-    ddpm_seconds,
-    total,
+    config, workdir, results, quality, infos, len(manifold), ddpm_seconds, total
   )
   if cp_results:
     report += contrastive_report(config, cp_results)
   if udp_eval:
     report += udp_survival_report(config, udp_eval)
   record.write_report(workdir, report)
+  return out
+
+
+def summary(results, quality, cp_results, udp_eval) -> dict:
+  """The run's numbers by "<set>/<row>[/<learner>]"."""
   out = {
     "accuracy": {
       f"{s}/{r}": v["test_accuracy"] for (s, r), v in results.items()
     },
     "purification": {f"{n}/{s}": q for (n, s), q in quality.items()},
-    "seconds": total,
   }
   if cp_results:
     out["probe_accuracy"] = {
@@ -523,8 +341,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def row_label(config, row: str) -> str:
-  if row in PURIFIER_LABELS:
-    return PURIFIER_LABELS[row]
+  if row in purifiers.PURIFIER_LABELS:
+    return purifiers.PURIFIER_LABELS[row]
   return victims.countermeasure_label(config, row)
 
 
@@ -539,81 +357,70 @@ def set_label(name: str) -> str:
   return recipes.label(name)
 
 
+def le_verdicts(config, results, infos) -> list[str]:
+  """LE against `expected`: each protection's LE row against clean training,
+  and LE against AVATAR-style purification on average (per victim seed)."""
+  rows = (*config.purifiers, *config.ablations)
+  if "le" not in rows or not infos or ("clean", "none") not in results:
+    return ["- (needs the `le` row, a protection and clean training)"]
+  acc = lambda s, r: 100 * np.asarray(results[s, r]["seed_accuracies"])
+  clean, out = acc("clean", "none").mean(), []
+  for s in infos:
+    gap = clean - acc(s, "le").mean()
+    out.append(
+      f"- {recipes.label(s)}: LE {acc(s, 'le').mean():.1f} vs clean "
+      f"{clean:.1f}, {gap:.1f} points below: "
+      + record.expectation(config.expected, "le_gap_points", gap)
+    )
+  if "avatar" in rows:
+    diff = np.mean([acc(s, "le") - acc(s, "avatar") for s in infos], axis=0)
+    out.append(
+      f"- LE minus AVATAR-style, mean over the protections: "
+      f"{diff.mean():+.2f} points (per victim seed "
+      f"{', '.join(f'{d:+.2f}' for d in diff)}): "
+      + record.expectation(
+        config.expected, "le_minus_avatar_points", diff.mean()
+      )
+    )
+  return out
+
+
+def quality_table(config, quality) -> str:
+  header = ["purifier", "set", "input's PSNR to clean (dB)"]
+  header += ["output's PSNR to clean (dB)", "output's PSNR to input (dB)"]
+  keys = ("input_psnr_to_clean_db", "psnr_to_clean_db", "psnr_to_input_db")
+  return record.markdown_table(
+    [*header, "time (s)"],
+    [
+      [row_label(config, n), set_label(s)]
+      + [f"{q[k]:.2f}" for k in keys]
+      + [q["seconds"]]
+      for (n, s), q in quality.items()
+    ],
+  )
+
+
 def le_report(
-  config, workdir, results, rows, quality, infos, manifold_size, ddpm_s, total
+  config, workdir, results, quality, infos, manifold_size, ddpm_s, total
 ) -> str:
   sets = ["clean", *infos]
-  labels = {s: recipes.label(s) for s in sets}
-  acc = lambda s, r: 100 * results[s, r]["test_accuracy"]
-  cell = lambda s, r: f"{acc(s, r):.1f}" if (s, r) in results else "–"
+  rows = [*config.countermeasures, *config.purifiers, *config.ablations]
+  cell = lambda s, r: (
+    f"{100 * results[s, r]['test_accuracy']:.1f}" if (s, r) in results else "–"
+  )
   table = record.markdown_table(
-    ["countermeasure"] + [labels[s] for s in sets],
+    ["countermeasure"] + [recipes.label(s) for s in sets],
     [[row_label(config, r)] + [cell(s, r) for s in sets] for r in rows],
   )
   if not results:
     table = "(No classifier victims: no `protections`, no `clean_rows`.)\n"
-  verdicts = []
-  if "le" in rows and infos and ("clean", "none") in results:
-    clean = acc("clean", "none")
-    for s in infos:
-      gap = clean - acc(s, "le")
-      verdicts.append(
-        f"- {labels[s]}: LE {acc(s, 'le'):.1f} vs clean {clean:.1f}, "
-        f"{gap:.1f} points below ({'met' if gap <= 10 else 'missed'})"
-      )
-    if "avatar" in rows:
-      le_mean = np.mean([acc(s, "le") for s in infos])
-      avatar_mean = np.mean([acc(s, "avatar") for s in infos])
-      verdicts.append(
-        f"- mean over the protections: LE {le_mean:.2f}, AVATAR-style "
-        f"{avatar_mean:.2f} "
-        f"({'met' if le_mean >= avatar_mean else 'missed'}: LE at least as "
-        "good)"
-      )
-      if config.victim_seeds > 1:
-        per_seed = 100 * np.mean(
-          [
-            np.subtract(
-              results[s, "le"]["seed_accuracies"],
-              results[s, "avatar"]["seed_accuracies"],
-            )
-            for s in infos
-          ],
-          axis=0,
-        )
-        verdicts.append(
-          "- LE minus AVATAR-style, mean over the protections, per victim "
-          f"seed: {', '.join(f'{d:+.2f}' for d in per_seed)} points"
-        )
-  qtable = record.markdown_table(
-    [
-      "purifier",
-      "set",
-      "input's PSNR to clean (dB)",
-      "output's PSNR to clean (dB)",
-      "output's PSNR to input (dB)",
-      "time (s)",
-    ],
-    [
-      [
-        row_label(config, n),
-        set_label(s),
-        f"{quality[n, s]['input_psnr_to_clean_db']:.2f}",
-        f"{quality[n, s]['psnr_to_clean_db']:.2f}",
-        f"{quality[n, s]['psnr_to_input_db']:.2f}",
-        quality[n, s]["seconds"],
-      ]
-      for n, s in quality
-    ],
-  )
-  p = config.purify
-  seeds_line = ""
+  p, seeds_line = config.purify, ""
   if config.victim_seeds > 1:
     seeds_line = (
       f"\nEvery row but {' and '.join(r.upper() for r in ONE_SEED_ROWS)}: "
-      f"the mean of {config.victim_seeds} "
-      "victims with different seeds (initialisation and batch order); "
-      "`seed_accuracies` in metrics.jsonl has each.\n"
+      f"the mean of {config.victim_seeds} victims with different seeds "
+      "(initialisation and batch order); `seed_accuracies` in metrics.jsonl "
+      "has each.\n"
     )
   return f"""# LE on {config.data.train} (variant `{config.variant}`)
 
@@ -630,10 +437,9 @@ rounds, with a DDPM trained for {config.ddpm.train.num_steps} steps
 `{config.manifold.source}`. Total time {total} s.
 
 {table}{seeds_line}
-LE against its targets (within 10 points of clean training; at least as good
-as unguided diffusion purification on average):
+LE against its targets (the config's `expected` block):
 
-{chr(10).join(verdicts) or "- (needs the `le` row and a protection)"}
+{chr(10).join(le_verdicts(config, results, infos))}
 
 ## What purification does to the images
 
@@ -641,7 +447,7 @@ PSNR of the purified training images to the clean originals (before
 protection) and to the purifier's own input. Grids:
 `purified/<purifier>/<set>_grid.png` (input above, purified below).
 
-{qtable}"""
+{quality_table(config, quality)}"""
 
 
 def contrastive_report(config, results) -> str:

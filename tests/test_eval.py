@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from aigc_jax import parallel, record
-from aigc_jax.eval import classifiers, victims
+from aigc_jax import data, parallel, record
+from aigc_jax.eval import classifiers, ddpm, purifiers, victims
 
 
 def _classifier_config(**counter) -> ml_collections.ConfigDict:
@@ -120,3 +120,72 @@ def test_victim_trainer_reads_finished_cells_back(tmp_path):
   assert not (root / "iss_grayscale").exists()
   with pytest.raises(ValueError, match="inputs"):
     train(str(root / "none"), images[::-1].copy(), labels, "none")
+
+
+def _tiny_ddpm_config() -> ml_collections.ConfigDict:
+  """A DDPM small enough to purify a few 8x8 digits in a test."""
+  return ml_collections.ConfigDict(
+    {
+      "model": {
+        "ch": 8,
+        "ch_mult": (1,),
+        "num_res_blocks": 1,
+        "attn_resolutions": (),
+        "dropout": 0.0,
+        "num_groups": 4,
+      },
+      "diffusion": {"schedule": "linear", "num_timesteps": 1000},
+      "train": {"learning_rate": 1e-3, "warmup_steps": 2, "grad_clip": 1.0},
+    }
+  )
+
+
+def test_the_manifold_leaves_out_the_protected_images():
+  import hashlib
+
+  train_set = data.load_split("digits:train")
+  manifold_config = ml_collections.ConfigDict(
+    {"source": "digits:all", "crop": 0, "limit": 0}
+  )
+  manifold = purifiers.manifold_images(manifold_config, "", train_set.images, 0)
+  digest = lambda x: hashlib.sha1(x.tobytes()).digest()
+  protected = {digest(x) for x in train_set.images}
+  everything = data.load_dataset("digits", "all").images
+  assert not any(digest(x) in protected for x in manifold)
+  assert len(manifold) == sum(digest(x) not in protected for x in everything)
+  assert 0 < len(manifold) < len(everything)
+  manifold_config.source = "digits:train"  # nothing left to learn from
+  with pytest.raises(ValueError, match="has no images left"):
+    purifiers.manifold_images(manifold_config, "", train_set.images, 0)
+
+
+def test_purification_is_the_same_on_one_and_four_devices():
+  import jax
+
+  from aigc_jax import models, parallel, train
+
+  ddpm_config = _tiny_ddpm_config()
+  purify_config = ml_collections.ConfigDict(
+    dict(t_star=3, rounds=1, split=1, variance="fixed_large", lpips_size=32)
+  )
+  model, _, optimizer = ddpm.build_ddpm(ddpm_config)
+  state = train.init_ddpm_state(model, optimizer, jax.random.key(0), (8, 8, 1))
+  fn = purifiers.purifier(
+    ddpm_config,
+    purify_config,
+    "le",
+    jax.random.key(0),
+    state.ema_params,
+    models.load_lpips(),
+  )
+  rng = np.random.default_rng(0)
+  images = rng.uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
+  inputs = (images, np.arange(10, dtype=np.int32))
+  out = {
+    n: parallel.batched_apply(
+      fn, inputs, batch_size=8, mesh=parallel.make_mesh(n)
+    )
+    for n in (1, 4)
+  }
+  np.testing.assert_allclose(out[1], out[4], atol=1e-5)
+  assert not np.allclose(out[1], images, atol=1e-3)

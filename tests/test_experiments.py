@@ -511,53 +511,6 @@ def test_le_names_missing_protections_and_unknown_purifiers(tmp_path):
     le.train_and_evaluate(config, str(tmp_path / "le"))
 
 
-def test_le_manifold_leaves_out_the_protected_images():
-  import hashlib
-
-  from aigc_jax import data
-  from experiments import le
-  from experiments.configs import le as le_configs
-
-  config = le_configs.get_config("smoke")
-  config.manifold.update(source="digits:all", crop=0, limit=0)
-  train_set = classifiers.load_train_test(config)[0]
-  manifold = le.manifold_images(config, train_set.images)
-  digest = lambda x: hashlib.sha1(x.tobytes()).digest()
-  protected = {digest(x) for x in train_set.images}
-  everything = data.load_dataset("digits", "all").images
-  assert not any(digest(x) in protected for x in manifold)
-  assert len(manifold) == sum(digest(x) not in protected for x in everything)
-  assert 0 < len(manifold) < len(everything)
-  config.manifold.source = config.data.train  # nothing left to learn from
-  config.data.limit = 0
-  with pytest.raises(ValueError, match="has no images left"):
-    le.manifold_images(config, classifiers.load_train_test(config)[0].images)
-
-
-def test_le_purification_is_the_same_on_one_and_four_devices():
-  import jax
-
-  from aigc_jax import models, parallel, train
-  from experiments import le
-  from experiments.configs import le as le_configs
-
-  config = le_configs.get_config("smoke")
-  model, _, optimizer = ddpm.build_ddpm(config.ddpm)
-  state = train.init_ddpm_state(model, optimizer, jax.random.key(0), (8, 8, 1))
-  fn = le.make_purify_fn(config, state.ema_params, models.load_lpips(), "le")
-  rng = np.random.default_rng(0)
-  images = rng.uniform(-1, 1, (10, 8, 8, 1)).astype(np.float32)
-  inputs = (images, np.arange(10, dtype=np.int32))
-  out = {
-    n: parallel.batched_apply(
-      fn, inputs, batch_size=8, mesh=parallel.make_mesh(n)
-    )
-    for n in (1, 4)
-  }
-  np.testing.assert_allclose(out[1], out[4], atol=1e-5)
-  assert not np.allclose(out[1], images, atol=1e-3)
-
-
 @pytest.mark.long
 def test_text_to_image_smoke_model_feeds_erase_and_udp_sd(tmp_path):
   from aigc_jax import sd
@@ -751,7 +704,7 @@ def test_feature_unlearn_refuses_unknown_kinds():
 
 
 def test_concept_verdict_holds_methods_to_the_target_budget_only():
-  from experiments import udp_latent
+  from experiments import udp
   from experiments.configs import udp as udp_configs
 
   config = udp_configs.get_config("concept_budget")
@@ -776,14 +729,14 @@ def test_concept_verdict_holds_methods_to_the_target_budget_only():
     "random@64": runs(0.7, 0.8),
     "decoded_target@64": runs(0.2, 0.3),
   }
-  rows, text = udp_latent.verdict(config, results)
+  rows, text = udp.verdict(config, results)
   assert [r[0] for r in rows] == list(results)
   assert "at 8/255" in text and "**missed** by every method" in text
   assert "other budgets the criterion holds for decoded_target@64" in text
   # A seed that falls short of the drop fails the method.
   results["decoded_target@8"] = runs(0.3, 0.6)
-  assert "**missed**" in udp_latent.verdict(config, results)[1]
+  assert "**missed**" in udp.verdict(config, results)[1]
   results["decoded_target@8"] = runs(0.3, 0.4)
-  assert "**met** by decoded_target@8" in udp_latent.verdict(config, results)[1]
+  assert "**met** by decoded_target@8" in udp.verdict(config, results)[1]
   del results["random@8"], results["decoded_target@8"]
-  assert "not measured" in udp_latent.verdict(config, results)[1]
+  assert "not measured" in udp.verdict(config, results)[1]

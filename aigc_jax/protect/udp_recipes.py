@@ -3,8 +3,9 @@ readings, EUDP, AdvDM, the encoder attacks and their random controls.
 
 They read an experiment config's `protect` block (`methods`, `eps`, `norm`,
 `step_size`, `pgd_steps`, `rounds`, `inner_steps`, `batch_size`,
-`chunk_size`, ...), `surrogate` (the pixel DDPM a reading trains or
-attacks), `eval.robust_method` and `seed`; see `experiments/configs/udp.py`.
+`chunk_size`, `surrogate`: "ddpm" or "text_to_image"), `surrogate` (the
+pixel DDPM a reading trains or attacks), `eval.robust_method` and `seed`;
+see `experiments/configs/udp.py`.
 `protect_methods` protects a dataset with every method on the alternation
 engine (`protect.alternate`) and keeps each set beside its clean images in
 the workdir (`protect/<method>/protected.npz`); `protection_steps` builds a
@@ -51,7 +52,7 @@ def check_methods(config) -> None:
         )
       continue
     _, reading, _ = protect.parse_method(method)
-    if reading.objective == "encoder" and "sd" not in config:
+    if reading.objective == "encoder" and config.protect.surrogate == "ddpm":
       raise ValueError(
         f"{method!r} attacks a latent model's encoder; a pixel DDPM has none. "
         "Use it with a text-to-image surrogate (the concept default or :sd)."
@@ -72,7 +73,7 @@ class ProtectionSteps(NamedTuple):
       `pgd_steps` PGD steps of the reading's objective (`reading` static).
     schedule: the surrogate's noise schedule.
 
-  With conditions (a text-to-image surrogate, `udp_latent`), a minibatch is
+  With conditions (a text-to-image surrogate, `latent_recipes`), a minibatch is
   `(images, conditions)`.
   """
 
@@ -109,8 +110,7 @@ def reading_step(config, reading, chunk, delta, key, **objective_args):
     steps=p.pgd_steps,
     step_size=p.step_size / protect.LEVELS_PER_UNIT,
     ascent=protect.READINGS[reading].ascent,
-    # XLA:CPU runs loop bodies slowly; accelerators keep the compact loop.
-    unroll=True if jax.default_backend() == "cpu" else 1,
+    unroll=protect.default_unroll(),
   )
 
 

@@ -57,7 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # False computes it in full float32 on both.
   c.tf32 = True
   # The device's dense peak in TFLOP/s by precision, for "% of peak"; 0:
-  # `aigc_jax.bench.PEAK_TFLOPS` by device kind (known GPUs), else no such column.
+  # `aigc_jax.bench.PEAK_TFLOPS` by device kind (known GPUs), else none.
   c.peak_tflops = ml_collections.ConfigDict({"float32": 0.0, "bfloat16": 0.0})
   c.only = ""  # comma-separated row names to run; empty: every row
   c.rows = ml_collections.ConfigDict(

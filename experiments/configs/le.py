@@ -90,6 +90,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "batch_size": 256,
     }
   )
+  # What a run should reach (the report states met or missed): LE's victim
+  # within 10 points of clean training on every protection, and at least as
+  # accurate as unguided purification on average.
+  c.expected = ml_collections.ConfigDict(
+    {
+      "source": "LE's claim, Jiang et al. 2023",
+      "le_gap_points": {"at_most": 10.0},
+      "le_minus_avatar_points": {"at_least": 0.0},
+    }
+  )
 
   if variant == "digits":
     # Under 20 minutes on 2 CPU cores: a narrower DDPM trained only on the
