@@ -9,6 +9,8 @@ import time
 import jax
 import numpy as np
 
+from aigc_jax.metrics import share_interval
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
@@ -150,6 +152,29 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
   """A GitHub-flavoured markdown table."""
   lines = [header, ["---"] * len(header), *rows]
   return "\n".join("| " + " | ".join(map(str, r)) + " |" for r in lines) + "\n"
+
+
+def share_text(share: float | None, n: int) -> str:
+  """A share of `n` samples as a report gives it, with its count and 95%
+  Wilson interval: "15.6 (5/32, 6.9–31.8)" (a share of few samples is
+  coarse); "–" where there is none."""
+  if share is None or np.isnan(share):
+    return "–"
+  hits = round(share * n)
+  lo, hi = share_interval(hits, n)
+  return f"{100 * share:.1f} ({hits}/{n}, {100 * lo:.1f}–{100 * hi:.1f})"
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+  """A nested dict as one level of "a/b/c" keys, None values left out (a
+  metrics line)."""
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(flat(v, f"{prefix}{k}/"))
+    elif v is not None:
+      out[f"{prefix}{k}"] = v
+  return out
 
 
 def expectation(expected, key: str, value: float) -> str:

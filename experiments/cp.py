@@ -50,55 +50,54 @@ def check_config(config, mesh) -> None:
   parallel.check_batch_size(config.train.batch_size, mesh)
 
 
+def protected_sets(config, workdir, train_set, mesh, writer):
+  """The clean set and each protection of `config.protections`, each
+  generated once into `protections/`; CP-S starts from CP-C's noise."""
+  b = protect.budget(config.protect.eps)
+  sets, infos = {"clean": train_set.images}, {}
+  for name in PROTECTIONS:  # CP-C first: CP-S starts from it
+    if name not in config.protections:
+      continue
+    classwise = name.endswith("_class")
+    if name.startswith("random_"):
+      generate = functools.partial(
+        recipes.generate_random, config, train_set, classwise=classwise
+      )
+    else:
+      init = None
+      if name == "cp_sample" and "cp_class" in sets:
+        init = data.to_model_range(sets["cp_class"]) - data.to_model_range(
+          train_set.images
+        )
+      generate = functools.partial(
+        recipes.generate_cp,
+        config,
+        train_set,
+        mesh,
+        classwise=classwise,
+        init=init,
+      )
+    sets[name], infos[name] = recipes.protected_set(
+      workdir, name, train_set, b, generate
+    )
+    if not name.startswith("random_"):
+      writer.write(
+        0, {f"protect/{name}/{k}": v for k, v in infos[name].items()}
+      )
+  return sets, infos
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   check_config(config, mesh)
   train_set, test_set = classifiers.load_train_test(config)
   writer = record.MetricWriter(workdir)
   start = time.time()
-  b = protect.budget(config.protect.eps)
-  sets, infos = {"clean": train_set.images}, {}
-  for name in PROTECTIONS:  # CP-C first: CP-S starts from it
-    if name not in config.protections:
-      continue
-    if name.startswith("random_"):
-      sets[name], infos[name] = recipes.protected_set(
-        workdir,
-        name,
-        train_set,
-        b,
-        functools.partial(
-          recipes.generate_random,
-          config,
-          train_set,
-          classwise=name == "random_class",
-        ),
-      )
-      continue
-    init = None
-    if name == "cp_sample" and "cp_class" in sets:
-      init = data.to_model_range(sets["cp_class"]) - data.to_model_range(
-        train_set.images
-      )
-    sets[name], infos[name] = recipes.protected_set(
-      workdir,
-      name,
-      train_set,
-      b,
-      functools.partial(
-        recipes.generate_cp,
-        config,
-        train_set,
-        mesh,
-        classwise=name == "cp_class",
-        init=init,
-      ),
-    )
-    writer.write(0, {f"protect/{name}/{k}": v for k, v in infos[name].items()})
+  sets, infos = protected_sets(config, workdir, train_set, mesh, writer)
   results = {}
   for set_name, images in sets.items():
     for method in config.methods:
-      results[set_name, method] = contrastive.train_encoder(
+      results[set_name, method] = r = contrastive.train_encoder(
         config,
         os.path.join(workdir, "encoders", set_name, method),
         images,
@@ -108,11 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mesh,
       )
       writer.write(
-        0,
-        {
-          f"eval/{set_name}/{method}/{k}": v
-          for k, v in results[set_name, method].items()
-        },
+        0, {f"eval/{set_name}/{method}/{k}": v for k, v in r.items()}
       )
   total = round(time.time() - start, 1)
   record.write_report(

@@ -29,8 +29,7 @@ import numpy as np
 
 from aigc_jax import data, launch, parallel, record, sd
 from aigc_jax.eval import classifiers
-from aigc_jax.metrics import share_interval
-from aigc_jax.unlearn import closed_form, mace, rece
+from aigc_jax.unlearn import rece, recipes
 
 
 def prompt_sets(config) -> dict[str, list[tuple[str, str]]]:
@@ -44,176 +43,12 @@ def prompt_sets(config) -> dict[str, list[tuple[str, str]]]:
   }
 
 
-def concept_prompts(config, concept: str) -> list[str]:
-  return [t.format(concept) for t in config.templates]
-
-
-def kept_prompts(config) -> list[str]:
-  return [
-    p
-    for c in config.concepts
-    if c not in config.erase
-    for p in concept_prompts(config, c)
-  ]
-
-
 def harmonic_mean(acc_e: float, acc_s: float, acc_g: float) -> float:
   """MACE's H_o: 3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g))."""
   terms = (1.0 - acc_e, acc_s, 1.0 - acc_g)
   if min(terms) <= 0:
     return 0.0
   return 3.0 / sum(1.0 / x for x in terms)
-
-
-# The edits: each maps the original projections to edited ones.
-
-
-def uce(config, model, params, original):
-  preserve = kept_prompts(config) if config.preserve_kept else []
-  prompts = [p for c in config.erase for p in concept_prompts(config, c)]
-  erase_keys, target_keys, preserve_keys, scale = closed_form.uce_keys(
-    model, params, prompts, [config.target] * len(prompts), preserve
-  )
-  if config.uce.preserve_scale >= 0:
-    scale = config.uce.preserve_scale
-  return closed_form.uce_edit(
-    original,
-    erase_keys,
-    target_keys,
-    preserve_keys,
-    lam=config.uce.lam,
-    erase_scale=config.uce.erase_scale,
-    preserve_scale=scale,
-  )
-
-
-def preserve_rows(config, model, params) -> jax.Array:
-  """All 77 rows of the empty prompt, and of the kept prompts if asked."""
-  prompts = ["", *(kept_prompts(config) if config.preserve_kept else [])]
-  d = model.text_encoder.config.hidden_size
-  return sd.encode_prompts(model, params, prompts).reshape(-1, d)
-
-
-def erased_embeddings(config, model, params) -> jax.Array:
-  prompts = [p for c in config.erase for p in concept_prompts(config, c)]
-  return sd.encode_prompts(model, params, prompts)
-
-
-def rece_epochs(config, model, params, original, uce_kernels):
-  guide = sd.encode_prompts(model, params, [config.target])[0]
-  return rece.rece_edit(
-    uce_kernels,
-    original,
-    erased_embeddings(config, model, params),
-    guide,
-    preserve_rows(config, model, params),
-    epochs=config.rece.epochs,
-    derive_lam=config.rece.derive_lam,
-    edit_lam=config.rece.edit_lam,
-    erase_scale=config.rece.erase_scale,
-    preserve_scale=config.rece.preserve_scale,
-  )
-
-
-def concept_training_set(config, model, params, concept, key):
-  """MACE's stage-2 data: images the original model draws for the concept
-  (its latents) and masks of the concept at latent resolution."""
-  n = config.mace.images_per_concept
-  cond = sd.encode_prompts(
-    model, params, [config.templates[0].format(concept)] * n
-  )
-  uncond = sd.encode_prompts(model, params, [""])
-  latents = jax.jit(
-    lambda unet, cond, uncond, key: sd.sample_latents(
-      model,
-      unet,
-      cond,
-      uncond,
-      key,
-      num_steps=config.sample.num_steps,
-      guidance_scale=config.sample.guidance_scale,
-    )
-  )(params["unet"], cond, uncond, key)
-  if config.mace.masks == "none":
-    return latents, None
-  if config.mace.masks != "strokes":
-    raise ValueError(
-      f"Unknown mask source {config.mace.masks!r}; choose strokes or none."
-    )
-  # A digit is its bright strokes on black: the mask is every latent cell
-  # that holds a stroke pixel (a segmenter's job for real photographs).
-  images = sd.decode_latents(model, params["vae"], latents)
-  strokes = jnp.mean(images, axis=-1) > 0.0
-  h = latents.shape[-1]
-  f = strokes.shape[1] // h
-  masks = strokes.reshape(n, h, f, h, f).any(axis=(2, 4))
-  return latents, masks.astype(jnp.float32)
-
-
-def mace_edit(config, model, params, original, key):
-  """Refinement, a LoRA per concept, fusion. Returns (refined, fused,
-  per-concept final LoRA losses)."""
-  c = config.mace
-  prompts = [p for w in config.erase for p in concept_prompts(config, w)]
-  mapped = [
-    t.format(c.mapping).strip() for w in config.erase for t in config.templates
-  ]
-  keys, mapped_keys = mace.refinement_keys(model, params, prompts, mapped)
-  preserve_gram = closed_form.gram(preserve_rows(config, model, params))
-  refined = mace.refine(
-    original,
-    jnp.asarray(keys),
-    jnp.asarray(mapped_keys),
-    lam=c.refine_lam,
-    preserve_gram=preserve_gram,
-    preserve_scale=c.preserve_scale,
-  )
-  refined_unet = sd.write_projections(params["unet"], refined)
-  d = model.text_encoder.config.hidden_size
-  tuned, concept_keys, losses = [], [], {}
-  for i, word in enumerate(config.erase):
-    data_key, train_key = jax.random.split(jax.random.fold_in(key, i))
-    latents, masks = concept_training_set(config, model, params, word, data_key)
-    word_prompts = concept_prompts(config, word)
-    contexts = sd.encode_prompts(model, params, word_prompts)
-    token_masks = np.stack(
-      [mace.concept_token_mask(model.tokenizer, p, word) for p in word_prompts]
-    )
-    lora, trace = mace.train_concept_lora(
-      model,
-      refined_unet,
-      latents,
-      masks,
-      contexts,
-      jnp.asarray(token_masks),
-      train_key,
-      steps=c.lora_steps,
-      learning_rate=c.lora_learning_rate,
-      rank=c.lora_rank,
-    )
-    tuned.append(mace.merge_lora(refined, lora))
-    concept_keys.append(contexts.reshape(-1, d))
-    losses[word] = (float(trace[0]), float(trace[-1]))
-  fused = mace.fuse(
-    refined,
-    tuned,
-    concept_keys,
-    lam=c.fuse_lam,
-    original=original,
-    preserve_gram=preserve_gram,
-    preserve_scale=c.preserve_scale,
-  )
-  return refined, fused, losses
-
-
-def timed(fn, *args):
-  """fn(*args) and the seconds it took, outputs ready."""
-  start = time.time()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.time() - start
-
-
-# Scoring.
 
 
 def score_samples(config, predicted, pairs, class_of) -> dict[str, float]:
@@ -236,28 +71,16 @@ def score_samples(config, predicted, pairs, class_of) -> dict[str, float]:
   return scores
 
 
-def evaluate(config, workdir, name, images, pairs, classifier, mesh, class_of):
-  """Saves the grid of `images` and returns their scores (empty without a
-  classifier)."""
-  n = config.sample.per_prompt
-  path = os.path.join(workdir, "samples", f"{name.replace(' ', '_')}.png")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  data.save_image_grid(path, data.to_uint8(images), ncol=n)
-  if classifier is None:
-    return {}
-  predicted = classifiers.predicted_labels(classifier, images, mesh)
-  return score_samples(config, predicted, pairs, class_of)
-
-
-def attack_success(config, predicted, class_of) -> dict:
+def attack_success(config, predicted) -> dict:
   """Share of the adversarial-embedding samples classified as the erased
   concept they were derived from, and the number of samples."""
   n = config.sample.per_prompt * len(config.templates)
+  class_of = {c: i for i, c in enumerate(config.concepts)}
   wanted = np.repeat([class_of[c] for c in config.erase], n)
   return {"share": float((predicted == wanted).mean()), "n": len(wanted)}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def check_config(config) -> None:
   unknown = set(config.methods) - {"uce", "rece", "mace"}
   if unknown:
     raise ValueError(
@@ -268,92 +91,109 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   missing = set(config.erase) - set(config.concepts)
   if missing:
     raise ValueError(f"Erased concepts {sorted(missing)} are not in concepts.")
-  model, params = sd.load_model(config.model)
-  mesh = parallel.make_mesh(config.num_devices or None)
-  classifier = None
-  if config.eval.classifier is not None:
-    classifier = classifiers.trained_classifier(
-      config.eval.classifier, os.path.join(workdir, "classifier")
-    )
-  class_of = {c: i for i, c in enumerate(config.concepts)}
 
-  original = sd.read_projections(params["unet"])
-  edits = {"original": original}
-  seconds = {}
-  if "uce" in config.methods:
-    edits["uce"], seconds["uce"] = timed(uce, config, model, params, original)
-  if "rece" in config.methods:
-    history, seconds["rece"] = timed(
-      rece_epochs, config, model, params, original, edits["uce"]
-    )
-    for i, kernels in enumerate(history):
-      edits[f"rece epoch {i + 1}"] = kernels
-  if "mace" in config.methods:
-    (refined, fused, lora_losses), seconds["mace"] = timed(
-      mace_edit, config, model, params, original, jax.random.key(config.seed)
-    )
-    edits["mace refinement only"] = refined
-    edits["mace"] = fused
 
+def sampler_of(config, model, params):
+  """`draw(kernels, cond) -> images`: samples of the model with the
+  projections `kernels`, the same noise for every model."""
   sample = sd.make_sampler(
     model, config.sample.num_steps, config.sample.guidance_scale
   )
   uncond = sd.encode_prompts(model, params, [""])
-  key = jax.random.key(config.seed + 1)  # the same noise for every model
-  n = config.sample.per_prompt
+  key = jax.random.key(config.seed + 1)
 
   def draw(kernels, cond):
     unet = sd.write_projections(params["unet"], kernels)
     return np.asarray(sample({**params, "unet": unet}, cond, uncond, key))
 
+  return draw
+
+
+def score_edits(config, model, params, edits, draw, score, seconds):
+  """Every edit's samples of every prompt set, scored by `score(name,
+  images, pairs)`: {edit: {"<set>/<score>": value}}; sampling times go
+  into `seconds`."""
   scores = {}
-  sets = prompt_sets(config)
-  for set_name, pairs in sets.items():
+  n = config.sample.per_prompt
+  for set_name, pairs in prompt_sets(config).items():
     prompts = [p for _, p in pairs for _ in range(n)]
     cond = sd.encode_prompts(model, params, prompts)
     for name, kernels in edits.items():
       start = time.time()
-      images = draw(kernels, cond)
-      s = evaluate(
-        config,
-        workdir,
-        f"{name} {set_name}",
-        images,
-        pairs,
-        classifier,
-        mesh,
-        class_of,
-      )
+      s = score(f"{name} {set_name}", draw(kernels, cond), pairs)
       scores.setdefault(name, {}).update(
         {f"{set_name}/{k}": v for k, v in s.items()}
       )
       seconds[f"sample {name} {set_name}"] = time.time() - start
+  for s in scores.values():
+    if "captions/erased" in s:
+      s["H_o"] = harmonic_mean(
+        s["captions/erased"], s["captions/kept"], s["paraphrases/erased"]
+      )
+  return scores
 
+
+def rece_attacks(config, workdir, model, params, edits, draw, predict):
+  """RECE's closed-form adversarial embeddings, derived against UCE and
+  each RECE epoch, drawn from those models: {label: attack_success}."""
+  n = config.sample.per_prompt
+  concept = jnp.repeat(
+    recipes.erased_embeddings(config, model, params), n, axis=0
+  )
+  original = edits["original"]
+  derived = {
+    name: rece.adversarial_embedding(
+      edits[name], original, concept, lam=config.rece.derive_lam
+    )
+    for name in edits
+    if name == "uce" or name.startswith("rece")
+  }
+  targets = [("uce", "uce")] + [
+    (name, src)
+    for name in edits
+    if name.startswith("rece")
+    for src in ("uce", name)
+  ]
+  attacks = {}
+  for name, src in targets:
+    images = draw(edits[name], derived[src])
+    label = f"{name} attacked (derived against {src})"
+    path = os.path.join(workdir, "samples", f"{label.replace(' ', '_')}.png")
+    data.save_image_grid(path, data.to_uint8(images), ncol=n)
+    if predict is not None:
+      attacks[label] = attack_success(config, predict(images))
+  return attacks
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  check_config(config)
+  model, params = sd.load_model(config.model)
+  mesh = parallel.make_mesh(config.num_devices or None)
+  classifier = predict = None
+  if config.eval.classifier is not None:
+    classifier = classifiers.trained_classifier(
+      config.eval.classifier, os.path.join(workdir, "classifier")
+    )
+    predict = lambda x: classifiers.predicted_labels(classifier, x, mesh)
+  class_of = {c: i for i, c in enumerate(config.concepts)}
+  edits, seconds, lora_losses = recipes.edited_projections(
+    config, model, params
+  )
+  draw = sampler_of(config, model, params)
+
+  def score(name, images, pairs):
+    path = os.path.join(workdir, "samples", f"{name.replace(' ', '_')}.png")
+    data.save_image_grid(
+      path, data.to_uint8(images), ncol=config.sample.per_prompt
+    )
+    if predict is None:
+      return {}
+    return score_samples(config, predict(images), pairs, class_of)
+
+  scores = score_edits(config, model, params, edits, draw, score, seconds)
   attacks = {}
   if "rece" in config.methods:
-    concept = jnp.repeat(erased_embeddings(config, model, params), n, axis=0)
-    derived = {
-      name: rece.adversarial_embedding(
-        edits[name], original, concept, lam=config.rece.derive_lam
-      )
-      for name in edits
-      if name == "uce" or name.startswith("rece")
-    }
-    targets = [("uce", "uce")] + [
-      (name, src)
-      for name in edits
-      if name.startswith("rece")
-      for src in ("uce", name)
-    ]
-    for name, src in targets:
-      images = draw(edits[name], derived[src])
-      label = f"{name} attacked (derived against {src})"
-      path = os.path.join(workdir, "samples", f"{label.replace(' ', '_')}.png")
-      data.save_image_grid(path, data.to_uint8(images), ncol=n)
-      if classifier is not None:
-        predicted = classifiers.predicted_labels(classifier, images, mesh)
-        attacks[label] = attack_success(config, predicted, class_of)
-
+    attacks = rece_attacks(config, workdir, model, params, edits, draw, predict)
   result = {
     "scores": scores,
     "attack_success": attacks,
@@ -362,38 +202,58 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if "mace" in config.methods:
     result["mace_lora_loss_first_last"] = lora_losses
-  for s in scores.values():
-    if "captions/erased" in s:
-      s["H_o"] = harmonic_mean(
-        s["captions/erased"], s["captions/kept"], s["paraphrases/erased"]
-      )
-  record.MetricWriter(workdir, prefix="eval/").write(0, _flat(result))
+  record.MetricWriter(workdir, prefix="eval/").write(0, record.flat(result))
   record.write_report(workdir, report(config, workdir, result))
   return result
-
-
-def _flat(tree, prefix=""):
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}/"))
-    elif v is not None:
-      out[f"{prefix}{k}"] = v
-  return out
 
 
 def _pct(x) -> str:
   return "–" if x is None or np.isnan(x) else f"{100 * x:.1f}"
 
 
-def _share(x, n: int) -> str:
-  """A share of n samples with its count and 95% Wilson interval: "15.6
-  (5/32, 6.9–31.8)"; a share of few samples is coarse."""
-  if x is None or np.isnan(x):
-    return "–"
-  hits = round(x * n)
-  lo, hi = share_interval(hits, n)
-  return f"{100 * x:.1f} ({hits}/{n}, {100 * lo:.1f}–{100 * hi:.1f})"
+def accuracy_section(config, r) -> list[str]:
+  """The erasure table (Acc_e, Acc_s, Acc_g, H_o, look-alikes) and RECE's
+  attack success, each share with its count and 95% interval."""
+  look = [f"lookalike/{c}" for c in config.lookalikes]
+  header = ["model", "Acc_e ↓", "Acc_s ↑", "Acc_g ↓", "H_o ↑"]
+  header += [f'"{c}" (kept look-alike)' for c in config.lookalikes]
+  header += ["paraphrases, kept"]
+  rows = []
+  for name, s in r["scores"].items():
+    # "captions/erased" was scored on s["captions/n/erased"] samples.
+    cell = lambda key, s=s: record.share_text(
+      s[key], s[key.replace("/", "/n/", 1)]
+    )
+    rows.append(
+      [name, cell("captions/erased"), cell("captions/kept")]
+      + [cell("paraphrases/erased"), _pct(s["H_o"])]
+      + [cell(f"captions/{k}") for k in look]
+      + [cell("paraphrases/kept")]
+    )
+  lines = [
+    "Accuracy (%) of a CNN trained on real MNIST "
+    f"(test accuracy {100 * r['classifier_test_accuracy']:.1f}%) on the "
+    "samples: Acc_e on the erased concepts' caption prompts, Acc_s on the "
+    "kept concepts', Acc_g on the erased concepts' held-out paraphrases; "
+    "H_o = 3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g)). Each share "
+    "with (correct/samples, 95% Wilson interval).",
+    "",
+    record.markdown_table(header, rows),
+  ]
+  if r["attack_success"]:
+    rows = [
+      [k, record.share_text(v["share"], v["n"])]
+      for k, v in r["attack_success"].items()
+    ]
+    lines += [
+      "Attack success (%) of RECE's closed-form adversarial embeddings "
+      "(the erased prompts' embeddings c' = argmin Σ‖c' K_edited − c "
+      "K_original‖² + λ‖c'‖²): the share of their samples classified as "
+      "the erased digit. The original model's Acc_e is the baseline.",
+      "",
+      record.markdown_table(["model", "attack success"], rows),
+    ]
+  return lines
 
 
 def report(config, workdir, r) -> str:
@@ -418,47 +278,7 @@ def report(config, workdir, r) -> str:
       "there are no accuracies; compare the sample grids in `samples/`."
     )
   else:
-    look = [f"lookalike/{c}" for c in config.lookalikes]
-    header = ["model", "Acc_e ↓", "Acc_s ↑", "Acc_g ↓", "H_o ↑"]
-    header += [f'"{c}" (kept look-alike)' for c in config.lookalikes]
-    header += ["paraphrases, kept"]
-    rows = []
-    for name, s in r["scores"].items():
-      # "captions/erased" was scored on s["captions/n/erased"] samples.
-      cell = lambda key, s=s: _share(s[key], s[key.replace("/", "/n/", 1)])
-      rows.append(
-        [
-          name,
-          cell("captions/erased"),
-          cell("captions/kept"),
-          cell("paraphrases/erased"),
-          _pct(s["H_o"]),
-          *[cell(f"captions/{k}") for k in look],
-          cell("paraphrases/kept"),
-        ]
-      )
-    lines += [
-      "Accuracy (%) of a CNN trained on real MNIST "
-      f"(test accuracy {100 * r['classifier_test_accuracy']:.1f}%) on the "
-      "samples: Acc_e on the erased concepts' caption prompts, Acc_s on the "
-      "kept concepts', Acc_g on the erased concepts' held-out paraphrases; "
-      "H_o = 3 / (1/(1 − Acc_e) + 1/Acc_s + 1/(1 − Acc_g)). Each share "
-      "with (correct/samples, 95% Wilson interval).",
-      "",
-      record.markdown_table(header, rows),
-    ]
-    if r["attack_success"]:
-      rows = [
-        [k, _share(v["share"], v["n"])] for k, v in r["attack_success"].items()
-      ]
-      lines += [
-        "Attack success (%) of RECE's closed-form adversarial embeddings "
-        "(the erased prompts' embeddings c' = argmin Σ‖c' K_edited − c "
-        "K_original‖² + λ‖c'‖²): the share of their samples classified as "
-        "the erased digit. The original model's Acc_e is the baseline.",
-        "",
-        record.markdown_table(["model", "attack success"], rows),
-      ]
+    lines += accuracy_section(config, r)
   rows = [[k, f"{v:.3f}"] for k, v in r["seconds"].items()]
   lines += [
     "Seconds (edits include the text encodings they need):",

@@ -22,7 +22,6 @@ Steps, each cached in the workdir so that a re-run resumes:
   7. `report.md` and metrics.jsonl.
 """
 
-import functools
 import os
 import time
 
@@ -57,7 +56,6 @@ SHORT_LABELS = {
 
 def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
   """The protected training sets, from `protections_from` or generated."""
-  sets, infos = {}, {}
   source = config.protections_from or workdir
   for name in config.protections:
     path = os.path.join(source, "protections", f"{name}.npz")
@@ -67,21 +65,7 @@ def load_protections(config, workdir, train_set, mesh) -> tuple[dict, dict]:
         f"protections including {name!r} into {source}, or leave "
         "protections_from empty to generate them here."
       )
-    recipe = recipes.PROTECTIONS[name]
-    sets[name], infos[name] = recipes.protected_set(
-      source,
-      name,
-      train_set,
-      recipe.budget(config, train_set.images.shape[1:]),
-      functools.partial(recipe.generate, config, train_set, mesh),
-    )
-    if sets[name].shape != train_set.images.shape:
-      raise ValueError(
-        f"{path} holds images of shape {sets[name].shape}, but the training "
-        f"set {config.data.train!r} has {train_set.images.shape}: it was made "
-        "from other data."
-      )
-  return sets, infos
+  return recipes.protected_sets(config, source, train_set, mesh)
 
 
 def victim_cells(config) -> list[tuple[str, str]]:

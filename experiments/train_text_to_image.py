@@ -86,13 +86,7 @@ def train_vae(config, workdir, images, mesh):
     )
   ]
   state = run_stage(
-    init_fn,
-    step_fn,
-    batch_fn,
-    config.vae_train,
-    workdir,
-    "vae",
-    mesh,
+    init_fn, step_fn, batch_fn, config.vae_train, workdir, "vae", mesh
   )
   return vae, state.params
 
@@ -103,21 +97,9 @@ def scaling_factor(latents: np.ndarray) -> float:
   return float(1.0 / np.std(latents))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  from transformers import CLIPTextConfig, FlaxCLIPTextModel
-
-  mesh = parallel.make_mesh(config.num_devices or None)
-  parallel.check_batch_size(config.train.batch_size, mesh)
-  images, labels = padded_images(config)
-  rng = np.random.default_rng(config.seed)
-  captions = t2i.digit_captions(labels, rng)
-  corpus = [
-    t.format(w)
-    for t in t2i.CAPTION_TEMPLATES + t2i.PARAPHRASE_TEMPLATES
-    for w in t2i.DIGIT_WORDS
-  ]
-  tokenizer = write_clip_tokenizer(corpus, os.path.join(workdir, "tokenizer"))
-  start = time.time()
+def autoencoder(config, workdir, images, mesh):
+  """The VAE (`vae_from`'s, or trained here), its parameters, the images'
+  latents (NCHW, scaled to unit variance) and the scaling factor."""
   if config.get("vae_from", ""):
     given, given_params = sd.load_stable_diffusion(config.vae_from)
     vae, vae_params = given.vae, given_params["vae"]
@@ -136,13 +118,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       for i in range(0, len(images), 256)
     ]
   )
-  scale = (
-    given.scaling_factor
-    if config.get("vae_from", "")
-    else scaling_factor(latents)
-  )
-  latents = np.transpose(latents, (0, 3, 1, 2)) * scale  # NCHW, unit var
-  vae_seconds = time.time() - start
+  if config.get("vae_from", ""):
+    scale = given.scaling_factor
+  else:
+    scale = scaling_factor(latents)
+  return vae_params, np.transpose(latents, (0, 3, 1, 2)) * scale, scale
+
+
+def train_unet(config, workdir, latents, ids, tokenizer, mesh):
+  """The UNet and text encoder trained on (latent, caption ids) pairs with
+  caption dropout (for classifier-free guidance); their state and the text
+  encoder's config."""
+  from transformers import CLIPTextConfig, FlaxCLIPTextModel
 
   unet = sd.load.build_unet(config.unet.to_dict())
   text_config = CLIPTextConfig(
@@ -163,7 +150,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer,
     jax.random.key(config.seed + 2),
   )
-  ids = sd.tokenize(tokenizer, captions)
   step_fn = functools.partial(
     t2i.text_to_image_train_step,
     key=jax.random.key(config.seed + 3),
@@ -182,18 +168,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
     return latents[idx], ids[idx]
 
-  start = time.time()
   state = run_stage(
-    init_fn,
-    step_fn,
-    batch_fn,
-    config.train,
-    workdir,
-    "unet",
-    mesh,
+    init_fn, step_fn, batch_fn, config.train, workdir, "unet", mesh
+  )
+  return state, text_config
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  mesh = parallel.make_mesh(config.num_devices or None)
+  parallel.check_batch_size(config.train.batch_size, mesh)
+  images, labels = padded_images(config)
+  captions = t2i.digit_captions(labels, np.random.default_rng(config.seed))
+  corpus = [
+    t.format(w)
+    for t in t2i.CAPTION_TEMPLATES + t2i.PARAPHRASE_TEMPLATES
+    for w in t2i.DIGIT_WORDS
+  ]
+  tokenizer = write_clip_tokenizer(corpus, os.path.join(workdir, "tokenizer"))
+  start = time.time()
+  vae_params, latents, scale = autoencoder(config, workdir, images, mesh)
+  vae_seconds = time.time() - start
+  start = time.time()
+  ids = sd.tokenize(tokenizer, captions)
+  state, text_config = train_unet(
+    config, workdir, latents, ids, tokenizer, mesh
   )
   unet_seconds = time.time() - start
-
   folder = os.path.join(workdir, "model")
   if jax.process_index() == 0:
     save_stable_diffusion(

@@ -636,7 +636,7 @@ def test_erase_scores_and_harmonic_mean():
     "n/kept": 18,
     "n/lookalike/eight": 2,
   }
-  assert erase._share(5 / 32, 32) == "15.6 (5/32, 6.9–31.8)"
+  assert record.share_text(5 / 32, 32) == "15.6 (5/32, 6.9–31.8)"
   assert erase.harmonic_mean(0.0, 1.0, 0.0) == pytest.approx(1.0)
   assert erase.harmonic_mean(0.5, 1.0, 0.5) == pytest.approx(3 / 5)
   assert erase.harmonic_mean(1.0, 1.0, 0.0) == 0.0

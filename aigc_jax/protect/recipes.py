@@ -347,6 +347,32 @@ def protected_set(workdir, name, train_set, budget, generate):
   return images, info
 
 
+def protected_sets(config, source, train_set, mesh, log=None):
+  """Every protection of `config.protections` (a `PROTECTIONS` name) on
+  `train_set`, each generated once into `source/protections/` and read back
+  after (`protected_set`): the sets and their records, by name. `log(name,
+  record)` is called for each."""
+  sets, infos = {}, {}
+  for name in config.protections:
+    recipe = PROTECTIONS[name]
+    sets[name], infos[name] = protected_set(
+      source,
+      name,
+      train_set,
+      recipe.budget(config, train_set.images.shape[1:]),
+      functools.partial(recipe.generate, config, train_set, mesh),
+    )
+    if sets[name].shape != train_set.images.shape:
+      raise ValueError(
+        f"{source}/protections/{name}.npz holds images of shape "
+        f"{sets[name].shape}, but the training set {config.data.train!r} "
+        f"has {train_set.images.shape}: it was made from other data."
+      )
+    if log is not None:
+      log(name, infos[name])
+  return sets, infos
+
+
 def generate_cp(config, train_set, mesh, *, classwise, init=None):
   """CP's min-min alternation (He et al. 2023, arXiv 2202.11202, Alg. 1) on
   the alternation engine: each round, encoder steps on views of x + δ in

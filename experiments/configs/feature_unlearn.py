@@ -116,6 +116,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "batch_size": 500,
     }
   )
+  # What a run should reach (the report states met or missed).
+  c.expected = ml_collections.ConfigDict(
+    {
+      "source": "the feature-unlearning target",
+      "relative_drop_percent": {"at_least": 90.0},
+    }
+  )
 
   if variant == "gan":
     pass

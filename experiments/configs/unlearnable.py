@@ -100,6 +100,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "aa_epochs": 60,
     }
   )
+  # What a run should reach (the report states met or missed): each
+  # protection lowers the vanilla victim's clean test accuracy by 40 points
+  # (the seed's CIFAR-10 drops are 74-80 points).
+  c.expected = ml_collections.ConfigDict(
+    {
+      "source": "the seed's table, scaled down",
+      "drop_points": {"at_least": 40.0},
+    }
+  )
 
   if variant == "digits":
     # Under 15 minutes on 2 CPU cores. With the digits classifier's 40
