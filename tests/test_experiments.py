@@ -740,3 +740,32 @@ def test_concept_verdict_holds_methods_to_the_target_budget_only():
   assert "**met** by decoded_target@8" in udp.verdict(config, results)[1]
   del results["random@8"], results["decoded_target@8"]
   assert "not measured" in udp.verdict(config, results)[1]
+
+
+def test_udp_report_gains_an_inception_fid_column(tmp_path):
+  from experiments import udp
+  from experiments.configs import udp as udp_configs
+
+  row = {
+    "data_frechet_distance": 1.0,
+    "frechet_distance": 2.0,
+    "precision": 0.5,
+    "recall": 0.5,
+    "confident_share": 0.9,
+    "classes_covered": 10,
+    "heldout_loss": 0.1,
+    "inception_fid": 12.345,
+  }
+  config = udp_configs.get_config("smoke")
+  results = {"clean": row, "eudp:early": row}
+  report = udp.pixel_report(config, str(tmp_path), results, 0.99, 1.0)
+  assert "Inception FID" in report and "12.35" in report
+  assert "missed (fd_ratio ≥ 2" in report
+  perturbation = {"linf_255": 8, "l2_255": 40, "psnr_db": 34, "ssim": 0.99}
+  table = udp.perturbation_table(
+    {"eudp:early": perturbation},
+    {"eudp:early": 1.0},
+    {"eudp:early": np.array([[[0.25, 0.5], [0.75, 0.875]]])},
+  )
+  # The objective before the first and the last PGD step.
+  assert "| 0.2500 | 0.8750 |" in table

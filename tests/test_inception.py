@@ -86,11 +86,9 @@ def test_load_fid_inception_errors(tmp_path):
     load_fid_inception(small)
 
 
-def test_udp_report_gains_an_inception_fid_column(tmp_path):
+def test_inception_fid_features_match_the_model(tmp_path):
   from aigc_jax import data, parallel
   from aigc_jax.eval import features as eval_features
-  from experiments import udp
-  from experiments.configs import udp as udp_configs
 
   path = str(tmp_path / "fid_inception.pth")
   torch.save(_random_fid_state_dict(1), path)
@@ -103,28 +101,3 @@ def test_udp_report_gains_an_inception_fid_column(tmp_path):
     fid_features(load_fid_inception(path), data.to_model_range(images)),
     atol=1e-5,
   )
-  row = {
-    "data_frechet_distance": 1.0,
-    "frechet_distance": 2.0,
-    "precision": 0.5,
-    "recall": 0.5,
-    "confident_share": 0.9,
-    "classes_covered": 10,
-    "heldout_loss": 0.1,
-    "inception_fid": 12.345,
-  }
-  config = udp_configs.get_config("smoke")
-  perturbation = {"linf_255": 8, "l2_255": 40, "psnr_db": 34, "ssim": 0.99}
-  report = udp.udp_report(
-    config,
-    str(tmp_path),
-    {"clean": row, "eudp:early": row},
-    {"eudp:early": perturbation},
-    {"eudp:early": 1.0},
-    {"eudp:early": np.array([[[0.25, 0.5], [0.75, 0.875]]])},
-    0.99,
-    1.0,
-  )
-  assert "Inception FID" in report and "12.35" in report
-  # The objective before the first and the last PGD step.
-  assert "| 0.2500 | 0.8750 |" in report

@@ -402,10 +402,9 @@ def test_udp_through_the_vae_raises_the_latent_denoising_loss(loaded):
 def test_the_embedded_digits_model_loads_and_samples():
   """checkpoints/t2i_digits/model, what erase.py and udp.py:sd use, loads as
   any Stable Diffusion folder does and draws images."""
-  from experiments.configs.erase import EMBEDDED_MODEL
-
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  model, params = sd.load_stable_diffusion(os.path.join(root, EMBEDDED_MODEL))
+  folder = os.path.join(root, "checkpoints", "t2i_digits", "model")
+  model, params = sd.load_stable_diffusion(folder)
   assert len(sd.projection_names(params["unet"])) == 4 * 2
   for word in ("three", "eight"):  # each caption word is one token
     assert len(model.tokenizer(word, add_special_tokens=False).input_ids) == 1

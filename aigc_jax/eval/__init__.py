@@ -9,4 +9,11 @@ in their own loop (cf. big_vision's evaluators).
   classifier's feature space (and the DDPM's build, training and sampling).
 - `features`: the FID Inception-v3 and the LPIPS backbones' ImageNet
   features, as feature extractors for distribution scores.
+- `text_to_image`: a text-to-image UNet fine-tuned on a captioned set, its
+  samples of the prompted classes scored (concept success).
+- `contrastive`: a contrastive encoder trained on a set, scored by a linear
+  probe.
+- `purifiers`: diffusion purification (LE's JCDP, AVATAR-style) as the
+  attacker's countermeasure, with its learnable manifold.
+- `runs`: another experiment's finished run and its sets, read back.
 """
