@@ -80,19 +80,6 @@ def attack_success(config, predicted) -> dict:
   return {"share": float((predicted == wanted).mean()), "n": len(wanted)}
 
 
-def check_config(config) -> None:
-  unknown = set(config.methods) - {"uce", "rece", "mace"}
-  if unknown:
-    raise ValueError(
-      f"Unknown methods {sorted(unknown)}; choose from uce, rece, mace."
-    )
-  if "rece" in config.methods and "uce" not in config.methods:
-    raise ValueError("RECE starts from the UCE edit: add 'uce' to methods.")
-  missing = set(config.erase) - set(config.concepts)
-  if missing:
-    raise ValueError(f"Erased concepts {sorted(missing)} are not in concepts.")
-
-
 def sampler_of(config, model, params):
   """`draw(kernels, cond) -> images`: samples of the model with the
   projections `kernels`, the same noise for every model."""
@@ -166,7 +153,7 @@ def rece_attacks(config, workdir, model, params, edits, draw, predict):
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  check_config(config)
+  recipes.check_config(config)
   model, params = sd.load_model(config.model)
   mesh = parallel.make_mesh(config.num_devices or None)
   classifier = predict = None

@@ -86,6 +86,30 @@ SHARED_DATA = os.path.join(
 )
 
 
+CONFIGS = os.path.join(os.path.dirname(__file__), "configs")
+
+
+def _tuples(value):
+  if isinstance(value, dict):
+    return {k: _tuples(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_tuples(v) for v in value)
+  return value
+
+
+def recipe_config(name: str):
+  """The config `tests/configs/<name>.json` holds: an experiment's smoke
+  config written out, so that the library's config-driven recipes are
+  tested without importing `experiments` (test_experiments.py checks the
+  files still equal the experiments' configs)."""
+  import json
+
+  import ml_collections
+
+  with open(os.path.join(CONFIGS, f"{name}.json")) as f:
+    return ml_collections.ConfigDict(_tuples(json.load(f)))
+
+
 def write_torch_state_dict(path, layers) -> dict:
   """An .npz in the layout of the pretrained MNIST models: PyTorch weights
   ((out, in) or OIHW) and biases under state-dict keys with '/', random."""

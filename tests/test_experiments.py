@@ -769,3 +769,34 @@ def test_udp_report_gains_an_inception_fid_column(tmp_path):
   )
   # The objective before the first and the last PGD step.
   assert "| 0.2500 | 0.8750 |" in table
+
+
+def test_shared_models_dir_finds_either_folder(tmp_path):
+  from experiments.configs import feature_unlearn as fu_configs
+
+  root = tmp_path / "project"
+  root.mkdir()
+  documented = tmp_path / "shared" / "data" / "models" / "mnist"
+  assert fu_configs.shared_models_dir(str(root)) == str(documented)
+  (tmp_path / "shared" / "models" / "mnist").mkdir(parents=True)
+  assert fu_configs.shared_models_dir(str(root)) == str(
+    tmp_path / "shared" / "models" / "mnist"
+  )
+  documented.mkdir(parents=True)
+  assert fu_configs.shared_models_dir(str(root)) == str(documented)
+
+
+@pytest.mark.parametrize("name", ["udp", "unlearnable", "cp"])
+def test_library_tests_configs_are_the_experiments_smoke_configs(name):
+  """tests/configs/<name>_smoke.json, which the library's tests read
+  instead of importing experiments, is the experiment's smoke config."""
+  import importlib
+
+  from conftest import recipe_config
+
+  module = importlib.import_module(f"experiments.configs.{name}")
+  expected = json.loads(module.get_config("smoke").to_json())
+  assert json.loads(recipe_config(f"{name}_smoke").to_json()) == expected, (
+    f"Rewrite tests/configs/{name}_smoke.json from "
+    f"experiments/configs/{name}.py:smoke."
+  )

@@ -8,15 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import write_torch_state_dict
+from conftest import SHARED_DATA, write_torch_state_dict
 from scipy import signal
 
 from aigc_jax import metrics, models, train
 from aigc_jax.unlearn import feature
-from experiments.configs import feature_unlearn as fu_configs
 
-MNIST_MODELS = fu_configs.shared_models_dir(
-  os.path.join(os.path.dirname(__file__), os.pardir)
+# The pretrained MNIST models of the shared data folder (either layout).
+MNIST_MODELS = next(
+  (
+    d
+    for d in (
+      os.path.join(SHARED_DATA, "models", "mnist"),
+      os.path.join(SHARED_DATA, os.pardir, "models", "mnist"),
+    )
+    if os.path.isdir(d)
+  ),
+  os.path.join(SHARED_DATA, "models", "mnist"),
 )
 
 
@@ -398,21 +406,6 @@ def test_loaders_match_pytorch_layout(tmp_path):
     models.LeNet5().init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)))
 
 
-def test_shared_models_dir_finds_either_folder(tmp_path):
-  root = tmp_path / "project"
-  root.mkdir()
-  documented = tmp_path / "shared" / "data" / "models" / "mnist"
-  assert fu_configs.shared_models_dir(str(root)) == str(documented)
-  (tmp_path / "shared" / "models" / "mnist").mkdir(parents=True)
-  assert fu_configs.shared_models_dir(str(root)) == str(
-    tmp_path / "shared" / "models" / "mnist"
-  )
-  documented.mkdir(parents=True)
-  assert fu_configs.shared_models_dir(str(root)) == str(documented)
-  with pytest.raises(FileNotFoundError, match="feature_unlearn"):
-    models.load_mnist_vae(str(tmp_path / "missing.npz"))
-
-
 @pytest.mark.skipif(
   not os.path.isdir(MNIST_MODELS),
   reason="the pretrained MNIST models (../shared/data/models/mnist or "
@@ -446,3 +439,8 @@ def test_pretrained_mnist_models_load_and_generate_digits():
   )
   logits = jax.jit(models.LeNet5().apply)({"params": lenet}, x)
   assert float((logits.argmax(1) == y).mean()) >= 0.985
+
+
+def test_a_missing_pretrained_model_names_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match="feature_unlearn"):
+    models.load_mnist_vae(str(tmp_path / "missing.npz"))

@@ -1,4 +1,4 @@
-"""Distribution distances, image quality, and the robustness transforms."""
+"""Distribution distances, image quality and shares with intervals."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from aigc_jax import metrics
-from aigc_jax.purify import gaussian_blur, jpeg_compress
 
 
 def test_frechet_distance():
@@ -51,37 +50,6 @@ def test_psnr_and_ssim():
   assert values[0] > values[1] > values[2]
   with pytest.raises(ValueError, match="filter_size"):
     metrics.ssim(x[:, :8, :8], x[:, :8, :8])
-
-
-def test_jpeg_and_blur():
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (3, 16, 16, 3), np.uint8)
-  jpg = jpeg_compress(images, 75)
-  assert jpg.shape == images.shape and jpg.dtype == np.uint8
-  assert 0 < np.abs(jpg.astype(int) - images).mean() < 60
-  blurred = gaussian_blur(images, 1.0)
-  assert blurred.std() < images.std()
-  gray = jpeg_compress(images[..., :1], 75)
-  assert gray.shape == (3, 16, 16, 1)
-  with pytest.raises(ValueError, match="quality"):
-    jpeg_compress(images, 0)
-  with pytest.raises(TypeError, match="uint8"):
-    gaussian_blur(images.astype(np.float32), 1.0)
-
-
-def test_blur_of_model_images_is_the_uint8_blur_and_differentiable():
-  from aigc_jax.purify import blur_model_images
-
-  rng = np.random.default_rng(0)
-  images = rng.integers(0, 256, (3, 16, 16, 1), np.uint8)
-  x = jnp.asarray(images / 127.5 - 1.0, jnp.float32)
-  blurred = (np.asarray(blur_model_images(x, 1.0)) + 1.0) * 127.5
-  # scipy's filter, rounded to uint8: within rounding of the pure one.
-  assert np.abs(blurred - gaussian_blur(images, 1.0)).max() <= 0.51
-  grad = jax.grad(lambda v: blur_model_images(v, 1.0)[0, 8, 8, 0])(x)
-  np.testing.assert_allclose(float(grad.sum()), 1.0, rtol=1e-5)
-  per_image = jax.vmap(lambda v: blur_model_images(v[None], 1.0)[0])(x)
-  np.testing.assert_allclose(per_image, blur_model_images(x, 1.0), atol=1e-6)
 
 
 def test_share_interval_is_wilsons():

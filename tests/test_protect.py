@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import recipe_config
 
 from aigc_jax import data, diffusion, parallel, protect, train
 from aigc_jax.models import DDPMUNet
@@ -256,9 +257,7 @@ def test_udp_perturbation_is_deterministic_and_same_on_1_and_4_devices():
 
 
 def _udp_smoke_config():
-  from experiments.configs import udp as udp_configs
-
-  config = udp_configs.get_config("smoke")
+  config = recipe_config("udp_smoke")
   config.surrogate.model.update(TINY_UNET)
   config.surrogate.diffusion.num_timesteps = 100
   return config
@@ -372,3 +371,10 @@ def test_pgd_unrolled_equals_the_loop(steps):
   assert runs[1][1].shape == (steps,)
   np.testing.assert_allclose(runs[0][0], runs[1][0], atol=1e-6)
   np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-5)
+
+
+def test_step_sizes_are_stated_in_grey_levels():
+  assert protect.step_size(1.0) == pytest.approx(2 / 255)
+  assert protect.step_size(2.0) == pytest.approx(protect.budget(2).eps)
+  with pytest.raises(ValueError, match=r"\[0, 255\] units"):
+    protect.step_size(-1.0)

@@ -205,3 +205,23 @@ def test_mace_refinement_and_fusion_hit_their_targets():
 
 def gram_of(x: jax.Array) -> jax.Array:
   return unlearn.gram(x)
+
+
+def test_erasure_recipes_refuse_bad_configs_before_any_work():
+  import ml_collections
+
+  from aigc_jax.unlearn import recipes
+
+  config = ml_collections.ConfigDict(
+    {"methods": ("uce",), "erase": ("three",), "concepts": ("three", "eight")}
+  )
+  recipes.check_config(config)
+  config.methods = ("uce", "esd")
+  with pytest.raises(ValueError, match=r"Unknown methods.*uce, rece, mace"):
+    recipes.check_config(config)
+  config.methods = ("rece",)
+  with pytest.raises(ValueError, match="starts from the UCE edit"):
+    recipes.check_config(config)
+  config.methods, config.erase = ("uce",), ("eleven",)
+  with pytest.raises(ValueError, match="not in concepts"):
+    recipes.check_config(config)

@@ -1,5 +1,5 @@
-"""Unlearnable examples for classifiers (LSP) and ISS, the compressions that
-squeeze their shortcuts out."""
+"""Unlearnable examples for classifiers: LSP, EMN, REMN, CP and their
+config-driven recipes."""
 
 import functools
 
@@ -7,43 +7,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from PIL import Image, ImageOps
+from conftest import recipe_config
 
 from aigc_jax import data, parallel, protect, train
 from aigc_jax.models import SmallCNN
-from aigc_jax.purify import bit_depth_reduction, grayscale, squeeze
 
 
 def _rgb(n=6, size=8, seed=0):
   return np.random.default_rng(seed).integers(
     0, 256, (n, size, size, 3), np.uint8
   )
-
-
-def test_grayscale_and_bit_depth_match_pillow():
-  images = _rgb()
-  gray = grayscale(images)
-  assert gray.shape == images.shape
-  for img, out in zip(images, gray, strict=True):
-    want = np.asarray(Image.fromarray(img).convert("L"))
-    np.testing.assert_array_equal(out[..., 0], want)
-    np.testing.assert_array_equal(out[..., 0], out[..., 2])
-  for bits in (1, 3, 8):
-    out = bit_depth_reduction(images, bits)
-    for img, o in zip(images, out, strict=True):
-      want = np.asarray(ImageOps.posterize(Image.fromarray(img), bits))
-      np.testing.assert_array_equal(o, want)
-  np.testing.assert_array_equal(
-    squeeze(images, "bdr", bits=3), bit_depth_reduction(images, 3)
-  )
-  np.testing.assert_array_equal(squeeze(images, "grayscale"), gray)
-  assert squeeze(images, "jpeg", quality=10).shape == images.shape
-  with pytest.raises(ValueError, match="grayscale"):
-    squeeze(images, "median")
-  with pytest.raises(ValueError, match="Bit depth"):
-    bit_depth_reduction(images, 0)
-  with pytest.raises(TypeError, match="uint8"):
-    grayscale(images.astype(np.float32))
 
 
 def test_lsp_is_class_separable_at_the_l2_budget():
@@ -191,18 +164,16 @@ def test_remn_objective_attacks_then_descends_and_composes_with_grad():
 
 def _generator_case(name):
   from aigc_jax.protect import recipes
-  from experiments.configs import cp as cp_configs
-  from experiments.configs import unlearnable as ul_configs
 
   ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
   if name.startswith("cp_"):
-    config = cp_configs.get_config("smoke")
+    config = recipe_config("cp_smoke")
     config.protect.batch_size = 32
     generate = functools.partial(
       recipes.generate_cp, config, ds, classwise=name == "cp_class"
     )
     return generate, protect.budget(config.protect.eps)
-  config = ul_configs.get_config("smoke")
+  config = recipe_config("unlearnable_smoke")
   config.protect.update(model_batch_size=32, noise_batch_size=32)
   recipe = recipes.PROTECTIONS[name]
   return (
@@ -251,10 +222,9 @@ def test_generators_keep_the_budget_repeat_and_agree_on_1_and_4_devices(name):
 
 def test_random_controls_fill_the_budget_in_blocks():
   from aigc_jax.protect import recipes
-  from experiments.configs import unlearnable as ul_configs
 
   ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
-  config = ul_configs.get_config("smoke")
+  config = recipe_config("unlearnable_smoke")
   config.protect.random.patch = 3  # 8 is not a multiple: the edge is cut
   delta, _ = recipes.generate_random(config, ds, classwise=False)
   eps = protect.budget(config.protect.eps).eps
@@ -271,10 +241,9 @@ def test_random_controls_fill_the_budget_in_blocks():
 
 def test_emn_stops_at_its_accuracy_threshold():
   from aigc_jax.protect import recipes
-  from experiments.configs import unlearnable as ul_configs
 
   ds = data.balanced_subset(data.load_dataset("digits", "train"), 64, 0)
-  config = ul_configs.get_config("smoke")
+  config = recipe_config("unlearnable_smoke")
   config.protect.update(model_batch_size=32, noise_batch_size=32)
   config.protect.emn.max_rounds = 3
   mesh = parallel.make_mesh(4)

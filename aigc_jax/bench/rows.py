@@ -18,6 +18,7 @@ from aigc_jax.bench.timing import Row, shapes_of
 from aigc_jax.models import ResNet18, load_lpips
 from aigc_jax.models.unet import DDPMUNet
 from aigc_jax.protect import budget, default_unroll, udp_perturbation
+from aigc_jax.protect import step_size as protect_step_size
 from aigc_jax.purify.jcdp import (
   guidance_weights,
   joint_energy,
@@ -93,7 +94,7 @@ def udp_step_row(name: str, c, mesh, device: str) -> Row:
   unet, params, model, x = _ddpm_inputs(c, 0, device)
   schedule = diffusion.linear_schedule(1000)
   b = budget(EPS_255)
-  step_size = STEP_255 / 127.5
+  step_size = protect_step_size(STEP_255)
 
   @jax.jit
   def step(params, x, delta, key):

@@ -112,7 +112,7 @@ def victim_recipe(
     attack = train.pgd_attack(
       protect.budget(cm.at_eps),
       steps=cm.at_steps,
-      step_size=cm.at_step_size / protect.LEVELS_PER_UNIT,
+      step_size=protect.step_size(cm.at_step_size),
       unroll=protect.default_unroll(),
     )
 

@@ -29,6 +29,7 @@ from aigc_jax.protect.pgd import (
   quantize_protected,
   random_like,
   random_perturbation,
+  step_size,
 )
 from aigc_jax.protect.udp import (
   EUDP_POLICIES,
@@ -76,5 +77,6 @@ __all__ = [
   "random_perturbation",
   "reading_objective",
   "robust_objective",
+  "step_size",
   "udp_perturbation",
 ]

@@ -56,6 +56,17 @@ def budget(eps_255: float, norm: str = "linf") -> Budget:
   return Budget(norm, float(eps_255) / LEVELS_PER_UNIT)
 
 
+def step_size(size_255: float) -> float:
+  """A PGD step stated in [0, 255] units (1: one grey level), in the model
+  units of images in [-1, 1]: the one conversion every recipe uses."""
+  if size_255 < 0:
+    raise ValueError(
+      f"step size {size_255} is negative; state it in [0, 255] units, e.g. "
+      "1 for one grey level."
+    )
+  return float(size_255) / LEVELS_PER_UNIT
+
+
 def _per_example_norm(x: jax.Array) -> jax.Array:
   flat = x.reshape(x.shape[0], -1)
   return jnp.linalg.norm(flat, axis=-1).reshape((-1,) + (1,) * (x.ndim - 1))

@@ -126,7 +126,7 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
       k,
       budget=b,
       steps=e.class_pgd_steps if classwise else e.pgd_steps,
-      step_size=e.step_size / protect.LEVELS_PER_UNIT,
+      step_size=protect.step_size(e.step_size),
       ascent=False,
       groups=chunk.groups,
       unroll=protect.default_unroll(),
@@ -188,7 +188,6 @@ def generate_remn(config, train_set, mesh):
   )
   b = protect.budget(p.eps)
   attack_budget = protect.budget(rm.attack_eps)
-  unit = protect.LEVELS_PER_UNIT
   crop_pad, flip = config.train.crop_pad, config.train.flip
   rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
@@ -201,7 +200,7 @@ def generate_remn(config, train_set, mesh):
       ),
       attack_budget=attack_budget,
       attack_steps=rm.attack_steps,
-      attack_step_size=rm.attack_step_size / unit,
+      attack_step_size=protect.step_size(rm.attack_step_size),
       num_augmentations=rm.num_augmentations,
       unroll=protect.default_unroll(),
     )
@@ -214,7 +213,7 @@ def generate_remn(config, train_set, mesh):
       pgd_key,
       budget=b,
       steps=rm.pgd_steps,
-      step_size=rm.step_size / unit,
+      step_size=protect.step_size(rm.step_size),
       ascent=False,
       unroll=protect.default_unroll(),
     )
@@ -234,7 +233,7 @@ def generate_remn(config, train_set, mesh):
       attack=train.pgd_attack(
         attack_budget,
         steps=rm.attack_steps,
-        step_size=rm.attack_step_size / unit,
+        step_size=protect.step_size(rm.attack_step_size),
         unroll=protect.default_unroll(),
       ),
     ),
@@ -432,7 +431,7 @@ def generate_cp(config, train_set, mesh, *, classwise, init=None):
       k,
       budget=b,
       steps=g.pgd_steps,
-      step_size=g.step_size / protect.LEVELS_PER_UNIT,
+      step_size=protect.step_size(g.step_size),
       ascent=False,
       groups=chunk.groups,
       unroll=protect.default_unroll(),

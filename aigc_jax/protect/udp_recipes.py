@@ -108,7 +108,7 @@ def reading_step(config, reading, chunk, delta, key, **objective_args):
     key,
     budget=protect.budget(p.eps, p.norm),
     steps=p.pgd_steps,
-    step_size=p.step_size / protect.LEVELS_PER_UNIT,
+    step_size=protect.step_size(p.step_size),
     ascent=protect.READINGS[reading].ascent,
     unroll=protect.default_unroll(),
   )

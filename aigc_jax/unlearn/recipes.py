@@ -19,6 +19,24 @@ import numpy as np
 from aigc_jax import sd
 from aigc_jax.unlearn import closed_form, mace, rece
 
+# The edits a config's `methods` may name, in the order they run.
+METHODS = ("uce", "rece", "mace")
+
+
+def check_config(config) -> None:
+  """Fails on unknown methods, RECE without UCE, or an erased concept that
+  is not among the concepts, before any work."""
+  unknown = set(config.methods) - set(METHODS)
+  if unknown:
+    raise ValueError(
+      f"Unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}."
+    )
+  if "rece" in config.methods and "uce" not in config.methods:
+    raise ValueError("RECE starts from the UCE edit: add 'uce' to methods.")
+  missing = set(config.erase) - set(config.concepts)
+  if missing:
+    raise ValueError(f"Erased concepts {sorted(missing)} are not in concepts.")
+
 
 def concept_prompts(config, concept: str) -> list[str]:
   """The training captions' templates filled with `concept`."""
