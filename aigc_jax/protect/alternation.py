@@ -4,9 +4,10 @@ perturbation steps, over a dataset in chunks; resumable.
 Every protection that trains a surrogate on what it protects is this loop
 with another objective: UDP's max-min and its readings (`max`, `min`,
 `bilevel`; `aigc_jax.protect.udp`), error-minimising noise (EMN, Huang et
-al. 2021, arXiv 2101.04898, Alg. 1), contrastive poisoning (CP, He et al.
-2023, arXiv 2202.11202, Alg. 1), and, with no model step, AdvDM and the
-encoder attacks. Per chunk of images, `rounds` times: `inner_steps` model
+al. 2021, arXiv 2101.04898, Alg. 1), robust EMN (REMN, Fu et al. 2022,
+arXiv 2203.14533: one round whose model steps find each minibatch's δ
+themselves), contrastive poisoning (CP, He et al. 2023, arXiv 2202.11202,
+Alg. 1), and, with no model step, AdvDM and the encoder attacks. Per chunk of images, `rounds` times: `inner_steps` model
 steps on minibatches of the protected chunk, then the perturbation step (a
 few PGD steps) on the whole chunk or on slices of it; optionally stop when
 a rule holds (EMN: the model fits the protected data). The two halves are

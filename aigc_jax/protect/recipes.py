@@ -170,11 +170,13 @@ def generate_emn(config, train_set, mesh, *, classwise: bool):
 
 
 def generate_remn(config, train_set, mesh):
-  """Robust error-minimising noise (Fu et al. 2022, arXiv 2203.14533): per step,
-  the batch's δ from a random start by descent on the loss after a random
-  augmentation and a PGD attack of radius `attack_eps`, then an adversarial
-  training step of the generator on the protected batch; at the end, δ for
-  every example from the final generator.
+  """Robust error-minimising noise (Fu et al. 2022, arXiv 2203.14533) on the
+  alternation engine: one round of `model_steps` generator steps, each of
+  which first finds its minibatch's δ from a random start (descent on the
+  loss after a random augmentation and a PGD attack of radius
+  `attack_eps`) and then takes an adversarial-training step on the
+  protected minibatch; then the perturbation step finds δ for every example
+  from the final generator, slice by slice.
 
   Returns:
     δ per example in model units, and {"rounds", "train_accuracy"}.
@@ -182,31 +184,35 @@ def generate_remn(config, train_set, mesh):
   p, rm = config.protect, config.protect.remn
   x = data.to_model_range(train_set.images)
   labels = train_set.labels
-  n = len(x)
   model, optimizer, state, model_key, noise_key = _generator(
     config, train_set, mesh, 13, rm.model_steps
   )
   b = protect.budget(p.eps)
-  attack_budget = protect.budget(rm.attack_eps)
+  attack = dict(
+    budget=protect.budget(rm.attack_eps),
+    steps=rm.attack_steps,
+    step_size=protect.step_size(rm.attack_step_size),
+    unroll=protect.default_unroll(),
+  )
   crop_pad, flip = config.train.crop_pad, config.train.flip
-  rep, shard = parallel.replicated(mesh), parallel.data_sharding(mesh)
 
-  def noise_step(params, batch_stats, xb, yb, k):
+  def robust_noise(s, xb, yb, k):
+    """A fresh δ for (xb, yb) against the generator `s`."""
     objective = protect.robust_objective(
-      _logits_fn(model, params, batch_stats),
+      _logits_fn(model, s.params, s.batch_stats),
       yb,
       augment=lambda kk, im: train.random_crop_flip(
         kk, im, pad=crop_pad, flip=flip
       ),
-      attack_budget=attack_budget,
-      attack_steps=rm.attack_steps,
-      attack_step_size=protect.step_size(rm.attack_step_size),
+      attack_budget=attack["budget"],
+      attack_steps=attack["steps"],
+      attack_step_size=attack["step_size"],
       num_augmentations=rm.num_augmentations,
-      unroll=protect.default_unroll(),
+      unroll=attack["unroll"],
     )
     start_key, pgd_key = jax.random.split(k)
     start = protect.init_perturbation(start_key, xb.shape, b, random_start=True)
-    delta, _ = protect.pgd(
+    return protect.pgd(
       objective,
       xb,
       start,
@@ -217,45 +223,49 @@ def generate_remn(config, train_set, mesh):
       ascent=False,
       unroll=protect.default_unroll(),
     )
-    return delta
 
-  noise_step = jax.jit(noise_step, out_shardings=shard)
-  model_step = jax.jit(
-    lambda s, xb, db, yb: train.classifier_train_step(
+  def model_step(s, batch):
+    xb, yb = batch
+    # Step s's noise key, as the original draws one per generator step.
+    delta, _ = robust_noise(s, xb, yb, jax.random.fold_in(noise_key, s.step))
+    return train.classifier_train_step(
       s,
-      protect.apply_perturbation(xb, db),
+      protect.apply_perturbation(xb, delta),
       yb,
       model_key,
       model=model,
       optimizer=optimizer,
       crop_pad=crop_pad,
       flip=flip,
-      attack=train.pgd_attack(
-        attack_budget,
-        steps=rm.attack_steps,
-        step_size=protect.step_size(rm.attack_step_size),
-        unroll=protect.default_unroll(),
-      ),
-    ),
-    out_shardings=(rep, rep),
-    donate_argnums=0,
-  )
-  mb = p.model_batch_size
-  for step in tqdm(range(rm.model_steps), desc="remn"):
-    idx = data.batch_indices(config.seed, step, n, mb)
-    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-    k = jax.random.fold_in(noise_key, step)
-    db = parallel.settle(
-      noise_step(state.params, state.batch_stats, xb, yb, k), mesh
+      attack=train.pgd_attack(**attack),
     )
-    state, _ = parallel.settle(model_step(state, xb, db, yb), mesh)
-  delta = np.zeros(x.shape, np.float32)
-  nb = -(-min(p.noise_batch_size, n) // mesh.size) * mesh.size
-  for i, (idx, count) in enumerate(protect.padded_slices(n, nb)):
-    xb, yb = parallel.shard_batch(mesh, (x[idx], labels[idx]))
-    k = jax.random.fold_in(noise_key, 10_000_000 + i)
-    out = np.asarray(noise_step(state.params, state.batch_stats, xb, yb, k))
-    delta[idx[:count]] = out[:count]
+
+  rep = parallel.replicated(mesh)
+  bar = tqdm(total=1, desc="remn")
+  delta, _, state = protect.alternate(
+    x,
+    lambda k, shape: np.zeros(shape, np.float32),
+    state,
+    noise_key,
+    perturbation_step=jax.jit(
+      lambda s, chunk, d, k: robust_noise(s, chunk.x, chunk.conditions, k)
+    ),
+    model_step=jax.jit(model_step, out_shardings=(rep, rep), donate_argnums=0),
+    schedule=protect.Schedule(
+      rounds=1,
+      inner_steps=rm.model_steps,
+      batch_size=p.model_batch_size,
+      chunk_size=len(x),
+      slice_size=p.noise_batch_size,
+      epoch_order=True,
+    ),
+    mesh=mesh,
+    seed=config.seed,
+    conditions=labels,
+    progress=bar.update,
+  )
+  bar.close()
+  nb = -(-min(p.noise_batch_size, len(x)) // mesh.size) * mesh.size
   protected = np.clip(x + delta, -1.0, 1.0)
   acc = generator_accuracy(model, state, protected, labels, mesh, nb)
   return delta, {"rounds": rm.model_steps, "train_accuracy": acc}
