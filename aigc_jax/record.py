@@ -165,6 +165,13 @@ def share_text(share: float | None, n: int) -> str:
   return f"{100 * share:.1f} ({hits}/{n}, {100 * lo:.1f}–{100 * hi:.1f})"
 
 
+def percent_text(share: float, n: int) -> str:
+  """A share of `n` as a table cell, in % with its 95% Wilson interval:
+  "98.3 (96.4–99.2)" (the table states n once)."""
+  lo, hi = share_interval(round(share * n), n)
+  return f"{100 * share:.1f} ({100 * lo:.1f}–{100 * hi:.1f})"
+
+
 def flat(tree: dict, prefix: str = "") -> dict:
   """A nested dict as one level of "a/b/c" keys, None values left out (a
   metrics line)."""

@@ -111,7 +111,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       )
   total = round(time.time() - start, 1)
   record.write_report(
-    workdir, cp_report(config, workdir, results, infos, total)
+    workdir,
+    cp_report(config, workdir, results, infos, total, test_set.num_examples),
   )
   return {
     "probe_accuracy": {
@@ -122,13 +123,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
 
 
-def cp_report(config, workdir, results, infos, total) -> str:
+def cp_report(config, workdir, results, infos, total, n) -> str:
+  """`n`: the test images each probe accuracy is measured on."""
   sets = ["clean", *infos]
   table = record.markdown_table(
     ["learner"] + [recipes.label(s, clean="clean") for s in sets],
     [
       [contrastive.LEARNER_LABELS[m]]
-      + [f"{100 * results[s, m]['probe_accuracy']:.1f}" for s in sets]
+      + [record.percent_text(results[s, m]["probe_accuracy"], n) for s in sets]
       for m in config.methods
     ],
   )
@@ -160,7 +162,8 @@ Command:
 
 {launch.command_line(__file__, config, workdir)}
 
-Linear-probe accuracy (%) on the clean test set of a {config.model.name}
+Linear-probe accuracy (%, with its 95% interval over the {n} test images)
+on the clean test set of a {config.model.name}
 encoder trained for {config.train.num_epochs} epochs on each set (columns)
 with each learner (rows); the probe is fitted on frozen features of the
 clean training set. The poison is generated against

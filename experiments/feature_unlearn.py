@@ -446,18 +446,20 @@ def _seconds(seconds: float | None) -> str:
   return "restored" if seconds is None else f"{seconds} s"
 
 
-def comparison_tables(r) -> tuple[str, str]:
-  """The share with the feature and FD per generator; what moved (L1)."""
+def comparison_tables(r, n) -> tuple[str, str]:
+  """The share of `n` samples with the feature (%, 95% interval) and FD
+  per generator; what moved (L1)."""
+  pct = lambda share: record.percent_text(share, n)
   table = record.markdown_table(
-    ["generator", "with the feature", "FD to real digits without it"],
+    ["generator", "with the feature (%)", "FD to real digits without it"],
     [
-      ["original", f"{r['share_before']:.1%}", f"{r['fd_original']:.2f}"],
+      ["original", pct(r["share_before"]), f"{r['fd_original']:.2f}"],
       [
         "original, samples without the feature",
-        "0%",
+        "0",
         f"{r['fd_original_without_feature']:.2f}",
       ],
-      ["unlearned", f"{r['share_after']:.1%}", f"{r['fd_unlearned']:.2f}"],
+      ["unlearned", pct(r["share_after"]), f"{r['fd_unlearned']:.2f}"],
     ],
   )
   l1 = record.markdown_table(
@@ -509,7 +511,7 @@ def report(config, workdir, r, measure) -> str:
       "",
       f"{config.eval.num_samples} samples of the same fresh latents:",
       "",
-      *comparison_tables(r),
+      *comparison_tables(r, config.eval.num_samples),
       f"Share with the feature: {r['share_before']:.1%} -> "
       f"{r['share_after']:.1%}, a relative drop of {r['relative_drop']:.1%} "
       f"({met}). Latents "

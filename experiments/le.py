@@ -296,9 +296,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer.write(0, {f"contrastive/{k}/probe_accuracy": v})
   for k, r in out.get("udp", {}).items():
     writer.write(0, {f"udp/{k}/{m}": v for m, v in r.items()})
-  report = le_report(
-    config, workdir, results, quality, infos, len(manifold), ddpm_seconds, total
+  facts = dict(
+    manifold_size=len(manifold),
+    ddpm_seconds=ddpm_seconds,
+    total=total,
+    test_images=test_set.num_examples,
   )
+  report = le_report(config, workdir, results, quality, infos, facts)
   if cp_results:
     report += contrastive_report(config, cp_results)
   if udp_eval:
@@ -384,13 +388,14 @@ def quality_table(config, quality) -> str:
   )
 
 
-def le_report(
-  config, workdir, results, quality, infos, manifold_size, ddpm_s, total
-) -> str:
-  sets = ["clean", *infos]
+def le_report(config, workdir, results, quality, infos, facts) -> str:
+  """`facts`: manifold_size, ddpm_seconds, total, test_images."""
+  sets, n = ["clean", *infos], facts["test_images"]
   rows = [*config.countermeasures, *config.purifiers, *config.ablations]
   cell = lambda s, r: (
-    f"{100 * results[s, r]['test_accuracy']:.1f}" if (s, r) in results else "–"
+    record.percent_text(results[s, r]["test_accuracy"], n)
+    if (s, r) in results
+    else "–"
   )
   table = record.markdown_table(
     ["countermeasure"] + [recipes.label(s) for s in sets],
@@ -412,13 +417,14 @@ Command:
 
 {launch.command_line(__file__, config, workdir)}
 
-Clean test accuracy (%) of a {config.model.name} trained for
-{config.train.num_epochs} epochs ({config.counter.aa_epochs} with AA) on each
-training set after each countermeasure (columns: the data; rows: what the
-trainer did). Purification: diffuse to t* = {p.t_star} and denoise, {p.rounds}
-rounds, with a DDPM trained for {config.ddpm.train.num_steps} steps
-({ddpm_s} s) on {manifold_size} other, clean images from
-`{config.manifold.source}`. Total time {total} s.
+Clean test accuracy (%, with its 95% interval over the {n} test images) of
+a {config.model.name} trained for {config.train.num_epochs} epochs
+({config.counter.aa_epochs} with AA) on each training set after each
+countermeasure (columns: the data; rows: what the trainer did).
+Purification: diffuse to t* = {p.t_star} and denoise, {p.rounds} rounds,
+with a DDPM trained for {config.ddpm.train.num_steps} steps
+({facts["ddpm_seconds"]} s) on {facts["manifold_size"]} other, clean images
+from `{config.manifold.source}`. Total time {facts["total"]} s.
 
 {table}{seeds_line}
 LE against its targets (the config's `expected` block):

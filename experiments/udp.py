@@ -205,9 +205,9 @@ def pixel_run(config, workdir, mesh) -> dict:
 
 def pixel_table(config, results) -> str:
   """What a DDPM trained on each set generates."""
-  clean = results["clean"]
+  clean, n = results["clean"], config.ddpm.sample.num_samples
   header = ["training data", "FD of the data", "FD of samples", "vs clean"]
-  header += ["precision", "recall", f"p > {config.eval.confidence}"]
+  header += ["precision", "recall", f"p > {config.eval.confidence} (%)"]
   header += ["drop (points)", "classes", "held-out loss"]
   if "inception_fid" in clean:
     header.append("Inception FID")
@@ -220,7 +220,7 @@ def pixel_table(config, results) -> str:
     row = [name, f"{r['data_frechet_distance']:.3f}"]
     row += [f"{r['frechet_distance']:.3f}", f"{ratio:.2f}x"]
     row += [f"{r['precision']:.3f}", f"{r['recall']:.3f}"]
-    row += [f"{r['confident_share']:.3f}", f"{drop:+.1f}"]
+    row += [record.percent_text(r["confident_share"], n), f"{drop:+.1f}"]
     row += [f"{r['classes_covered']}", f"{r['heldout_loss']:.4f}"]
     if "inception_fid" in r:
       row.append(f"{r['inception_fid']:.2f}")
@@ -251,8 +251,9 @@ steps and {p.pgd_steps} PGD steps (step {p.step_size:g}/255, {p.num_draws}
 draws) per chunk of {p.chunk_size}; surrogate warmed up for
 {config.surrogate.train.num_steps} steps on clean data. Each row's DDPM is
 trained from scratch with the same seed for {config.ddpm.train.num_steps} steps,
-then {config.ddpm.sample.num_samples} samples are drawn. Features and
-confidence come from a classifier of real data (test accuracy
+then {config.ddpm.sample.num_samples} samples are drawn (shares of them with
+their 95% intervals). Features and confidence come from a classifier of
+real data (test accuracy
 {clf_accuracy:.4f}); Fréchet distances (FD) are to the real test set, for the
 training images themselves ("of the data": what a DDPM that fitted them
 perfectly would reach) and for the DDPM's samples. Total time {total} s.

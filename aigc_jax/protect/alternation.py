@@ -7,12 +7,13 @@ with another objective: UDP's max-min and its readings (`max`, `min`,
 al. 2021, arXiv 2101.04898, Alg. 1), robust EMN (REMN, Fu et al. 2022,
 arXiv 2203.14533: one round whose model steps find each minibatch's δ
 themselves), contrastive poisoning (CP, He et al. 2023, arXiv 2202.11202,
-Alg. 1), and, with no model step, AdvDM and the encoder attacks. Per chunk of images, `rounds` times: `inner_steps` model
-steps on minibatches of the protected chunk, then the perturbation step (a
-few PGD steps) on the whole chunk or on slices of it; optionally stop when
-a rule holds (EMN: the model fits the protected data). The two halves are
-jitted by the caller and driven from the host: on XLA:CPU a `lax.scan` over
-training steps ran 20x slower per step than the same step jitted alone.
+Alg. 1), and, with no model step, AdvDM and the encoder attacks. Per chunk
+of images, `rounds` times: `inner_steps` model steps on minibatches of the
+protected chunk, then the perturbation step (a few PGD steps) on the whole
+chunk or on slices of it; optionally stop when a rule holds (EMN: the
+model fits the protected data). The two halves are jitted by the caller
+and driven from the host: on XLA:CPU a `lax.scan` over training steps ran
+20x slower per step than the same step jitted alone.
 
 δ is sample-wise (one row per image) or class-wise (one row per group,
 shared by its images and carried from chunk to chunk, and from slice to
