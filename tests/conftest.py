@@ -100,7 +100,7 @@ def _tuples(value):
 def recipe_config(name: str):
   """The config `tests/configs/<name>.json` holds: an experiment's smoke
   config written out, so that the library's config-driven recipes are
-  tested without importing `experiments` (test_experiments.py checks the
+  tested without importing `experiments` (test_launchers.py checks the
   files still equal the experiments' configs)."""
   import json
 
@@ -194,3 +194,39 @@ def full_xla_optimisation():
   test whose run time, not compile time, dominates (an experiment's smoke
   run followed by LE's LPIPS-guided purification of its sets)."""
   return _full_xla_optimisation
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# Full XLA optimisation (`optimized_xla`, `full_xla_optimisation`) only where
+# run time dominates: LE's LPIPS-guided purification runs several times
+# slower unoptimised (the LE smoke run alone: 196 s against 44 s), while the
+# other smoke runs compile more than they run (unlearnable: 37 s against 85
+# s, the text-to-image chain 191 s against 252 s; one process).
+
+
+def run_experiment(module, config, workdir, *, num_devices=1):
+  """Runs an experiment in `workdir`, on one device unless told otherwise.
+
+  One device because four forced CPU devices on two cores make a smoke run
+  three times slower; sharded agreement has its own tests, and
+  `test_unlearnable_smoke_saves_protections_and_resumes` runs on four.
+  """
+  from aigc_jax import record
+
+  config.num_devices = num_devices
+  workdir = record.prepare_workdir(str(workdir), config.to_json())
+  return module.train_and_evaluate(config, workdir), workdir
+
+
+def le_on_upstream(tmp_path, **upstream):
+  """experiments/le.py's smoke variant on another run's sets only."""
+  from experiments import le
+  from experiments.configs import le as le_configs
+
+  config = le_configs.get_config("smoke")
+  config.update(
+    protections=(), clean_rows=(), purifiers=("le",), ablations=(), **upstream
+  )
+  return run_experiment(le, config, tmp_path / "le")
