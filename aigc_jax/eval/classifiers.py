@@ -11,6 +11,7 @@ and `seed` fields describe it (`experiments/configs/train_classifier.py`).
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -102,6 +103,106 @@ def _jitted_logits(params, batch_stats, images, *, model, return_features):
   )
 
 
+class Recipe(NamedTuple):
+  """How a classifier trains: the same for every training set of one size,
+  so its jitted functions compile once."""
+
+  model: Any
+  init: Callable[[], train.ClassifierState]
+  phases: tuple[tuple[Callable, int], ...]  # (step function, until step)
+  seed: int  # of the initialisation, the augmentation and the batch order
+
+
+def classifier_recipe(
+  config,
+  num_examples: int,
+  num_classes: int,
+  image_shape,
+  *,
+  seed_offset: int = 0,
+  epochs: int | None = None,
+  attack=None,
+  views=None,
+  view_phases: tuple[tuple[int, int | None], ...] = ((1, None),),
+) -> Recipe:
+  """SGD on `config`'s model for `epochs` (default `train.num_epochs`)
+  epochs with crop/flip augmentation, seeded by `config.seed +
+  seed_offset`; `attack` (adversarial training) and `views` (the max over
+  augmented views) go to `train.classifier_train_step`. `view_phases`:
+  `(num_views, until_epoch)` per phase, None: to the end (UEraser's K views
+  then one)."""
+  per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
+  num_steps = (epochs or config.train.num_epochs) * per_epoch
+  model, optimizer = build_classifier(config, num_classes, num_steps)
+  seed = config.seed + seed_offset
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  init = functools.partial(
+    train.init_classifier_state, model, optimizer, init_key, image_shape
+  )
+
+  def step_fn(num_views):
+    return lambda s, b: train.classifier_train_step(
+      s,
+      b["images"],
+      b["labels"],
+      train_key,
+      model=model,
+      optimizer=optimizer,
+      crop_pad=config.train.crop_pad,
+      flip=config.train.flip,
+      attack=attack,
+      views=views,
+      num_views=num_views,
+    )
+
+  phases = tuple(
+    (
+      step_fn(k),
+      num_steps if until is None else min(until * per_epoch, num_steps),
+    )
+    for k, until in view_phases
+  )
+  return Recipe(model, init, phases, seed)
+
+
+def fit(config, workdir, recipe, images, labels, test_set, mesh, desc=None):
+  """Trains `recipe` on uint8 `images` in `workdir` (resuming from its last
+  checkpoint) and scores it on `test_set`: the classifier and
+  {"test_accuracy", "steps", "seconds"}."""
+  os.makedirs(workdir, exist_ok=True)
+  start = time.time()
+  x = data.to_model_range(images)
+  n, bs = len(x), config.train.batch_size
+
+  def batch_fn(step):
+    idx = data.batch_indices(recipe.seed, step, n, bs)
+    return {"images": x[idx], "labels": labels[idx]}
+
+  state = train.train_stage(
+    os.path.join(workdir, "ckpt"),
+    recipe.init,
+    recipe.phases,
+    batch_fn,
+    mesh=mesh,
+    checkpoint_every=config.train.checkpoint_every,
+    log_every=config.train.log_every,
+    log_fn=record.MetricWriter(workdir, prefix="train/").write,
+    desc=desc or os.path.basename(workdir),
+  )
+  classifier = Classifier(recipe.model, state.params, state.batch_stats)
+  logits = predict_logits(
+    classifier,
+    data.to_model_range(test_set.images),
+    config.eval_batch_size,
+    mesh,
+  )
+  return classifier, {
+    "test_accuracy": float(accuracy(logits, test_set.labels)),
+    "steps": recipe.phases[-1][1],
+    "seconds": round(time.time() - start, 1),
+  }
+
+
 def train_classifier(config, workdir: str) -> dict:
   """Trains on config.data.train and evaluates on config.data.test, resuming
   from `workdir`'s last checkpoint; writes `report.md`.
@@ -112,58 +213,25 @@ def train_classifier(config, workdir: str) -> dict:
   mesh = parallel.make_mesh(config.num_devices or None)
   parallel.check_batch_size(config.train.batch_size, mesh)
   train_set, test_set = load_train_test(config)
-  x_train = data.to_model_range(train_set.images)
   num_classes = train_set.num_classes
-  per_epoch = data.steps_per_epoch(
-    train_set.num_examples, config.train.batch_size
+  recipe = classifier_recipe(
+    config, train_set.num_examples, num_classes, train_set.images.shape[1:]
   )
-  num_steps = config.train.num_epochs * per_epoch
-  model, optimizer = build_classifier(config, num_classes, num_steps)
-  init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  init_fn = functools.partial(
-    train.init_classifier_state, model, optimizer, init_key, x_train.shape[1:]
-  )
-  step_fn = lambda s, b: train.classifier_train_step(
-    s,
-    b["images"],
-    b["labels"],
-    train_key,
-    model=model,
-    optimizer=optimizer,
-    crop_pad=config.train.crop_pad,
-    flip=config.train.flip,
-  )
-
-  def batch_fn(step):
-    idx = data.batch_indices(
-      config.seed, step, train_set.num_examples, config.train.batch_size
-    )
-    return {"images": x_train[idx], "labels": train_set.labels[idx]}
-
-  start = time.time()
-  state = train.train_stage(
-    os.path.join(workdir, "ckpt"),
-    init_fn,
-    ((step_fn, num_steps),),
-    batch_fn,
-    mesh=mesh,
-    checkpoint_every=config.train.checkpoint_every,
-    log_every=config.train.log_every,
-    log_fn=record.MetricWriter(workdir, prefix="train/").write,
+  _, fitted = fit(
+    config,
+    workdir,
+    recipe,
+    train_set.images,
+    train_set.labels,
+    test_set,
+    mesh,
     desc="classifier",
   )
-  train_seconds = time.time() - start
-
-  logits = predict_logits(
-    Classifier(model, state.params, state.batch_stats),
-    data.to_model_range(test_set.images),
-    config.eval_batch_size,
-    mesh,
-  )
-  test_acc = float(accuracy(logits, test_set.labels))
+  test_acc, train_seconds = fitted["test_accuracy"], fitted["seconds"]
+  num_steps = fitted["steps"]
   result = {
     "test_accuracy": test_acc,
-    "train_seconds": round(train_seconds, 1),
+    "train_seconds": train_seconds,
     "num_classes": num_classes,
   }
   record.MetricWriter(workdir, prefix="eval/").write(num_steps, result)

@@ -21,19 +21,9 @@ victim (`experiments/configs/unlearnable.py`).
 
 import functools
 import os
-import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
 
-import jax
-
-from aigc_jax import data, protect, record, train
-from aigc_jax.eval.classifiers import (
-  Classifier,
-  build_classifier,
-  predict_logits,
-)
-from aigc_jax.metrics import accuracy
+from aigc_jax import protect, record, train
+from aigc_jax.eval.classifiers import Recipe, classifier_recipe, fit
 from aigc_jax.purify import squeeze
 
 COUNTERMEASURES = (
@@ -80,34 +70,16 @@ def apply_countermeasure_to_data(config, name: str, images):
   return images
 
 
-class VictimRecipe(NamedTuple):
-  """How the victim trains under one countermeasure: the same for every
-  training set of that size, so its jitted functions compile once."""
-
-  model: Any
-  init: Callable[[], train.ClassifierState]
-  phases: tuple[tuple[Callable, int], ...]  # (step function, until step)
-  seed: int  # of the initialisation, the augmentation and the batch order
-
-
 def victim_recipe(
   config, name, num_examples, num_classes, image_shape, seed_offset=0
-) -> VictimRecipe:
+) -> Recipe:
   """The victim's model, initialiser and training phases under countermeasure
   `name` (standard, AT or UEraser's K-view then one-view phases), with the
   seed `config.seed + seed_offset`."""
   check_countermeasure(name)
   cm = config.counter
-  per_epoch = data.steps_per_epoch(num_examples, config.train.batch_size)
-  epochs = cm.aa_epochs if name == "aa" else config.train.num_epochs
-  num_steps = epochs * per_epoch
-  model, optimizer = build_classifier(config, num_classes, num_steps)
-  seed = config.seed + seed_offset
-  init_key, train_key = jax.random.split(jax.random.key(seed))
-  init = functools.partial(
-    train.init_classifier_state, model, optimizer, init_key, image_shape
-  )
-  attack = None
+  attack = views = None
+  view_phases = ((1, None),)
   if name == "at":
     attack = train.pgd_attack(
       protect.budget(cm.at_eps),
@@ -115,31 +87,21 @@ def victim_recipe(
       step_size=protect.step_size(cm.at_step_size),
       unroll=protect.default_unroll(),
     )
-
-  def step_fn(num_views):
-    views = train.ueraser_augment if name == "aa" else None
-    return lambda s, b: train.classifier_train_step(
-      s,
-      b["images"],
-      b["labels"],
-      train_key,
-      model=model,
-      optimizer=optimizer,
-      crop_pad=config.train.crop_pad,
-      flip=config.train.flip,
-      attack=attack,
-      views=views,
-      num_views=num_views,
-    )
-
-  # UEraser: K views while epochs < aa_max_epochs, then one (UEraser-Lite).
-  phases = ((step_fn(1), num_steps),)
   if name == "aa":
-    phases = (
-      (step_fn(cm.aa_views), min(cm.aa_max_epochs * per_epoch, num_steps)),
-      (step_fn(1), num_steps),
-    )
-  return VictimRecipe(model, init, phases, seed)
+    # UEraser: K views while epochs < aa_max_epochs, then one (UEraser-Lite).
+    views = train.ueraser_augment
+    view_phases = ((cm.aa_views, cm.aa_max_epochs), (1, None))
+  return classifier_recipe(
+    config,
+    num_examples,
+    num_classes,
+    image_shape,
+    seed_offset=seed_offset,
+    epochs=cm.aa_epochs if name == "aa" else None,
+    attack=attack,
+    views=views,
+    view_phases=view_phases,
+  )
 
 
 def victim_trainer(config, test_set, mesh):
@@ -167,7 +129,7 @@ def victim_trainer(config, test_set, mesh):
     num_classes = int(max(labels.max(), test_set.labels.max())) + 1
     return record.cached_result(
       workdir,
-      lambda: _train_victim(
+      lambda: fit(
         config,
         workdir,
         recipe(name, len(images), num_classes, images.shape[1:], seed_offset),
@@ -175,50 +137,18 @@ def victim_trainer(config, test_set, mesh):
         labels,
         test_set,
         mesh,
-      ),
+        desc=os.path.relpath(
+          workdir, os.path.dirname(os.path.dirname(workdir))
+        ),
+      )[1],
       inputs=record.array_digest(images, labels),
     )
 
   return train_one
 
 
-def _train_victim(config, workdir, recipe, images, labels, test_set, mesh):
-  os.makedirs(workdir, exist_ok=True)
-  start = time.time()
-  x = data.to_model_range(images)
-  n, bs = len(x), config.train.batch_size
-
-  def batch_fn(step):
-    idx = data.batch_indices(recipe.seed, step, n, bs)
-    return {"images": x[idx], "labels": labels[idx]}
-
-  state = train.train_stage(
-    os.path.join(workdir, "ckpt"),
-    recipe.init,
-    recipe.phases,
-    batch_fn,
-    mesh=mesh,
-    checkpoint_every=config.train.checkpoint_every,
-    log_every=config.train.log_every,
-    log_fn=record.MetricWriter(workdir, prefix="train/").write,
-    desc=os.path.relpath(workdir, os.path.dirname(os.path.dirname(workdir))),
-  )
-  logits = predict_logits(
-    Classifier(recipe.model, state.params, state.batch_stats),
-    data.to_model_range(test_set.images),
-    config.eval_batch_size,
-    mesh,
-  )
-  return {
-    "test_accuracy": float(accuracy(logits, test_set.labels)),
-    "steps": recipe.phases[-1][1],
-    "seconds": round(time.time() - start, 1),
-  }
-
-
 __all__ = [
   "COUNTERMEASURES",
-  "VictimRecipe",
   "apply_countermeasure_to_data",
   "check_countermeasure",
   "countermeasure_label",
