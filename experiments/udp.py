@@ -74,7 +74,7 @@ def attacked_sets(config, workdir, sets, mesh) -> dict:
   }
   chosen = [
     name
-    for name, attack in zip(transforms, ("jpeg", "blur", "le"), strict=True)
+    for name, attack in zip(transforms, udp_recipes.ATTACKS, strict=True)
     if attack in e.attacks
   ]
   out = {

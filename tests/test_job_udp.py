@@ -76,6 +76,13 @@ def test_udp_rejects_unknown_methods_before_any_work(tmp_path):
   config.protect.methods = ("encoder_away",)  # a pixel DDPM has no encoder
   with pytest.raises(ValueError, match="latent model's encoder"):
     udp.train_and_evaluate(config, str(tmp_path))
+  config.protect.methods = ("udp",)
+  config.eval.attacks = ("jpeg", "median")
+  with pytest.raises(ValueError, match=r"Unknown eval\.attacks"):
+    udp.train_and_evaluate(config, str(tmp_path))
+  config.eval.attacks = ("le",)  # the pixel settings have no eval.le
+  with pytest.raises(ValueError, match=r"no eval\.le block"):
+    udp.train_and_evaluate(config, str(tmp_path))
   concept = udp_configs.get_config("concept")
   concept.eval.robust_method = "max"  # not among its methods
   with pytest.raises(ValueError, match="robust_method"):

@@ -31,12 +31,25 @@ from aigc_jax.eval import ddpm
 from aigc_jax.metrics import psnr, ssim
 from aigc_jax.train import ddpm_eps_fn
 
+# What the attacker may do to the robust method's set (`eval.attacks`).
+ATTACKS = ("jpeg", "blur", "le")
+
 
 def check_methods(config) -> None:
   """Fails now, not after minutes of protection, on a method name the
   library does not know, a reading this surrogate cannot run, or a
   robustness row of a method that is not run."""
   robust = config.eval.robust_method
+  unknown = set(config.eval.attacks) - set(ATTACKS)
+  if unknown:
+    raise ValueError(
+      f"Unknown eval.attacks {sorted(unknown)}; choose from {ATTACKS}."
+    )
+  if "le" in config.eval.attacks and "le" not in config.eval:
+    raise ValueError(
+      "eval.attacks names 'le' but the config has no eval.le block (LE's "
+      "purifying DDPM); add one as the latent settings do, or drop 'le'."
+    )
   if robust and robust not in config.protect.methods:
     raise ValueError(
       f"eval.robust_method {robust!r} is not among protect.methods "
