@@ -189,6 +189,11 @@ def expectation(expected, key: str, value: float) -> str:
   block (`{"at_least": x}` or `{"at_most": x}`; the block's `source` says
   where the number comes from): "met (≥ x)" or "missed (≥ x)". Reports
   state targets only through this, so that no report hard-codes one."""
+  if key not in expected:
+    raise ValueError(
+      f"The config's `expected` block has no {key!r} target; add one, e.g. "
+      f"expected.{key} = {{'at_least': x}} (or 'at_most'), with its source."
+    )
   bound = expected[key]
   if "at_least" in bound:
     target, ok = f"≥ {bound.at_least:g}", value >= bound.at_least

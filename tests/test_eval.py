@@ -189,3 +189,35 @@ def test_purification_is_the_same_on_one_and_four_devices():
   }
   np.testing.assert_allclose(out[1], out[4], atol=1e-5)
   assert not np.allclose(out[1], images, atol=1e-3)
+
+
+def test_purifiers_are_checked_cached_and_leave_out_the_originals(tmp_path):
+  purify_config = ml_collections.ConfigDict(
+    dict(t_star=3, rounds=1, split=1, variance="fixed_large", lpips_size=32)
+  )
+  assert purifiers.guidance(purify_config, "avatar") is None
+  le = purifiers.guidance(purify_config, "le")
+  assert le["form"] == "original" and le["lpips_size"] == 32
+  with pytest.raises(ValueError, match="Unknown purifier 'le_paper'"):
+    purifiers.guidance(purify_config, "le_paper")  # no paper_mse given
+  calls = []
+  images = np.arange(2 * 4 * 4, dtype=np.uint8).reshape(2, 4, 4, 1)
+
+  def purify_fn(batch):
+    calls.append(1)
+    return -batch[0]
+
+  path = str(tmp_path / "purified" / "set.npz")
+  mesh = parallel.make_mesh(1)
+  out, _ = purifiers.purified_set(path, images, purify_fn, 2, mesh)
+  again, _ = purifiers.purified_set(path, images, purify_fn, 2, mesh)
+  np.testing.assert_array_equal(out, again)
+  assert len(calls) == 1 and os.path.exists(path.replace(".npz", "_grid.png"))
+  np.testing.assert_array_equal(
+    out, data.to_uint8(-data.to_model_range(images))
+  )
+  clean = data.load_split("digits:train").images[:5]
+  padded = np.pad(clean, [(0, 0), (2, 2), (2, 2), (0, 0)])
+  manifold = purifiers.padded_manifold("digits:train", "", padded)
+  assert manifold.shape[1:] == (12, 12, 1)
+  assert len(manifold) == len(data.load_split("digits:train").images) - 5

@@ -378,3 +378,30 @@ def test_step_sizes_are_stated_in_grey_levels():
   assert protect.step_size(2.0) == pytest.approx(protect.budget(2).eps)
   with pytest.raises(ValueError, match=r"\[0, 255\] units"):
     protect.step_size(-1.0)
+
+
+def test_latent_recipes_sweep_budgets_with_the_step_scaled():
+  from aigc_jax.protect import latent_recipes
+
+  config = recipe_config("udp_smoke")
+  config.protect.update(eps=64.0, step_size=2.0, budgets=())
+  assert latent_recipes.budgets(config) == (64.0,)
+  assert not latent_recipes.sweeps(config)
+  config.protect.budgets = (8.0, 64.0)
+  assert latent_recipes.sweeps(config)
+  at = latent_recipes.config_at_budget(config, 8.0)
+  assert (at.protect.eps, at.protect.step_size) == (8.0, 0.25)
+  assert config.protect.eps == 64.0  # the caller's config is left alone
+  assert latent_recipes.anchor_class("class:4") == 4
+  assert latent_recipes.anchor_class("gray") is None
+  x = jnp.linspace(-1, 1, 2 * 8 * 8).reshape(2, 8, 8, 1)
+  config.protect.encoder_target = "gray"
+  gray = latent_recipes.encoder_target(config, x, jnp.zeros((1, 8, 8, 1)))
+  np.testing.assert_array_equal(gray, jnp.zeros_like(x))
+  config.protect.encoder_target = "class:3"
+  anchors = jnp.stack([jnp.full((8, 8, 1), v) for v in (-1.0, 1.0)])
+  nearest = latent_recipes.encoder_target(config, x, anchors)
+  np.testing.assert_array_equal(nearest, anchors)  # dark to -1, light to 1
+  config.protect.encoder_target = "sepia"
+  with pytest.raises(ValueError, match="'gray', 'blur' or 'class:<k>'"):
+    latent_recipes.encoder_target(config, x, anchors)

@@ -64,3 +64,38 @@ def test_cached_arrays_are_computed_once_and_written_whole(tmp_path):
   with pytest.raises(KeyboardInterrupt):
     record.cached_arrays(str(tmp_path / "killed.npz"), killed)
   assert not (tmp_path / "killed.npz").exists()
+
+
+def test_report_pieces_state_targets_and_intervals(tmp_path):
+  import ml_collections
+
+  expected = ml_collections.ConfigDict(
+    {
+      "source": "the paper",
+      "drop_points": {"at_least": 40.0},
+      "gap_points": {"at_most": 10.0},
+    }
+  )
+  assert record.expectation(expected, "drop_points", 41.0) == (
+    "met (drop_points ≥ 40, the paper)"
+  )
+  assert record.expectation(expected, "drop_points", 39.9).startswith("missed")
+  assert record.expectation(expected, "gap_points", 10.0).startswith("met")
+  assert record.expectation(expected, "gap_points", 12.0).startswith("missed")
+  with pytest.raises(ValueError, match="no 'fd_ratio' target"):
+    record.expectation(expected, "fd_ratio", 1.0)
+  # Wilson's interval of 5 in 32 is 6.9-31.8%; of 50 in 100, 40.4-59.6%.
+  assert record.share_text(5 / 32, 32) == "15.6 (5/32, 6.9–31.8)"
+  assert record.share_text(float("nan"), 0) == "–"
+  assert record.percent_text(0.5, 100) == "50.0 (40.4–59.6)"
+  assert record.flat({"a": {"b": 1, "c": None}, "d": 2}) == {"a/b": 1, "d": 2}
+  path = str(tmp_path / "curve.png")
+  record.plot_curves(
+    path,
+    (8, 16, 32),
+    {"m": [80.0, 60.0, 20.0]},
+    xlabel="budget",
+    ylabel="success (%)",
+    reference=("clean", 82.0),
+  )
+  assert os.path.getsize(path) > 0

@@ -152,6 +152,7 @@ def budgets(config) -> tuple[float, ...]:
 
 
 def sweeps(config) -> bool:
+  """Whether the config sweeps budgets (sets are then named "<m>@<eps>")."""
   return bool(config.protect.budgets)
 
 
