@@ -10,69 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PROMPTS
 
 from aigc_jax import parallel, sd
 from aigc_jax.sd.torchvision_fallback import import_torchvision
 
 torch = pytest.importorskip("torch")
 import_torchvision()  # for diffusers' PyTorch reference models
-
-PROMPTS = ["a handwritten digit three", "a handwritten digit eight", ""]
-
-
-def save_tiny_stable_diffusion(path: str, *, norm_num_groups: int = 32):
-  """A random SD-shaped checkpoint, saved as diffusers' PyTorch classes do."""
-  from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel
-
-  from aigc_jax.sd.vocabulary import write_clip_tokenizer
-
-  torch.manual_seed(0)
-  tokenizer = write_clip_tokenizer(PROMPTS[:2], os.path.join(path, "tokenizer"))
-  UNet2DConditionModel(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=norm_num_groups,
-  ).save_pretrained(os.path.join(path, "unet"))
-  AutoencoderKL(
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64),
-    norm_num_groups=32,
-    sample_size=16,
-  ).save_pretrained(os.path.join(path, "vae"))
-  CLIPTextModel(
-    CLIPTextConfig(
-      hidden_size=32,
-      intermediate_size=37,
-      num_attention_heads=4,
-      num_hidden_layers=2,
-      vocab_size=len(tokenizer),
-      bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=tokenizer.pad_token_id,
-    )
-  ).save_pretrained(os.path.join(path, "text_encoder"))
-  DDIMScheduler(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-  ).save_pretrained(os.path.join(path, "scheduler"))
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-  path = str(tmp_path_factory.mktemp("sd") / "tiny")
-  save_tiny_stable_diffusion(path)
-  return path
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_sd):
-  return sd.load_stable_diffusion(tiny_sd)
 
 
 def test_loaded_models_match_pytorch(tiny_sd, loaded):
@@ -233,31 +177,6 @@ def test_text_to_image_is_jittable_and_the_same_sharded(loaded):
   )
 
 
-def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
-  from aigc_jax import unlearn
-
-  model, params = loaded
-  erase, target, keep, s_p = unlearn.uce_keys(
-    model, params, [PROMPTS[0]], [" "], preserve=[PROMPTS[1]]
-  )
-  # "three" is token 4: rows 4..76 of the concept, rows 0..72 of " ".
-  assert erase.shape == target.shape == (73, 32)
-  concept = sd.encode_prompts(model, params, [PROMPTS[0], " "])
-  np.testing.assert_allclose(erase, concept[0, 4:], atol=1e-5)
-  np.testing.assert_allclose(target, concept[1, :73], atol=1e-5)
-  assert keep.shape == (2 * 77, 32) and s_p == 0.5  # "" and the kept prompt
-  kernels = sd.read_projections(params["unet"])
-  edited = unlearn.uce_edit(
-    kernels, erase, target, keep, lam=0.5, preserve_scale=s_p
-  )
-  unet = sd.write_projections(params["unet"], edited)
-  for name, k in sd.read_projections(unet).items():
-    before = jnp.linalg.norm(erase @ kernels[name] - target @ kernels[name])
-    assert jnp.linalg.norm(erase @ k - target @ kernels[name]) < before
-  with pytest.raises(ValueError, match="one target per erased prompt"):
-    unlearn.uce_keys(model, params, [PROMPTS[0]], [" ", "art"])
-
-
 def test_cross_attention_maps_are_distributions_with_gradients(loaded):
   model, params = loaded
   context = sd.encode_prompts(model, params, PROMPTS[:2])
@@ -283,51 +202,6 @@ def test_cross_attention_maps_are_distributions_with_gradients(loaded):
     sd.read_projections(params["unet"])[name]
   )
   assert float(jnp.abs(grad).max()) > 0
-
-
-def test_mace_lora_suppresses_the_concept_and_fuses(loaded):
-  from aigc_jax.unlearn import mace
-
-  model, params = loaded
-  prompts = [PROMPTS[0], "a handwritten three"]
-  contexts = sd.encode_prompts(model, params, prompts)
-  token_masks = jnp.asarray(
-    np.stack(
-      [mace.concept_token_mask(model.tokenizer, p, "three") for p in prompts]
-    )
-  )
-  assert token_masks[0, 4] == 1 and token_masks[0, 3] == 0
-  assert token_masks[0, 5:].all()  # EOS and padding (use_pooler)
-  latents = jax.random.normal(jax.random.key(1), (3, 4, 8, 8))
-  lora, losses = jax.jit(
-    lambda k: mace.train_concept_lora(
-      model,
-      params["unet"],
-      latents,
-      None,  # no segmenter: all-ones masks
-      contexts,
-      token_masks,
-      k,
-      steps=40,
-      learning_rate=0.1,
-      policy=None,
-    )
-  )(jax.random.key(2))
-  assert losses.shape == (40,)
-  assert float(losses[-5:].mean()) < 0.8 * float(losses[:5].mean())
-  base = sd.read_projections(params["unet"])
-  tuned = mace.merge_lora(base, lora)
-  # Stage 1 on the co-existing words, then the fusion of this one LoRA.
-  keys, mapped = mace.refinement_keys(
-    model, params, [PROMPTS[0]], ["a handwritten digit"]
-  )
-  # BOS a handwritten digit … EOS (5 rows), then 77 - 6 padding rows.
-  assert keys.shape == mapped.shape and keys.shape[0] == 5 + 71
-  refined = mace.refine(base, keys, mapped, lam=1.0)
-  fused = mace.fuse(refined, [tuned], [contexts.reshape(-1, 32)], lam=0.1)
-  assert set(fused) == set(base)
-  with pytest.raises(ValueError, match="does not contain the concept"):
-    mace.concept_token_mask(model.tokenizer, PROMPTS[1], "three")
 
 
 def test_saved_parameters_load_back_unchanged(tiny_sd, loaded, tmp_path):

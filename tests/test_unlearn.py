@@ -5,8 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import PROMPTS
 
-from aigc_jax import parallel, unlearn
+from aigc_jax import parallel, sd, unlearn
 
 D = 32  # text-embedding width
 
@@ -225,3 +226,76 @@ def test_erasure_recipes_refuse_bad_configs_before_any_work():
   config.methods, config.erase = ("uce",), ("eleven",)
   with pytest.raises(ValueError, match="not in concepts"):
     recipes.check_config(config)
+
+
+# Through a (tiny, random) Stable Diffusion model: `loaded` from conftest.
+
+
+def test_uce_keys_follow_the_original_code_and_edit_the_unet(loaded):
+  from aigc_jax import unlearn
+
+  model, params = loaded
+  erase, target, keep, s_p = unlearn.uce_keys(
+    model, params, [PROMPTS[0]], [" "], preserve=[PROMPTS[1]]
+  )
+  # "three" is token 4: rows 4..76 of the concept, rows 0..72 of " ".
+  assert erase.shape == target.shape == (73, 32)
+  concept = sd.encode_prompts(model, params, [PROMPTS[0], " "])
+  np.testing.assert_allclose(erase, concept[0, 4:], atol=1e-5)
+  np.testing.assert_allclose(target, concept[1, :73], atol=1e-5)
+  assert keep.shape == (2 * 77, 32) and s_p == 0.5  # "" and the kept prompt
+  kernels = sd.read_projections(params["unet"])
+  edited = unlearn.uce_edit(
+    kernels, erase, target, keep, lam=0.5, preserve_scale=s_p
+  )
+  unet = sd.write_projections(params["unet"], edited)
+  for name, k in sd.read_projections(unet).items():
+    before = jnp.linalg.norm(erase @ kernels[name] - target @ kernels[name])
+    assert jnp.linalg.norm(erase @ k - target @ kernels[name]) < before
+  with pytest.raises(ValueError, match="one target per erased prompt"):
+    unlearn.uce_keys(model, params, [PROMPTS[0]], [" ", "art"])
+
+
+def test_mace_lora_suppresses_the_concept_and_fuses(loaded):
+  from aigc_jax.unlearn import mace
+
+  model, params = loaded
+  prompts = [PROMPTS[0], "a handwritten three"]
+  contexts = sd.encode_prompts(model, params, prompts)
+  token_masks = jnp.asarray(
+    np.stack(
+      [mace.concept_token_mask(model.tokenizer, p, "three") for p in prompts]
+    )
+  )
+  assert token_masks[0, 4] == 1 and token_masks[0, 3] == 0
+  assert token_masks[0, 5:].all()  # EOS and padding (use_pooler)
+  latents = jax.random.normal(jax.random.key(1), (3, 4, 8, 8))
+  lora, losses = jax.jit(
+    lambda k: mace.train_concept_lora(
+      model,
+      params["unet"],
+      latents,
+      None,  # no segmenter: all-ones masks
+      contexts,
+      token_masks,
+      k,
+      steps=40,
+      learning_rate=0.1,
+      policy=None,
+    )
+  )(jax.random.key(2))
+  assert losses.shape == (40,)
+  assert float(losses[-5:].mean()) < 0.8 * float(losses[:5].mean())
+  base = sd.read_projections(params["unet"])
+  tuned = mace.merge_lora(base, lora)
+  # Stage 1 on the co-existing words, then the fusion of this one LoRA.
+  keys, mapped = mace.refinement_keys(
+    model, params, [PROMPTS[0]], ["a handwritten digit"]
+  )
+  # BOS a handwritten digit … EOS (5 rows), then 77 - 6 padding rows.
+  assert keys.shape == mapped.shape and keys.shape[0] == 5 + 71
+  refined = mace.refine(base, keys, mapped, lam=1.0)
+  fused = mace.fuse(refined, [tuned], [contexts.reshape(-1, 32)], lam=0.1)
+  assert set(fused) == set(base)
+  with pytest.raises(ValueError, match="does not contain the concept"):
+    mace.concept_token_mask(model.tokenizer, PROMPTS[1], "three")
