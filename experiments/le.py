@@ -292,10 +292,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     udp_eval = udp_results(config, workdir, udp_run, purify_set, mesh)
   out = summary(results, quality, cp_results, udp_eval)
   out["seconds"] = total = round(time.time() - start, 1)
-  for k, v in out.get("probe_accuracy", {}).items():
-    writer.write(0, {f"contrastive/{k}/probe_accuracy": v})
-  for k, r in out.get("udp", {}).items():
-    writer.write(0, {f"udp/{k}/{m}": v for m, v in r.items()})
+  if cp_results:
+    probe = out["probe_accuracy"]
+    writer.write(
+      0, {f"contrastive/{k}/probe_accuracy": v for k, v in probe.items()}
+    )
+  if udp_eval:
+    writer.write(0, record.flat(out["udp"], "udp/"))
   facts = dict(
     manifold_size=len(manifold),
     ddpm_seconds=ddpm_seconds,
