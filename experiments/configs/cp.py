@@ -89,6 +89,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "random": {"patch": 1},
     }
   )
+  # What a run should reach (the report states met or missed for the
+  # poisons' own learner): the probe-accuracy drops of the paper's CIFAR-10
+  # SimCLR (clean 90.4; CP-S 44.9, CP-C 68.0).
+  c.expected = ml_collections.ConfigDict(
+    {
+      "source": "He et al. 2023, CIFAR-10 SimCLR",
+      "cp_sample_drop_points": {"at_least": 45.5},
+      "cp_class_drop_points": {"at_least": 22.4},
+    }
+  )
 
   if variant == "digits":
     pass
