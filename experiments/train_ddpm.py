@@ -62,8 +62,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     jax.random.key(config.seed + 1),
   )
   sample_seconds = time.time() - start
-  if jax.process_index() == 0:
-    np.savez_compressed(os.path.join(workdir, "samples.npz"), images=samples)
+  record.atomic_write(  # process 0 writes, whole or not at all
+    os.path.join(workdir, "samples.npz"),
+    lambda f: np.savez_compressed(f, images=samples),
+  )
   data.save_image_grid(
     os.path.join(workdir, "samples.png"), samples[:100], ncol=10
   )
@@ -102,8 +104,8 @@ def ddpm_report(config, workdir, r, clf_dir) -> str:
         f"{r['classifier_test_accuracy']:.4f}",
       ],
       [
-        f"samples classified with p > {c.eval.confidence}",
-        f"{r['confident_share']:.3f}",
+        f"samples classified with p > {c.eval.confidence} (%)",
+        record.percent_text(r["confident_share"], c.sample.num_samples),
       ],
       [
         "classes among confident samples",
