@@ -254,7 +254,14 @@ def evaluate_model(config, folder, workdir, mesh) -> dict:
 
 
 def report(config, workdir, r) -> str:
-  rows = [[k, f"{v:.4g}" if isinstance(v, float) else v] for k, v in r.items()]
+  n = 10 * config.sample.per_digit  # samples behind each accuracy
+
+  def cell(key, value):
+    if key.startswith("accuracy/"):
+      return f"{record.percent_text(value, n)} % of {n}"
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+  rows = [[k, cell(k, v)] for k, v in r.items()]
   table = record.markdown_table(["quantity", "value"], rows)
   return f"""# Embedded text-to-image model (variant `{config.variant}`)
 
