@@ -68,6 +68,16 @@ def test_npz_source_and_errors(tmp_path):
   np.savez(str(tmp_path / "f.npz"), images=images / 255.0, labels=np.zeros(6))
   with pytest.raises(ValueError, match="uint8"):
     data.load_dataset(str(tmp_path / "f.npz"), None)
+  labels = np.array([0, 1, 2, 0, 1, 2])
+  for name, imgs, labs, match in (
+    ("float_labels", images, labels / 1.0, "integer class indices"),
+    ("negative", images, labels - 1, "negative values"),
+    ("column", images, labels[:, None], r"shape \(N,\)"),
+    ("nchw", np.transpose(images, (0, 3, 1, 2)), labels, "channels-first"),
+  ):
+    np.savez(str(tmp_path / f"{name}.npz"), images=imgs, labels=labs)
+    with pytest.raises(ValueError, match=match):
+      data.load_dataset(str(tmp_path / f"{name}.npz"), None)
 
 
 def _jpeg(img):
@@ -161,6 +171,9 @@ def test_range_conversions_and_errors():
     data.check_model_images(np.zeros((1, 2, 2, 1), np.int32))
   with pytest.raises(ValueError, match="channel axis"):
     data.check_uint8_images(np.zeros((2, 3, 3), np.uint8))
+  # A diverged model's NaN must not become black pixels in a sound report.
+  with pytest.raises(ValueError, match="1 NaN or infinite"):
+    data.to_uint8(np.where(np.arange(3) == 1, np.nan, 0.0).reshape(1, 1, 3, 1))
 
 
 def test_batches_are_a_function_of_the_step():

@@ -52,6 +52,14 @@ def test_budget_holds_exactly_after_quantisation(eps, norm):
   assert sizes.max() > 0.5 * eps  # the perturbation survives rounding
   with pytest.raises(ValueError, match="not projected"):
     protect.quantize_protected(clean, 3 * np.asarray(raw), b)
+  with pytest.raises(ValueError, match="the images' shape"):
+    protect.quantize_protected(clean, delta[:1], b)  # not broadcast
+  with pytest.raises(ValueError, match="the images' shape"):
+    protect.quantize_protected(clean, np.repeat(delta, 3, axis=-1), b)
+  with pytest.raises(TypeError, match="uint8"):
+    protect.quantize_protected(clean / 255.0, delta, b)
+  with pytest.raises(ValueError, match="NaN"):
+    protect.quantize_protected(clean, delta * np.nan, b)
 
 
 def test_pgd_ascends_and_descends_within_the_budget():

@@ -50,6 +50,13 @@ def check_model_images(images, name: str = "images") -> None:
   # would otherwise be reduced by a staged (traced) operation.
   values = np.asarray(images)
   lo, hi = float(values.min()), float(values.max())
+  if not (np.isfinite(lo) and np.isfinite(hi)):
+    bad = int(np.size(values) - np.isfinite(values).sum())
+    raise ValueError(
+      f"{name} hold {bad} NaN or infinite values: the model that made them "
+      "diverged or its weights are corrupt; retrain it or delete its "
+      "checkpoint folder."
+    )
   if lo < -1 - _RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
     hint = (
       " They look like [0, 255] values: use to_model_range on the uint8 array."

@@ -209,7 +209,12 @@ def _load_path(path: str) -> Dataset:
       f"{path!r}: 'images' must be uint8 (N, H, W[, C]), got "
       f"{images.dtype} {images.shape}."
     )
-  labels = arrays["labels"].astype(np.int32)
+  if images.shape[1] in (1, 3) and images.shape[-1] not in (1, 3):
+    raise ValueError(
+      f"{path!r}: 'images' look channels-first {images.shape}; store them "
+      "NHWC, e.g. np.transpose(images, (0, 2, 3, 1))."
+    )
+  labels = _checked_labels(path, arrays["labels"])
   if len(images) == 0:
     raise ValueError(f"{path!r} holds an empty dataset (0 images).")
   if len(labels) != len(images):
@@ -217,6 +222,26 @@ def _load_path(path: str) -> Dataset:
       f"{path!r}: {len(images)} images but {len(labels)} labels."
     )
   return Dataset(images, labels, int(labels.max()) + 1, path)
+
+
+def _checked_labels(path, labels) -> np.ndarray:
+  """Integer class indices, one per image, as int32; anything else named."""
+  if labels.ndim == 2 and labels.shape[1] == 1:
+    raise ValueError(
+      f"{path!r}: 'labels' has shape {labels.shape}; store one label per "
+      "image, shape (N,) (labels.ravel())."
+    )
+  if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+    raise ValueError(
+      f"{path!r}: 'labels' must be integer class indices of shape (N,), got "
+      f"{labels.dtype} {labels.shape}."
+    )
+  if len(labels) and labels.min() < 0:
+    raise ValueError(
+      f"{path!r}: 'labels' hold negative values (min {labels.min()}); class "
+      "indices start at 0."
+    )
+  return labels.astype(np.int32)
 
 
 def _decode_jpeg_archive(path, jpeg, offsets) -> np.ndarray:

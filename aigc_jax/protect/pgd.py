@@ -239,6 +239,22 @@ def quantize_protected(
   Returns:
     The protected uint8 images.
   """
+  images, delta = np.asarray(images), np.asarray(delta)
+  if images.dtype != np.uint8:
+    raise TypeError(
+      f"quantize_protected takes the clean images as uint8 [0, 255], got "
+      f"{images.dtype}; pass the dataset's images, not model-range floats."
+    )
+  if not np.issubdtype(delta.dtype, np.floating) or delta.shape != images.shape:
+    raise ValueError(
+      f"δ must be float (model units) of the images' shape {images.shape}, "
+      f"got {delta.dtype} {delta.shape}; expand a class-wise δ to its "
+      "examples (delta[labels]) first."
+    )
+  if not np.isfinite(delta).all():
+    raise ValueError(
+      "δ holds NaN or infinite values: the optimisation diverged."
+    )
   clean = np.asarray(images, np.float64)
   d255 = np.asarray(delta, np.float64) * LEVELS_PER_UNIT
   nearest = np.clip(np.rint(clean + d255), 0, 255)
