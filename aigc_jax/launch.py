@@ -10,6 +10,7 @@ this module before anything runs JAX code: it sets XLA's CPU flags.
 import importlib.util
 import os
 import shlex
+import sys
 
 # XLA's CPU backend runs small convolutions on one core; one CPU device per
 # core turns data parallelism into multi-core speed (1.5x for the digits DDPM
@@ -74,11 +75,70 @@ def main(train_and_evaluate, script: str) -> None:
     if not flags.FLAGS["verbosity"].present:
       logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
     config = flags.FLAGS.config
-    parallel.maybe_initialize_distributed(config.get("distributed", None))
-    workdir = record.prepare_workdir(flags.FLAGS.workdir, config.to_json())
-    train_and_evaluate(config, workdir)
+    check_counts(config)
+    parallel.maybe_initialize_distributed(config.get("distributed", False))
+    workdir = flags.FLAGS.workdir
+    fresh = not os.path.exists(os.path.join(workdir, record.CONFIG_FILE))
+    workdir = record.prepare_workdir(workdir, config.to_json())
+    try:
+      train_and_evaluate(config, workdir)
+    except (ValueError, TypeError, FileNotFoundError):
+      # Refused before any work: a corrected command must not meet this
+      # config as "a different config" in the workdir.
+      if fresh:
+        record.forget_config(workdir)
+      raise
+    except KeyboardInterrupt:
+      print(
+        f"Interrupted; run the same command to resume from {workdir}.",
+        file=sys.stderr,
+      )
+      sys.exit(130)
 
   app.run(run)
+
+
+# Config fields (by their last key) that count things, and must be positive
+# or at least zero: a negative step count would train nothing and report it.
+POSITIVE_COUNTS = frozenset(
+  {
+    "batch_size",
+    "eval_batch_size",
+    "checkpoint_every",
+    "log_every",
+    "num_samples",
+    "chunk_size",
+    "num_epochs",
+    "per_class",
+    "per_prompt",
+    "per_digit",
+    "seeds",
+    "victim_seeds",
+    "repeats",
+  }
+)
+COUNTS = frozenset(
+  {"num_steps", "steps", "rounds", "inner_steps", "pgd_steps", "model_steps"}
+)
+
+
+def check_counts(config) -> None:
+  """Fails, naming the field and the fix, on a count out of range (say
+  `train.num_steps=-5`, `checkpoint_every=0`)."""
+  for path, value in _leaves(config.to_dict()).items():
+    key = path.rpartition(".")[2]
+    if isinstance(value, bool) or not isinstance(value, int):
+      continue
+    if key in POSITIVE_COUNTS and value < 1:
+      raise ValueError(
+        f"--config.{path}={value}: {key} counts things and must be at least "
+        "1; set a positive value."
+      )
+    if key in COUNTS and value < 0:
+      raise ValueError(
+        f"--config.{path}={value}: {key} must be 0 or more; set a "
+        "non-negative value."
+      )
 
 
 def _leaves(tree, prefix: str = "") -> dict:
@@ -131,7 +191,7 @@ def command_line(script: str, config, workdir: str) -> str:
   args = [
     f"--config={here}/configs/{name}.py:{config.variant}",
     *overrides,
-    f"--workdir={workdir}",
+    f"--workdir={_shell_word(workdir)}",
   ]
   return " \\\n".join(
     [f"    python {here}/{name}.py", *(f"      {a}" for a in args)]

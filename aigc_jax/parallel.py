@@ -17,21 +17,51 @@ from jax.sharding import PartitionSpec as P
 DATA_AXIS = "data"
 
 
-def maybe_initialize_distributed(enabled: bool | None = None) -> bool:
-  """Calls `jax.distributed.initialize()` for multi-host jobs.
+def maybe_initialize_distributed(enabled: bool = False) -> bool:
+  """Starts the multi-process runtime (`jax.distributed.initialize`) when
+  `enabled` (a config's `distributed`) or AIGC_JAX_DISTRIBUTED=1.
 
-  Enabled explicitly, or by the environment variable AIGC_JAX_DISTRIBUTED=1
-  (set by pod launch scripts); left off on a single host, where initialize()
-  fails without a cluster. Must run before anything touches the devices.
+  On TPU pods and under Slurm, JAX finds the cluster itself. On plain
+  machines, give every process the coordinator (process 0's host:port),
+  the process count and its own id, in the environment:
+  AIGC_JAX_COORDINATOR, AIGC_JAX_NUM_PROCESSES, AIGC_JAX_PROCESS_ID
+  (docs/guide/experiments.md). Must run before anything touches the
+  devices.
 
   Returns:
     Whether the distributed runtime was initialised.
   """
-  if enabled is None:
-    enabled = os.environ.get("AIGC_JAX_DISTRIBUTED", "0") == "1"
-  if enabled:
-    jax.distributed.initialize()
-  return enabled
+  enabled = bool(enabled) or os.environ.get("AIGC_JAX_DISTRIBUTED") == "1"
+  if not enabled:
+    return False
+  jax.distributed.initialize(**cluster_from_environment(os.environ))
+  return True
+
+
+def cluster_from_environment(env) -> dict:
+  """`jax.distributed.initialize` keywords from AIGC_JAX_COORDINATOR,
+  AIGC_JAX_NUM_PROCESSES and AIGC_JAX_PROCESS_ID; none when the first is
+  unset (TPU pods and Slurm, where JAX finds the cluster itself)."""
+  coordinator = env.get("AIGC_JAX_COORDINATOR", "")
+  if not coordinator:
+    return {}
+  try:
+    count = int(env["AIGC_JAX_NUM_PROCESSES"])
+    index = int(env["AIGC_JAX_PROCESS_ID"])
+  except (KeyError, ValueError):
+    raise ValueError(
+      f"AIGC_JAX_COORDINATOR={coordinator} needs AIGC_JAX_NUM_PROCESSES (the "
+      "process count) and AIGC_JAX_PROCESS_ID (this process's index, 0 to "
+      "count - 1) as integers, on every process."
+    ) from None
+  if not 0 <= index < count:
+    raise ValueError(
+      f"AIGC_JAX_PROCESS_ID={index} is outside 0..{count - 1} "
+      f"(AIGC_JAX_NUM_PROCESSES={count})."
+    )
+  return dict(
+    coordinator_address=coordinator, num_processes=count, process_id=index
+  )
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:

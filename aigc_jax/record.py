@@ -44,9 +44,18 @@ def prepare_workdir(workdir: str, config_json: str) -> str:
       )
   elif jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      json.dump(wanted, f, indent=2, sort_keys=True)
+    text = json.dumps(wanted, indent=2, sort_keys=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
   return workdir
+
+
+def forget_config(workdir: str) -> None:
+  """Removes the config `prepare_workdir` recorded in a workdir where
+  nothing else was written (a run refused before any work), so that the
+  corrected command can use the same workdir."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if jax.process_index() == 0 and os.listdir(workdir) == [CONFIG_FILE]:
+    os.remove(path)
 
 
 def _differing_keys(a, b, prefix=""):

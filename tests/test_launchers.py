@@ -95,6 +95,17 @@ def test_launcher_rejects_unknown_keys_and_indivisible_batches(tmp_path):
     "--config.train.batch_size=33",
   )
   assert out.returncode != 0 and "does not divide" in out.stderr
+  # Refused before any work: nothing is kept, and the corrected command
+  # runs in the same workdir instead of meeting "a different config".
+  assert not os.path.exists(tmp_path / "b" / "config.json")
+  out = _launch(
+    f"--config={config}:smoke",
+    f"--workdir={tmp_path}/b",
+    "--config.train.checkpoint_every=0",
+  )
+  assert out.returncode != 0
+  assert "--config.train.checkpoint_every=0" in out.stderr
+  assert "must be at least 1" in out.stderr
 
 
 def test_sigkilled_run_resumes_to_the_same_parameters(tmp_path):

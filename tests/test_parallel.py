@@ -77,10 +77,28 @@ def test_pure_purification_step_pmaps_over_devices():
 
 
 def test_distributed_start_up_is_off_unless_asked(monkeypatch):
-  monkeypatch.delenv("AIGC_JAX_DISTRIBUTED", raising=False)
+  for name in ("AIGC_JAX_DISTRIBUTED", "AIGC_JAX_COORDINATOR"):
+    monkeypatch.delenv(name, raising=False)
   assert parallel.maybe_initialize_distributed() is False
   assert parallel.maybe_initialize_distributed(False) is False
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+  monkeypatch.setattr(
+    jax.distributed, "initialize", lambda **kw: calls.append(kw)
+  )
+  # The environment turns it on even where the config says False.
   monkeypatch.setenv("AIGC_JAX_DISTRIBUTED", "1")
-  assert parallel.maybe_initialize_distributed() is True and calls == [1]
+  assert parallel.maybe_initialize_distributed(False) is True
+  assert calls == [{}]  # TPU pods and Slurm: JAX finds the cluster
+  monkeypatch.setenv("AIGC_JAX_COORDINATOR", "localhost:1234")
+  monkeypatch.setenv("AIGC_JAX_NUM_PROCESSES", "2")
+  monkeypatch.setenv("AIGC_JAX_PROCESS_ID", "1")
+  assert parallel.maybe_initialize_distributed(False) is True
+  assert calls[-1] == dict(
+    coordinator_address="localhost:1234", num_processes=2, process_id=1
+  )
+  monkeypatch.setenv("AIGC_JAX_PROCESS_ID", "2")
+  with pytest.raises(ValueError, match=r"outside 0\.\.1"):
+    parallel.maybe_initialize_distributed(False)
+  monkeypatch.delenv("AIGC_JAX_NUM_PROCESSES")
+  with pytest.raises(ValueError, match="AIGC_JAX_NUM_PROCESSES"):
+    parallel.maybe_initialize_distributed(False)

@@ -9,7 +9,9 @@ def base_config(variant: str) -> ml_collections.ConfigDict:
   c.variant = variant
   c.seed = 0
   c.num_devices = 0  # 0: all local devices
-  c.distributed = False  # or AIGC_JAX_DISTRIBUTED=1 on a pod
+  # The multi-process runtime; AIGC_JAX_DISTRIBUTED=1 turns it on as well
+  # (`parallel.maybe_initialize_distributed`).
+  c.distributed = False
   c.data = ml_collections.ConfigDict(
     {"train": "digits:train", "test": "digits:test", "data_dir": ""}
   )
