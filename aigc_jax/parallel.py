@@ -134,7 +134,8 @@ def replicated_copy(mesh: Mesh, tree):
 
 def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
   """Applies `fn` (a jitted function of a batch pytree) to host arrays in
-  chunks of `batch_size`, each split over the mesh; returns host arrays.
+  chunks of `batch_size`, each split over the mesh; returns host arrays
+  (the whole result on every process of a multi-process job).
 
   The last chunk is padded by repeating its final row, and the padding is
   dropped from the result, so any number of inputs works.
@@ -151,10 +152,8 @@ def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
       pad = batch_size - (stop - start)
       return np.concatenate([x, np.repeat(x[-1:], pad, 0)]) if pad else x
 
-    out = fn(shard_batch(mesh, jax.tree.map(chunk, inputs)))
-    outputs.append(
-      jax.tree.map(lambda y, k=stop - start: np.asarray(y)[:k], out)
-    )
+    out = to_host(fn(shard_batch(mesh, jax.tree.map(chunk, inputs))))
+    outputs.append(jax.tree.map(lambda y, k=stop - start: y[:k], out))
   return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)
 
 
