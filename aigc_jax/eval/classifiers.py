@@ -80,7 +80,7 @@ def predict_logits(
 ):
   """Evaluation-mode logits (and features) of NHWC [-1, 1] host images, in
   sharded chunks. The variables are replicated over `mesh` first: a
-  restored classifier (`load_classifier`) lives on one device."""
+  classifier trained or restored on other devices works as it is."""
   params, batch_stats = parallel.replicate(
     mesh, (classifier.params, classifier.batch_stats)
   )
@@ -279,7 +279,10 @@ def load_classifier(workdir: str) -> Classifier:
       model, optimizer, jax.random.key(0), image_shape
     )
   )
-  mesh = parallel.make_mesh(1)
+  # Replicated on every device of every process: a multi-process job's
+  # processes each hold a copy (one process's device would leave the
+  # others nothing to restore onto).
+  mesh = parallel.make_mesh()
   checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "ckpt"))
   state = checkpointer.restore(
     checkpoint.abstract_state(abstract, parallel.replicated(mesh))
