@@ -163,13 +163,15 @@ def to_host(tree):
   `np.asarray` reads only what this process's devices hold and fails on an
   array that spans other processes; gather those first.
   """
-  if jax.process_count() == 1:
-    return jax.tree.map(np.asarray, tree)
   from jax.experimental import multihost_utils
 
-  return jax.tree.map(
-    np.asarray, multihost_utils.process_allgather(tree, tiled=True)
-  )
+  def one(a):
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+      # Every process calls this together (it is a collective).
+      return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+    return np.asarray(a)  # this process holds all of it
+
+  return jax.tree.map(one, tree)
 
 
 def settle(tree, mesh: Mesh):
