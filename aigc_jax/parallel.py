@@ -157,6 +157,16 @@ def batched_apply(fn, inputs, *, batch_size: int, mesh: Mesh):
   return jax.tree.map(lambda *ys: np.concatenate(ys), *outputs)
 
 
+def sync_processes(tag: str) -> None:
+  """Waits until every process of a multi-process job gets here (nothing on
+  one process): after process 0 writes a file the others then read or test
+  for, so that all of them take the same branch."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(tag)
+
+
 def to_host(tree):
   """A global array (or pytree of them) as numpy on every process.
 

@@ -9,6 +9,7 @@ import time
 import jax
 import numpy as np
 
+from aigc_jax import parallel
 from aigc_jax.metrics import share_interval
 
 CONFIG_FILE = "config.json"
@@ -46,6 +47,7 @@ def prepare_workdir(workdir: str, config_json: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     text = json.dumps(wanted, indent=2, sort_keys=True)
     atomic_write(path, lambda f: f.write(text.encode()))
+  parallel.sync_processes(f"prepare_workdir {workdir}")
   return workdir
 
 
@@ -149,6 +151,9 @@ def cached_arrays(path: str, compute) -> dict:
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_arrays(path, **arrays)
+  # Every process sees the cell finished from here on (none recomputes it
+  # alone, out of step with the others' collectives).
+  parallel.sync_processes(f"cached_arrays {path}")
   return arrays
 
 
@@ -280,12 +285,16 @@ def cached_result(workdir: str, compute, inputs: str | None = None) -> dict:
   # Atomic: a kill while writing must not leave a truncated result that a
   # resumed run would read back as finished.
   atomic_write(path, lambda f: f.write(json.dumps(result).encode()))
+  parallel.sync_processes(f"cached_result {path}")
   return result
 
 
 def _check_inputs(workdir: str, inputs: str) -> None:
   path = os.path.join(workdir, "inputs.sha256")
-  if os.path.exists(path):
+  held = os.path.exists(path)
+  # Every process has looked before process 0 writes: all take one branch.
+  parallel.sync_processes(f"inputs {path}")
+  if held:
     with open(path) as f:
       held = f.read().strip()
     if held != inputs:
@@ -295,7 +304,5 @@ def _check_inputs(workdir: str, inputs: str) -> None:
         "copied from a run with other settings; delete the folder to "
         "compute it again."
       )
-  elif jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(path, "w") as f:
-      f.write(inputs + "\n")
+  else:
+    atomic_write(path, lambda f: f.write((inputs + "\n").encode()))
