@@ -149,8 +149,14 @@ def image_grid(
 def save_image_grid(
   path: str, images, ncol: int | None = None, min_size: int = 32
 ) -> str:
-  """Writes `image_grid(images)` as a PNG and returns the path."""
+  """Writes `image_grid(images)` as a PNG and returns the path: on process
+  0 of a multi-process job only, through a temporary file renamed into
+  place (never a half-written PNG)."""
   grid = image_grid(images, ncol, min_size)
+  if jax.process_index() != 0:
+    return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+  tmp = f"{path}.tmp{os.getpid()}.png"
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
+  os.replace(tmp, path)
   return path
