@@ -64,7 +64,18 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint in {self.directory}.")
-    return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    try:
+      return self._manager.restore(step, args=ocp.args.StandardRestore(target))
+    except (ValueError, KeyError, TypeError, OSError) as e:
+      # Orbax's own words ("Must provide args of type Composite", a tree
+      # mismatch) name neither the folder nor what to do.
+      raise ValueError(
+        f"Checkpoint {step} in {self.directory} cannot be restored onto "
+        f"this state ({type(e).__name__}: {' '.join(str(e).split())[:300]}): "
+        "it is damaged or was written by another config. Delete that "
+        "checkpoint folder (or the run's workdir) and run again to retrain "
+        "it."
+      ) from e
 
   def wait(self) -> None:
     """Blocks until pending asynchronous saves are on disk."""

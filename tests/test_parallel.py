@@ -1,5 +1,7 @@
 """Meshes, batch placement, checkpoints across device counts, pmap."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +64,19 @@ def test_checkpoint_saved_on_four_devices_restores_on_one(tmp_path):
   assert out["w"].sharding.mesh.size == 1
   with pytest.raises(FileNotFoundError, match="No checkpoint"):
     checkpoint.Checkpointer(str(tmp_path / "empty")).restore(state)
+  # Another config's state, or damaged files: the folder and the fix named.
+  other = {"w": jnp.zeros((3, 3)), "bias": jnp.zeros(2)}
+  with pytest.raises(ValueError, match=r"Checkpoint 7 in .* Delete that"):
+    checkpoint.Checkpointer(str(tmp_path)).restore(
+      checkpoint.abstract_state(other, parallel.replicated(mesh1))
+    )
+  for root, _, files in os.walk(tmp_path / "7"):
+    for name in files:  # every file of the checkpoint truncated
+      open(os.path.join(root, name), "w").close()
+  with pytest.raises(ValueError, match=r"damaged or was written by another"):
+    checkpoint.Checkpointer(str(tmp_path)).restore(
+      checkpoint.abstract_state(state, parallel.replicated(mesh1))
+    )
 
 
 def test_pure_purification_step_pmaps_over_devices():
