@@ -80,19 +80,62 @@ def load_config_json(workdir: str) -> dict:
 
 
 class MetricWriter:
-  """Appends one JSON object per record to workdir/metrics.jsonl."""
+  """Appends one JSON object per record to workdir/metrics.jsonl (process 0).
+
+  A record whose step and keys the file already holds is not written again:
+  a resumed run retraces the steps after its last checkpoint, and a re-run
+  of a finished one reads its cells back, and neither should repeat lines.
+  """
 
   def __init__(self, workdir: str, prefix: str = ""):
     self.path = os.path.join(workdir, METRICS_FILE)
     self.prefix = prefix
+    self._written = None  # (step, keys) already in the file, read lazily
+    self._lead = ""  # a newline to end a line a kill cut short
 
   def write(self, step: int, values: dict) -> None:
     if jax.process_index() != 0:
       return
     record = {"step": int(step), "time": round(time.time(), 3)}
     record.update({self.prefix + k: v for k, v in values.items()})
+    if self._written is None:
+      self._written = _written_records(self.path)
+      self._lead = "\n" if _ends_mid_line(self.path) else ""
+    key = _record_key(record)
+    if key in self._written:
+      return
+    self._written.add(key)
     with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+      f.write(self._lead + json.dumps(record) + "\n")
+    self._lead = ""
+
+
+def _record_key(record: dict) -> tuple:
+  return record["step"], tuple(sorted(k for k in record if k != "time"))
+
+
+def _ends_mid_line(path: str) -> bool:
+  """Whether a kill cut the file's last line short (no final newline)."""
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return False
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) != b"\n"
+
+
+def _written_records(path: str) -> set:
+  """The (step, keys) of every whole line of a metrics file (a line cut
+  short by a kill is skipped)."""
+  written = set()
+  if not os.path.exists(path):
+    return written
+  with open(path) as f:
+    for line in f:
+      try:
+        written.add(_record_key(json.loads(line)))
+      except (json.JSONDecodeError, KeyError, TypeError):
+        continue
+  return written
 
 
 def last_metric(workdir: str, key: str):
@@ -101,7 +144,10 @@ def last_metric(workdir: str, key: str):
   value = None
   with open(path) as f:
     for line in f:
-      value = json.loads(line).get(key, value)
+      try:
+        value = json.loads(line).get(key, value)
+      except json.JSONDecodeError:
+        continue  # a line a kill cut short
   if value is None:
     raise KeyError(f"No metric {key!r} in {path}: did that run finish?")
   return value

@@ -1,5 +1,6 @@
 """aigc_jax.record: the workdir's cells, written atomically and read back."""
 
+import json
 import os
 
 import numpy as np
@@ -99,3 +100,20 @@ def test_report_pieces_state_targets_and_intervals(tmp_path):
     reference=("clean", 82.0),
   )
   assert os.path.getsize(path) > 0
+
+
+def test_metrics_are_written_once_per_step_and_keys(tmp_path):
+  writer = record.MetricWriter(str(tmp_path), prefix="train/")
+  writer.write(5, {"loss": 1.0})
+  writer.write(5, {"loss": 1.0})  # a resumed run retracing step 5
+  writer.write(5, {"accuracy": 0.5})  # other keys at the same step
+  with open(tmp_path / record.METRICS_FILE, "a") as f:
+    f.write('{"step": 6, "train/lo')  # a line cut short by a kill
+  again = record.MetricWriter(str(tmp_path), prefix="train/")
+  again.write(5, {"loss": 1.0})
+  again.write(6, {"loss": 0.9})
+  lines = (tmp_path / record.METRICS_FILE).read_text().splitlines()
+  # The cut line stays on its own; the new records follow it whole.
+  assert len(lines) == 4 and lines[2] == '{"step": 6, "train/lo'
+  assert json.loads(lines[3])["train/loss"] == 0.9
+  assert record.last_metric(str(tmp_path), "train/loss") == 0.9
