@@ -413,3 +413,46 @@ def test_latent_recipes_sweep_budgets_with_the_step_scaled():
   config.protect.encoder_target = "sepia"
   with pytest.raises(ValueError, match="'gray', 'blur' or 'class:<k>'"):
     latent_recipes.encoder_target(config, x, anchors)
+
+
+def _original_pgd(grad_fn, x, delta0, b, steps, size):
+  """Madry et al.'s loop as the original code writes it (EMN's
+  `min_min_attack`, REMN's and CP's attacks): the clipped image is the
+  variable, so every pixel gets its gradient."""
+  x_adv = np.clip(x + delta0, -1.0, 1.0)
+  for _ in range(steps):
+    x_adv = x_adv + size * np.sign(grad_fn(x_adv))
+    eta = np.clip(x_adv - x, -b.eps, b.eps)
+    x_adv = np.clip(x + eta, -1.0, 1.0)
+  return x_adv - x
+
+
+def test_pgd_random_start_steps_like_the_original_attacks():
+  # Images near the box's edges, so that a random start leaves it.
+  rng = np.random.default_rng(0)
+  x = rng.choice([-1.0, -0.98, 0.0, 0.98, 1.0], (4, 6, 6, 1)).astype(np.float32)
+  target = rng.uniform(-1, 1, x.shape).astype(np.float32)
+  b = protect.budget(8)
+  start = np.asarray(
+    protect.init_perturbation(jax.random.key(0), x.shape, b, random_start=True)
+  )
+  assert np.any(np.abs(x + start) > 1.0)  # the case under test
+  delta, _ = protect.pgd(
+    lambda xa, k: -((xa - target) ** 2).sum(axis=(1, 2, 3)),
+    jnp.asarray(x),
+    jnp.asarray(start),
+    jax.random.key(1),
+    budget=b,
+    steps=3,
+    step_size=protect.step_size(2),
+  )
+  expected = _original_pgd(
+    lambda xa: -2 * (xa - target), x, start, b, 3, protect.step_size(2)
+  )
+  np.testing.assert_allclose(delta, expected, atol=1e-6)
+  # Pixels on the box's edge move too (through `jnp.clip` they got half
+  # the gradient, and none beyond the edge).
+  grad = jax.grad(lambda d: protect.at_clipped_image(x, d).sum())(
+    jnp.asarray(start)
+  )
+  np.testing.assert_array_equal(grad, np.ones_like(x))

@@ -4,7 +4,8 @@ protection and attack in this project (UDP, EUDP, AdvDM, EMN, REMN, CP).
 A method supplies an objective `objective(x_adv, key) -> (B,)` per-example
 losses; `pgd` ascends (error-maximising noise) or descends (error-minimising
 noise) it with sign steps (L∞) or normalised gradient steps (L2), projecting
-onto the budget and the image box after every step (Madry et al. 2018, Eq. 2).
+onto the budget and the image box after every step (Madry et al. 2018, Eq. 2),
+with every gradient taken at the clipped image, as the original attacks do.
 
 Budgets are stated in [0, 255] units (eps=8 means 8/255 of the full range)
 and converted once by `budget`; inside, perturbations live in model units,
@@ -151,6 +152,23 @@ def apply_perturbation(
   return jnp.clip(x + d, -1.0, 1.0)
 
 
+def at_clipped_image(
+  x: jax.Array, delta: jax.Array, groups: jax.Array | None = None
+) -> jax.Array:
+  """`apply_perturbation`'s image, differentiated as if the clipped image
+  were the variable: the gradient reaches every pixel, also those the box
+  clips.
+
+  The original attacks (Madry et al.'s PGD, EMN, REMN, CP) step on the
+  clipped image itself, so a pixel at or beyond the box still gets its
+  gradient; through `jnp.clip` it would get none (beyond) or half (on the
+  boundary), and a random start's clipped pixels would not move.
+  """
+  unclipped = x + (delta if groups is None else delta[groups])
+  clipped = apply_perturbation(x, delta, groups)
+  return unclipped + jax.lax.stop_gradient(clipped - unclipped)
+
+
 def default_unroll() -> int | bool:
   """`pgd`'s `unroll` for the running backend: fully unrolled on XLA:CPU,
   which runs loop bodies slowly, the compact loop on accelerators."""
@@ -176,7 +194,10 @@ def pgd(
     objective: `objective(x_adv, key) -> (B,)` per-example losses.
     x: clean images in [-1, 1], (B, H, W, C).
     delta: the starting perturbation: (B, H, W, C) per sample, or (G, H, W, C)
-      shared by the examples of each group (e.g. class-wise noise).
+      shared by the examples of each group (e.g. class-wise noise). A
+      per-sample start is first clipped so that x + δ lies in [-1, 1], and
+      every gradient is taken at the clipped image (`at_clipped_image`), as
+      the original attacks do.
     key: randomness; step i passes `fold_in(key, i)` to the objective.
     budget: the radius and norm (see `budget`).
     steps: number of steps (static).
@@ -198,9 +219,11 @@ def pgd(
       f"{delta.shape}; pass `groups` for shared perturbations."
     )
   sign = 1.0 if ascent else -1.0
+  if groups is None:  # a random start begins inside the image box
+    delta = jnp.clip(x + delta, -1.0, 1.0) - x
 
   def loss_fn(d, k):
-    losses = objective(apply_perturbation(x, d, groups), k)
+    losses = objective(at_clipped_image(x, d, groups), k)
     return losses.sum(), losses.mean()
 
   def body(d, i):
