@@ -78,7 +78,7 @@ def test_uce_composes_with_vmap_over_lambdas_and_jit():
   batched = jax.jit(jax.vmap(edit, in_axes=(0, None)))(lams, 0.1)
   for i, lam in enumerate(lams):
     one = edit(lam, 0.1)
-    for name in kernels:  # batched and single LU solves round differently
+    for name in kernels:  # batched and single solves round differently
       np.testing.assert_allclose(batched[name][i], one[name], atol=1e-4)
   # A larger λ stays closer to the original kernels.
   moved = [
@@ -104,6 +104,80 @@ def test_uce_is_the_same_sharded_and_on_one_device():
   )
   for name in kernels:
     np.testing.assert_allclose(sharded[name], single[name], atol=1e-5)
+
+
+# Stable Diffusion v1.4's cross-attention: to_k and to_v of 16 layers, each
+# mapping 768-wide CLIP rows to its block's width.
+SD14_WIDTHS = [w for w in (320,) * 5 + (640,) * 5 + (1280,) * 6 for _ in "kv"]
+
+
+def clip_like_rows(rng, n: int, d: int = 768) -> np.ndarray:
+  """Rows like CLIP's last layer: norm 28, a large direction every token
+  shares, and a fast-decaying spectrum around it (what makes the normal
+  equations ill-conditioned at SD's shapes)."""
+  shared = rng.normal(size=d)
+  basis = np.linalg.qr(rng.normal(size=(d, d)))[0]
+  spread = rng.normal(size=(n, d)) * np.exp(-np.arange(d) / 60.0)
+  x = 20 * shared / np.linalg.norm(shared) + spread @ basis.T
+  return 28 * x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_ridge_edit_in_float32_is_within_1e_4_of_the_exact_edit_at_sd_shapes():
+  rng = np.random.default_rng(0)
+  erase, target = clip_like_rows(rng, 40), clip_like_rows(rng, 40)
+  preserve = clip_like_rows(rng, 600)
+  kernels = rng.normal(size=(768, sum(SD14_WIDTHS))) / np.sqrt(768)
+  lam, s_p = 0.5, 1.0
+  lhs = lam * np.eye(768) + erase.T @ erase + s_p * preserve.T @ preserve
+  assert np.linalg.cond(lhs) > 1e5  # the case the stacked rows are for
+  # The float64 normal equations: the exact edit to float64's precision.
+  exact = np.linalg.solve(
+    lhs,
+    lam * kernels
+    + erase.T @ (target @ kernels)
+    + s_p * preserve.T @ (preserve @ kernels),
+  )
+  split = np.cumsum(SD14_WIDTHS)[:-1]
+  names = [str(i) for i in range(len(SD14_WIDTHS))]
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  edited = unlearn.uce_edit(
+    dict(zip(names, map(f32, np.split(kernels, split, axis=1)), strict=True)),
+    f32(erase),
+    f32(target),
+    f32(preserve),
+    lam=lam,
+    preserve_scale=s_p,
+  )
+  got = np.concatenate([np.asarray(edited[n], np.float64) for n in names], 1)
+  error = np.linalg.norm(got - exact) / np.linalg.norm(exact)
+  assert error < 1e-4, error
+
+
+def test_ridge_edit_from_a_gram_solves_the_same_problem():
+  with jax.enable_x64(True):
+    kernels = jax.tree.map(
+      lambda k: k.astype(jnp.float64), random_projections()
+    )
+    erase, target = rows(1, 5).astype(jnp.float64), rows(2, 5)
+    preserve = rows(3, 12).astype(jnp.float64)
+    from_rows = unlearn.uce_edit(
+      kernels,
+      erase,
+      target.astype(jnp.float64),
+      preserve,
+      lam=0.5,
+      preserve_scale=0.3,
+    )
+    from_gram = unlearn.uce_edit(
+      kernels,
+      erase,
+      target.astype(jnp.float64),
+      lam=0.5,
+      preserve_scale=0.3,
+      preserve_gram=preserve.T @ preserve,
+    )
+    for n in kernels:
+      np.testing.assert_allclose(from_gram[n], from_rows[n], rtol=1e-10)
 
 
 def test_uce_refuses_unpaired_rows():
@@ -204,6 +278,42 @@ def test_mace_refinement_and_fusion_hit_their_targets():
     )
 
 
+def test_mace_refinement_weighs_preservation_as_the_original_code():
+  from aigc_jax.unlearn import mace
+
+  s = 1e-2
+  assert mace.refine_preserve_weight(s, 3) == pytest.approx(s**2)
+  assert mace.refine_preserve_weight(s, 3, convention="paper") == s
+  assert mace.refine_preserve_weight(s, 1001) == s  # the >max_memory branch
+  with pytest.raises(ValueError, match=r"original .* or paper"):
+    mace.refine_preserve_weight(s, 3, convention="eq1")
+  with jax.enable_x64(True):
+    original = jax.tree.map(
+      lambda x: x.astype(jnp.float64), random_projections()
+    )
+    keys, mapped = rows(1, 6).astype(float), rows(2, 6).astype(float)
+    preserve = rows(3, 50).astype(float) * 30  # a large cached sum
+    refined = mace.refine(
+      original,
+      keys,
+      mapped,
+      lam=0.5,
+      preserve_keys=preserve,
+      preserve_scale=mace.refine_preserve_weight(s, 1),
+    )
+    # `closed_form_refinement` in PyTorch's orientation (W = Kᵀ), with the
+    # cache built as s·Σ W p pᵀ and scaled by s again inside.
+    c, g, p = (np.asarray(a) for a in (keys, mapped, preserve))
+    for n, k in original.items():
+      w = np.asarray(k).T
+      cache1, cache2 = s * (w @ p.T @ p), s * (p.T @ p)
+      mat1 = 0.5 * w + (w @ g.T) @ c + s * cache1
+      mat2 = 0.5 * np.eye(D) + c.T @ c + s * cache2
+      np.testing.assert_allclose(
+        refined[n], (mat1 @ np.linalg.inv(mat2)).T, rtol=1e-8, atol=1e-12
+      )
+
+
 def gram_of(x: jax.Array) -> jax.Array:
   return unlearn.gram(x)
 
@@ -225,6 +335,10 @@ def test_erasure_recipes_refuse_bad_configs_before_any_work():
     recipes.check_config(config)
   config.methods, config.erase = ("uce",), ("eleven",)
   with pytest.raises(ValueError, match="not in concepts"):
+    recipes.check_config(config)
+  config.methods, config.erase = ("uce", "mace"), ("three",)
+  config.mace = {"refine_weight": "squared"}
+  with pytest.raises(ValueError, match="refinement weight convention"):
     recipes.check_config(config)
 
 

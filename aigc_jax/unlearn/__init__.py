@@ -11,6 +11,7 @@ feature-free outputs.
 from aigc_jax.unlearn import feature, mace
 from aigc_jax.unlearn.closed_form import (
   gram,
+  least_squares,
   ridge_edit,
   uce_edit,
   uce_keys,
@@ -22,6 +23,7 @@ __all__ = [
   "adversarial_embedding",
   "feature",
   "gram",
+  "least_squares",
   "mace",
   "output_gap",
   "rece_edit",

@@ -89,6 +89,7 @@ def refine(
   mapped: jax.Array,
   *,
   lam: float | jax.Array = 0.0,
+  preserve_keys: jax.Array | None = None,
   preserve_gram: jax.Array | None = None,
   preserve_scale: float | jax.Array = 1.0,
 ) -> dict[str, jax.Array]:
@@ -103,9 +104,13 @@ def refine(
     keys, mapped: rows e_f and e_g from `refinement_keys`.
     lam: λ (0 for celebrities, art and explicit content; 10-1000 for
       objects in the released configs).
-    preserve_gram: Σ p pᵀ over preserved text (general and domain
-      knowledge); with λ = 0 something must keep the system non-singular.
-    preserve_scale: its weight s.
+    preserve_keys: rows p of preserved text (general and domain
+      knowledge) whose outputs are kept; with λ = 0 something must keep
+      the system non-singular.
+    preserve_gram: Σ p pᵀ instead of `preserve_keys`, for cached sums
+      over more text than fits as rows (see `ridge_edit` for its accuracy).
+    preserve_scale: their weight s. MACE's code gives stage 1 the weight
+      s² of its `train_preserve_scale` s (`refine_preserve_weight`).
   """
   # UCE's "replace" edit with MACE's keys: e_f goes where e_g went.
   return uce_edit(
@@ -113,9 +118,44 @@ def refine(
     keys,
     mapped,
     lam=lam,
+    preserve_keys=preserve_keys,
     preserve_gram=preserve_gram,
     preserve_scale=preserve_scale,
   )
+
+
+def refine_preserve_weight(
+  train_preserve_scale: float,
+  num_concepts: int,
+  *,
+  convention: str = "original",
+  max_memory: int = 1000,
+) -> float:
+  """The weight stage 1 gives the preserved text, from MACE's
+  `train_preserve_scale` s.
+
+  MACE's `cfr_lora_training.py` multiplies the cached preservation sums by
+  s when it builds them and again inside `closed_form_refinement`, whenever
+  fewer than `max_memory` (1000) concepts are erased, which is every
+  released config: the weight the original runs is s² (1e-8 for the
+  celebrity, art and explicit-content configs' s = 1e-4 or 7e-7). From
+  `max_memory` concepts on, and in the paper's Eq. 1, s is applied once.
+
+  Args:
+    train_preserve_scale: s, as in MACE's configs.
+    num_concepts: how many concepts are erased at once.
+    convention: "original" (what the released code runs; the default, so
+      that its configs reproduce) or "paper" (s once).
+    max_memory: MACE's `max_memory`.
+  """
+  if convention not in ("original", "paper"):
+    raise ValueError(
+      f"Unknown refinement weight convention {convention!r}; choose "
+      "original (MACE's code: s² below max_memory concepts) or paper (s)."
+    )
+  if convention == "original" and num_concepts <= max_memory:
+    return train_preserve_scale**2
+  return train_preserve_scale
 
 
 def fuse(
@@ -125,6 +165,7 @@ def fuse(
   *,
   lam: float | jax.Array = 0.0,
   original: dict[str, jax.Array] | None = None,
+  preserve_keys: jax.Array | None = None,
   preserve_gram: jax.Array | None = None,
   preserve_scale: float | jax.Array = 1.0,
 ) -> dict[str, jax.Array]:
@@ -143,7 +184,10 @@ def fuse(
     original: the original kernels, whose outputs on the preserved text are
       kept (MACE's cached sums come from the original model); default
       `refined`.
-    preserve_gram, preserve_scale: Σ p pᵀ and its weight.
+    preserve_keys, preserve_gram: preserved rows p, or Σ p pᵀ (as in
+      `refine`).
+    preserve_scale: their weight (MACE's `fuse_preserve_scale`, applied
+      once).
   """
   if len(tuned) != len(concept_keys):
     raise ValueError(
@@ -162,6 +206,7 @@ def fuse(
     keys,
     values,
     lam=lam,
+    preserve_keys=preserve_keys,
     preserve_gram=preserve_gram,
     preserve_scale=preserve_scale,
     preserve_from=refined if original is None else original,

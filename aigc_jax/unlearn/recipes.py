@@ -36,6 +36,8 @@ def check_config(config) -> None:
   missing = set(config.erase) - set(config.concepts)
   if missing:
     raise ValueError(f"Erased concepts {sorted(missing)} are not in concepts.")
+  if "mace" in config.methods:
+    mace.refine_preserve_weight(1.0, 1, convention=config.mace.refine_weight)
 
 
 def concept_prompts(config, concept: str) -> list[str]:
@@ -148,14 +150,16 @@ def mace_edit(config, model, params, original, key):
     t.format(c.mapping).strip() for w in config.erase for t in config.templates
   ]
   keys, mapped_keys = mace.refinement_keys(model, params, prompts, mapped)
-  preserve_gram = closed_form.gram(preserve_rows(config, model, params))
+  preserve = preserve_rows(config, model, params)
   refined = mace.refine(
     original,
     jnp.asarray(keys),
     jnp.asarray(mapped_keys),
     lam=c.refine_lam,
-    preserve_gram=preserve_gram,
-    preserve_scale=c.preserve_scale,
+    preserve_keys=preserve,
+    preserve_scale=mace.refine_preserve_weight(
+      c.train_preserve_scale, len(config.erase), convention=c.refine_weight
+    ),
   )
   refined_unet = sd.write_projections(params["unet"], refined)
   d = model.text_encoder.config.hidden_size
@@ -189,8 +193,8 @@ def mace_edit(config, model, params, original, key):
     concept_keys,
     lam=c.fuse_lam,
     original=original,
-    preserve_gram=preserve_gram,
-    preserve_scale=c.preserve_scale,
+    preserve_keys=preserve,
+    preserve_scale=c.fuse_preserve_scale,
   )
   return refined, fused, losses
 

@@ -76,7 +76,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "lora_learning_rate": 1e-4,
       "lora_rank": 1,
       "fuse_lam": 0.0,
-      "preserve_scale": 1.0,
+      # MACE's train_preserve_scale s and fuse_preserve_scale. Stage 1
+      # weighs the preserved text by s² as MACE's code does ("original"),
+      # or by s as its paper writes ("paper"); equal at s = 1.
+      "train_preserve_scale": 1.0,
+      "fuse_preserve_scale": 1.0,
+      "refine_weight": "original",
     }
   )
   c.sample = ml_collections.ConfigDict(
