@@ -10,6 +10,8 @@ import os
 import jax
 import orbax.checkpoint as ocp
 
+from aigc_jax import faults
+
 
 def abstract_state(state, sharding):
   """Shape/dtype/sharding of every array leaf: Orbax's restore target.
@@ -49,6 +51,9 @@ class Checkpointer:
   def save(self, step: int, state) -> None:
     """Saves `state` as checkpoint `step` (asynchronously)."""
     self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    if faults.active():  # the kill comes after the save, not during it
+      self._manager.wait_until_finished()
+      faults.wrote(os.path.join(self.directory, str(step)))
 
   def restore(self, target, step: int | None = None):
     """Restores checkpoint `step` (the latest when None) onto `target`.

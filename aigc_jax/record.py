@@ -2,6 +2,7 @@
 metrics and a markdown report. Writes happen on process 0 only."""
 
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -9,12 +10,14 @@ import time
 import jax
 import numpy as np
 
-from aigc_jax import parallel
+from aigc_jax import faults, parallel
 from aigc_jax.metrics import share_interval
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 REPORT_FILE = "report.md"
+INVOCATIONS_FILE = "invocations.json"
+_started: dict[str, float] = {}  # workdir -> when this process prepared it
 
 
 def prepare_workdir(workdir: str, config_json: str) -> str:
@@ -47,17 +50,72 @@ def prepare_workdir(workdir: str, config_json: str) -> str:
     os.makedirs(workdir, exist_ok=True)
     text = json.dumps(wanted, indent=2, sort_keys=True)
     atomic_write(path, lambda f: f.write(text.encode()))
+  _note_invocation(workdir)
   parallel.sync_processes(f"prepare_workdir {workdir}")
   return workdir
+
+
+def _note_invocation(workdir: str) -> None:
+  """Adds this invocation's start to workdir/invocations.json."""
+  _started[workdir] = time.time()
+  starts = [*_invocation_starts(workdir), _started[workdir]]
+  atomic_write(
+    os.path.join(workdir, INVOCATIONS_FILE),
+    lambda f: f.write(json.dumps(starts).encode()),
+    counted=False,  # bookkeeping: a kill just after it is one just before
+  )
+
+
+def _invocation_starts(workdir: str) -> list[float]:
+  path = os.path.join(workdir, INVOCATIONS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return json.load(f)
+
+
+def run_seconds(workdir: str) -> float:
+  """The wall time of every invocation of the run in `workdir`: this one's
+  so far, and each earlier one's from its start to the last thing it wrote
+  (a file, or a metrics line's time stamp): work a kill cut off was done
+  again and counts where it was redone."""
+  starts = sorted(_invocation_starts(workdir))
+  now = time.time()
+  if not starts:
+    return 0.0
+  stamps = []
+  for root, _, files in os.walk(workdir):
+    for name in files:
+      path = os.path.join(root, name)
+      stamps.append(os.path.getmtime(path))
+      if name == METRICS_FILE:
+        stamps += _metric_times(path)
+  total = now - _started.get(workdir, starts[-1])
+  for begin, following in itertools.pairwise(starts):
+    ends = [t for t in stamps if begin <= t < following]
+    total += max(ends) - begin if ends else 0.0
+  return round(total, 1)
+
+
+def _metric_times(path: str) -> list[float]:
+  times = []
+  with open(path) as f:
+    for line in f:
+      try:
+        times.append(float(json.loads(line)["time"]))
+      except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+        continue  # a line a kill cut short
+  return times
 
 
 def forget_config(workdir: str) -> None:
   """Removes the config `prepare_workdir` recorded in a workdir where
   nothing else was written (a run refused before any work), so that the
   corrected command can use the same workdir."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if jax.process_index() == 0 and os.listdir(workdir) == [CONFIG_FILE]:
-    os.remove(path)
+  ours = {CONFIG_FILE, INVOCATIONS_FILE}
+  if jax.process_index() == 0 and set(os.listdir(workdir)) <= ours:
+    for name in os.listdir(workdir):
+      os.remove(os.path.join(workdir, name))
 
 
 def _differing_keys(a, b, prefix=""):
@@ -108,6 +166,7 @@ class MetricWriter:
     with open(self.path, "a") as f:
       f.write(self._lead + json.dumps(record) + "\n")
     self._lead = ""
+    faults.wrote(self.path)
 
 
 def _record_key(record: dict) -> tuple:
@@ -153,10 +212,11 @@ def last_metric(workdir: str, key: str):
   return value
 
 
-def atomic_write(path: str, write) -> str:
+def atomic_write(path: str, write, *, counted: bool = True) -> str:
   """Calls `write(file)` on a temporary file beside `path`, then renames it
   to `path` (on process 0 only): a kill at any instant leaves the old file
-  or the new one, never a truncated one that a resumed run would read."""
+  or the new one, never a truncated one that a resumed run would read.
+  `counted=False` keeps a bookkeeping file out of `aigc_jax.faults`' count."""
   if jax.process_index() != 0:
     return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -165,8 +225,28 @@ def atomic_write(path: str, write) -> str:
     write(f)
     f.flush()
     os.fsync(f.fileno())
+  if faults.active() and _same_content(tmp, path):
+    os.remove(tmp)  # a resumed run rewriting what it wrote before
+    return path
   os.replace(tmp, path)
+  if counted:
+    faults.wrote(path)
   return path
+
+
+def _same_content(new: str, old: str) -> bool:
+  """Whether two files hold the same: the same arrays for `.npz` (whose zip
+  headers carry the time of writing), else the same bytes."""
+  if not os.path.exists(old):
+    return False
+  if old.endswith(".npz"):
+    a, b = load_arrays(new), load_arrays(old)
+    return a.keys() == b.keys() and all(
+      a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k], equal_nan=True)
+      for k in a
+    )
+  with open(new, "rb") as f, open(old, "rb") as g:
+    return f.read() == g.read()
 
 
 def save_arrays(path: str, **arrays) -> str:
@@ -286,17 +366,15 @@ def plot_curves(
   ax.set(xlabel=xlabel, ylabel=ylabel, ylim=(0, 100))
   ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
   plt.close(fig)
 
 
 def write_report(workdir: str, text: str) -> str:
   """Writes workdir/report.md and returns its path."""
-  path = os.path.join(workdir, REPORT_FILE)
-  if jax.process_index() == 0:
-    with open(path, "w") as f:
-      f.write(text)
-  return path
+  return atomic_write(
+    os.path.join(workdir, REPORT_FILE), lambda f: f.write(text.encode())
+  )
 
 
 def array_digest(*arrays) -> str:

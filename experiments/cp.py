@@ -14,7 +14,6 @@ metrics.jsonl. Re-running the command resumes.
 
 import functools
 import os
-import time
 
 import ml_collections
 
@@ -92,7 +91,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config, mesh)
   train_set, test_set = classifiers.load_train_test(config)
   writer = record.MetricWriter(workdir)
-  start = time.time()
   sets, infos = protected_sets(config, workdir, train_set, mesh, writer)
   results = {}
   for set_name, images in sets.items():
@@ -109,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       writer.write(
         0, {f"eval/{set_name}/{method}/{k}": v for k, v in r.items()}
       )
-  total = round(time.time() - start, 1)
+  total = record.run_seconds(workdir)
   record.write_report(
     workdir,
     cp_report(config, workdir, results, infos, total, test_set.num_examples),

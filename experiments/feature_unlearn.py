@@ -256,8 +256,9 @@ def feature_measure(
 def labelled_latents(config, measure, images, z, workdir):
   """Positive and negative latents of the labelling samples: the user's
   labels from `feature.labels`, else the feature measure's."""
-  os.makedirs(os.path.join(workdir, "labelling"), exist_ok=True)
-  np.save(os.path.join(workdir, "labelling", "latents.npy"), z)
+  record.atomic_write(
+    os.path.join(workdir, "labelling", "latents.npy"), lambda f: np.save(f, z)
+  )
   data.save_image_grid(
     os.path.join(workdir, "labelling", "grid.png"), images[:100], ncol=10
   )

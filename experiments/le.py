@@ -263,7 +263,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_set, test_set = classifiers.load_train_test(config)
   cp_run, udp_run = upstream_runs(config, train_set.images)
   writer = record.MetricWriter(workdir)
-  start = time.time()
   protected, infos = load_protections(config, workdir, train_set, mesh)
   sets = {"clean": train_set.images, **protected}
   originals = [r.train_set.images for r in (cp_run, udp_run) if r]
@@ -291,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if udp_run:
     udp_eval = udp_results(config, workdir, udp_run, purify_set, mesh)
   out = summary(results, quality, cp_results, udp_eval)
-  out["seconds"] = total = round(time.time() - start, 1)
+  out["seconds"] = total = record.run_seconds(workdir)
   if cp_results:
     probe = out["probe_accuracy"]
     writer.write(

@@ -24,7 +24,6 @@ noise, the samples of every trained model, metrics.jsonl and report.md.
 
 import os
 import re
-import time
 
 import jax
 import ml_collections
@@ -161,7 +160,6 @@ def pixel_run(config, workdir, mesh) -> dict:
   heldout = x_test[: config.eval.heldout_size or None]
   inception, perceptual = distribution_features(config, test_set, mesh)
   writer = record.MetricWriter(workdir)
-  start = time.time()
   classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
@@ -194,7 +192,7 @@ def pixel_run(config, workdir, mesh) -> dict:
       perceptual,
     )
     writer.write(0, {f"eval/{name}/{k}": v for k, v in r.items()})
-  total = round(time.time() - start, 1)
+  total = record.run_seconds(workdir)
   text = pixel_report(config, workdir, results, classifier.test_accuracy, total)
   text += perturbation_table(perturbations, seconds, traces)
   text += "\nGrids: `protect/<method>/grid.png` (clean / protected / noise "
@@ -314,7 +312,6 @@ def latent_run(config, workdir, mesh) -> dict:
   parallel.check_batch_size(config.finetune.batch_size, mesh)
   model, params = sd.load_model(config.sd.model)
   *images, test_set = t2i_eval.captioned_images(config, model)
-  start = time.time()
   classifier = classifiers.trained_classifier(
     config.eval.classifier, os.path.join(workdir, "classifier")
   )
@@ -353,7 +350,7 @@ def latent_run(config, workdir, mesh) -> dict:
     ]
     for k, r in enumerate(results[name]):
       writer.write(k, {f"eval/{name}/{m}": v for m, v in r.items()})
-  total = round(time.time() - start, 1)
+  total = record.run_seconds(workdir)
   text = latent_report(config, workdir, pretrained, results, len(images[0]))
   text += "\nAccuracy of the scoring classifier on real test digits: "
   text += f"{100 * classifier.test_accuracy:.1f}%. Total {total:.0f} s.\n\n"

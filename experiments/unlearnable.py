@@ -14,7 +14,6 @@ the command resumes: finished protections and classifiers are read back.
 """
 
 import os
-import time
 
 import ml_collections
 
@@ -35,7 +34,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   check_config(config, mesh)
   train_set, test_set = classifiers.load_train_test(config)
   writer = record.MetricWriter(workdir)
-  start = time.time()
   protected, infos = recipes.protected_sets(
     config,
     workdir,
@@ -63,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           for k, v in results[set_name, cm].items()
         },
       )
-  total = round(time.time() - start, 1)
+  total = record.run_seconds(workdir)
   record.write_report(
     workdir,
     unlearnable_report(config, workdir, results, infos, total, test_set),

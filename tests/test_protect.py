@@ -290,7 +290,10 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     "chunk_0002.npz",
     "ckpt",
     "layout.json",
+    "seconds.json",
   ]
+  spent = protect.spent_seconds(workdir)
+  assert spent > 0
   # Interrupted during the last chunk: its δ and checkpoint never landed.
   os.remove(os.path.join(workdir, "chunk_0002.npz"))
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
@@ -300,6 +303,14 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   )
   np.testing.assert_array_equal(first, again)
   assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npz")) == done
+  # The time counts the recomputed chunk once more, and a run that finds
+  # every chunk done adds nothing.
+  resumed = protect.spent_seconds(workdir)
+  assert resumed > spent
+  udp_recipes.protect_dataset(
+    config, workdir, "eudp:early", images, state, mesh, steps
+  )
+  assert protect.spent_seconds(workdir) == resumed
   assert protect.perturbation_sizes(images, again).max() <= 8
   with pytest.raises(ValueError, match="eudp:<policy>"):
     udp_recipes.protect_dataset(
@@ -344,14 +355,6 @@ def test_every_reading_runs_through_the_launcher_steps(tmp_path, method):
   assert trace.shape == (1, 2, 2) and np.isfinite(trace).all()
   sizes = protect.perturbation_sizes(images, protected)
   assert 0 < sizes.max() <= 8
-
-
-def test_resumed_protection_reports_the_time_of_every_invocation(tmp_path):
-
-  path = str(tmp_path / "seconds.json")
-  assert udp_recipes.accumulated_seconds(path, 300.04) == 300.0
-  # Resumed with every chunk finished: nearly no time this invocation.
-  assert udp_recipes.accumulated_seconds(path, 1.2) == 301.2
 
 
 @pytest.mark.parametrize("steps", [1, 4])

@@ -117,3 +117,24 @@ def test_metrics_are_written_once_per_step_and_keys(tmp_path):
   assert len(lines) == 4 and lines[2] == '{"step": 6, "train/lo'
   assert json.loads(lines[3])["train/loss"] == 0.9
   assert record.last_metric(str(tmp_path), "train/loss") == 0.9
+
+
+def test_run_time_counts_every_invocation_up_to_its_last_write(
+  tmp_path, monkeypatch
+):
+  clock = iter([1000.0, 2000.0, 2100.0])  # starts of two invocations, now
+  monkeypatch.setattr(record.time, "time", lambda: next(clock))
+  workdir = str(tmp_path)
+  record.prepare_workdir(workdir, '{"a": 1}')
+  # The first invocation's last write, 300 s in; then it is killed.
+  path = tmp_path / "chunk.npz"
+  path.write_bytes(b"x")
+  os.utime(path, (1300.0, 1300.0))
+  record.prepare_workdir(workdir, '{"a": 1}')  # the resumed invocation
+  assert record.run_seconds(workdir) == 300.0 + 100.0
+  # A run refused before any work leaves nothing behind.
+  fresh = str(tmp_path / "refused")
+  monkeypatch.setattr(record.time, "time", lambda: 5.0)
+  record.prepare_workdir(fresh, '{"a": 1}')
+  record.forget_config(fresh)
+  assert os.listdir(fresh) == []

@@ -5,11 +5,11 @@ datasets they are uint8 in [0, 255]. These are the only conversions, and they
 refuse input of the wrong kind rather than guess.
 """
 
-import os
-
 import jax
 import numpy as np
 from PIL import Image
+
+from aigc_jax import record
 
 _RANGE_TOLERANCE = 1e-4
 
@@ -150,13 +150,7 @@ def save_image_grid(
   path: str, images, ncol: int | None = None, min_size: int = 32
 ) -> str:
   """Writes `image_grid(images)` as a PNG and returns the path: on process
-  0 of a multi-process job only, through a temporary file renamed into
-  place (never a half-written PNG)."""
+  0 of a multi-process job only, atomically (`record.atomic_write`)."""
   grid = image_grid(images, ncol, min_size)
-  if jax.process_index() != 0:
-    return path
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp{os.getpid()}.png"
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(tmp)
-  os.replace(tmp, path)
-  return path
+  image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+  return record.atomic_write(path, lambda f: image.save(f, format="PNG"))

@@ -1,6 +1,5 @@
 """How much an image changed: PSNR, SSIM and multi-scale SSIM."""
 
-
 import jax
 import jax.numpy as jnp
 

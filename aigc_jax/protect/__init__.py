@@ -6,6 +6,7 @@ from aigc_jax.protect.alternation import (
   alternate,
   chunk_bounds,
   padded_slices,
+  spent_seconds,
 )
 from aigc_jax.protect.cp import contrastive_objective
 from aigc_jax.protect.emn import (
@@ -79,6 +80,7 @@ __all__ = [
   "random_perturbation",
   "reading_objective",
   "robust_objective",
+  "spent_seconds",
   "step_size",
   "udp_perturbation",
 ]

@@ -23,14 +23,18 @@ devices and after any interruption.
 
 Resuming (`workdir`): after chunk c its δ rows and objective trace are
 written atomically to `chunk_<c>.npz`, *then* the model's state to an Orbax
-checkpoint numbered c + 1. A training surrogate's checkpoint is the record of
-progress: a chunk file without its checkpoint (a kill between the two) is
-computed again, from the state it started with, and comes out the same.
+checkpoint numbered c + 1, then the seconds the chunk took are added to
+`seconds.json` (`spent_seconds`). A training surrogate's checkpoint is the
+record of progress: a chunk file without its checkpoint (a kill between the
+two) is computed again, from the state it started with, and comes out the
+same. The time counts every chunk once, whichever invocation computed it
+(a kill just before the time is added loses that chunk's seconds).
 """
 
 import itertools
 import json
 import os
+import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -230,6 +234,7 @@ def alternate(
         for _ in range(schedule.rounds):
           progress(1)
       continue
+    start = time.time()
     chunk_key = jax.random.fold_in(key, c)
     shape = (hi - lo, *x.shape[1:])
     delta = shared if classwise else delta0(chunk_key, shape)
@@ -259,10 +264,30 @@ def alternate(
       record.save_arrays(_chunk_path(workdir, c), delta=delta, trace=trace)
     if checkpointer is not None:
       checkpointer.save(c + 1, state)
+    if workdir is not None:
+      _add_seconds(workdir, time.time() - start)
   if checkpointer is not None:
     checkpointer.close()
   delta = shared if classwise else np.concatenate(deltas)
   return delta, np.stack(traces), state
+
+
+def spent_seconds(workdir: str) -> float:
+  """The seconds every chunk of the protection in `workdir` took, summed
+  over the invocations that computed them (0 before the first chunk)."""
+  path = os.path.join(workdir, "seconds.json")
+  if not os.path.exists(path):
+    return 0.0
+  with open(path) as f:
+    return json.load(f)["seconds"]
+
+
+def _add_seconds(workdir: str, elapsed: float) -> None:
+  total = round(spent_seconds(workdir) + elapsed, 1)
+  record.atomic_write(
+    os.path.join(workdir, "seconds.json"),
+    lambda f: f.write(json.dumps({"seconds": total}).encode()),
+  )
 
 
 def _chunk_path(workdir: str, c: int) -> str:

@@ -15,7 +15,6 @@ aigc_jax.protect import udp_recipes` (it builds on `aigc_jax.eval`).
 """
 
 import functools
-import json
 import os
 import time
 from collections.abc import Callable
@@ -239,12 +238,11 @@ def protect_methods(
       protected, traces[method] = protect_dataset(
         config, mdir, method, clean, surrogate, mesh, steps, **kwargs
       )
+      seconds[method] = protect.spent_seconds(mdir)
     else:
       protected = random_at_equal_l2(config, clean, sets[reference])
       traces[method] = np.zeros((0, 0, 0), np.float32)
-    seconds[method] = accumulated_seconds(
-      os.path.join(mdir, "seconds.json"), time.time() - start
-    )
+      seconds[method] = round(time.time() - start, 1)
     record.save_arrays(
       os.path.join(mdir, "protected.npz"),
       clean=clean,
@@ -284,21 +282,6 @@ def random_at_equal_l2(config, clean, reference) -> np.ndarray:
   key = jax.random.fold_in(protection_key(config), 3)
   noise = protect.random_like(key, jnp.asarray(delta), jnp.asarray(x))
   return protect.quantize_protected(clean, np.asarray(noise), b)
-
-
-def accumulated_seconds(path: str, elapsed: float) -> float:
-  """`elapsed` plus what earlier invocations spent, kept in the JSON file at
-  `path`: a resumed protection reports the time of every chunk, not only of
-  the chunks this invocation computed."""
-  spent = 0.0
-  if os.path.exists(path):
-    with open(path) as f:
-      spent = json.load(f)["seconds"]
-  total = round(spent + elapsed, 1)
-  record.atomic_write(
-    path, lambda f: f.write(json.dumps({"seconds": total}).encode())
-  )
-  return total
 
 
 def perturbation_table_row(clean, protected, config) -> dict:
