@@ -6,7 +6,10 @@ module runs JAX code.
 
 import atexit
 import contextlib
+import glob
+import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -298,3 +301,49 @@ def loaded(tiny_sd):
   from aigc_jax import sd
 
   return sd.load_stable_diffusion(tiny_sd)
+
+
+# udp.py's smoke run with one surrogate-training method over two chunks, and
+# the fewest checkpoints and metrics lines (30-odd writes): the crash and
+# multi-process tests.
+UDP_ONE_METHOD = [
+  os.path.join(ROOT, "experiments", "udp.py"),
+  f"--config={os.path.join(ROOT, 'experiments', 'configs', 'udp.py')}:smoke",
+  "--config.protect.methods=('eudp:early',)",
+  "--config.eval.robust_method=",
+  "--config.eval.classifier.train.checkpoint_every=45",
+  "--config.eval.classifier.train.log_every=45",
+  "--config.surrogate.train.log_every=4",
+  "--config.ddpm.train.log_every=4",
+  "--config.ddpm.train.checkpoint_every=4",
+  "--config.num_devices=0",  # every device the process sees
+]
+
+
+def udp_run_state(workdir):
+  """What a run leaves, less its times and its own path: protected images,
+  every cell's result, every metrics record, the report."""
+  with np.load(os.path.join(workdir, "protect/eudp_early/protected.npz")) as f:
+    protected = {k: f[k] for k in f.files}
+  results = {}
+  for path in glob.glob(os.path.join(workdir, "eval", "*", "result.json")):
+    with open(path) as f:
+      results[os.path.relpath(path, workdir)] = {
+        k: v for k, v in json.load(f).items() if k != "seconds"
+      }
+  metrics = {}
+  for path in glob.glob(os.path.join(workdir, "**/metrics.jsonl"), recursive=1):
+    with open(path) as f:
+      lines = [json.loads(line) for line in f]
+    for line in lines:
+      for k in [k for k in line if k == "time" or k.endswith("seconds")]:
+        line.pop(k)
+    metrics[os.path.relpath(path, workdir)] = lines
+  with open(os.path.join(workdir, "report.md")) as f:
+    report = f.read().replace(str(workdir), "W")
+  report = re.sub(r"Total time [\d.]+ s", "", report)
+  # The perturbation table's last column: seconds.
+  report = re.sub(
+    r"^(\| eudp:early \| [\d.]+ \|.*\|) [\d.]+ \|$", r"\1", report, flags=re.M
+  )
+  return protected, results, metrics, report

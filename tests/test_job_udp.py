@@ -1,8 +1,6 @@
 """`experiments/udp.py`: the pixel setting's smoke run (and LE on its
 sets), its errors and reports, and its resumes after a kill."""
 
-import glob
-import json
 import os
 import re
 import shutil
@@ -11,7 +9,13 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, le_on_upstream, run_experiment
+from conftest import (
+  ROOT,
+  UDP_ONE_METHOD,
+  le_on_upstream,
+  run_experiment,
+  udp_run_state,
+)
 
 from aigc_jax import faults
 from aigc_jax.eval import classifiers
@@ -165,22 +169,6 @@ def test_udp_report_gains_an_inception_fid_column(tmp_path):
   assert "| 0.2500 | 0.8750 |" in table
 
 
-# The smoke run with one surrogate-training method over two chunks, and the
-# fewest checkpoints and metrics lines: 30-odd writes.
-CRASH_ARGS = [
-  os.path.join(ROOT, "experiments", "udp.py"),
-  f"--config={os.path.join(ROOT, 'experiments', 'configs', 'udp.py')}:smoke",
-  "--config.protect.methods=('eudp:early',)",
-  "--config.eval.robust_method=",
-  "--config.eval.classifier.train.checkpoint_every=45",
-  "--config.eval.classifier.train.log_every=45",
-  "--config.surrogate.train.log_every=4",
-  "--config.ddpm.train.log_every=4",
-  "--config.ddpm.train.checkpoint_every=4",
-  "--config.num_devices=0",  # every device the process sees
-]
-
-
 def _udp(workdir, *, devices=1, exit_after=None):
   env = dict(
     os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
@@ -188,42 +176,13 @@ def _udp(workdir, *, devices=1, exit_after=None):
   if exit_after is not None:
     env[faults.VARIABLE] = str(exit_after)
   return subprocess.run(
-    [sys.executable, *CRASH_ARGS, f"--workdir={workdir}"],
+    [sys.executable, *UDP_ONE_METHOD, f"--workdir={workdir}"],
     env=env,
     cwd=ROOT,
     capture_output=True,
     text=True,
     timeout=600,
   )
-
-
-def _run_state(workdir):
-  """What a run leaves, less its times and its own path: protected images,
-  every cell's result, every metrics record, the report."""
-  with np.load(os.path.join(workdir, "protect/eudp_early/protected.npz")) as f:
-    protected = {k: f[k] for k in f.files}
-  results = {}
-  for path in glob.glob(os.path.join(workdir, "eval", "*", "result.json")):
-    with open(path) as f:
-      results[os.path.relpath(path, workdir)] = {
-        k: v for k, v in json.load(f).items() if k != "seconds"
-      }
-  metrics = {}
-  for path in glob.glob(os.path.join(workdir, "**/metrics.jsonl"), recursive=1):
-    with open(path) as f:
-      lines = [json.loads(line) for line in f]
-    for line in lines:
-      for k in [k for k in line if k == "time" or k.endswith("seconds")]:
-        line.pop(k)
-    metrics[os.path.relpath(path, workdir)] = lines
-  with open(os.path.join(workdir, "report.md")) as f:
-    report = f.read().replace(str(workdir), "W")
-  report = re.sub(r"Total time [\d.]+ s", "", report)
-  # The perturbation table's last column: seconds.
-  report = re.sub(
-    r"^(\| eudp:early \| [\d.]+ \|.*\|) [\d.]+ \|$", r"\1", report, flags=re.M
-  )
-  return protected, results, metrics, report
 
 
 @pytest.mark.long
@@ -254,14 +213,14 @@ def test_udp_killed_after_every_write_resumes_to_the_same_run(tmp_path):
   else:
     pytest.fail(f"no end after {len(kills)} kills: {kills[-5:]}")
   assert last and len(kills) > 25 and any("ckpt" in p for p in kills)
-  expected = _run_state(tmp_path / "whole")
-  got = _run_state(killed)
+  expected = udp_run_state(tmp_path / "whole")
+  got = udp_run_state(killed)
   for k in expected[0]:
     np.testing.assert_array_equal(got[0][k], expected[0][k])
   assert got[1:] == expected[1:]
   # Another device count: chunks and keys do not depend on it.
   other = _udp(tmp_path / "between", devices=2)
   assert other.returncode == 0, other.stderr[-2000:]
-  protected = _run_state(tmp_path / "between")[0]
+  protected = udp_run_state(tmp_path / "between")[0]
   for k in expected[0]:
     np.testing.assert_array_equal(protected[k], expected[0][k])

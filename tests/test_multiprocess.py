@@ -2,6 +2,7 @@
 loopback coordinator, started as a user starts them (the environment of
 `parallel.maybe_initialize_distributed`)."""
 
+import glob
 import os
 import socket
 import subprocess
@@ -9,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, UDP_ONE_METHOD, udp_run_state
 
 # Each process checks what it sees of one global array and of its own.
 GATHER = """
@@ -99,3 +100,50 @@ def test_train_ddpm_smoke_as_two_processes_equals_one(tmp_path):
   for name in ("metrics.jsonl", "report.md"):
     with open(tmp_path / "two" / name) as a, open(tmp_path / "one" / name) as b:
       assert len(a.readlines()) == len(b.readlines())
+
+
+@pytest.mark.long
+def test_udp_as_two_processes_equals_one(tmp_path):
+  """The main job as 2 processes x 2 devices: the protected images, every
+  cell's result, every metrics record and the report of 1 process x 4, and
+  no file left half-written by a second writer."""
+  for rc, _, err in run_processes(
+    [*UDP_ONE_METHOD, f"--workdir={tmp_path}/two"]
+  ):
+    assert rc == 0, err[-2000:]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  one = subprocess.run(
+    [sys.executable, *UDP_ONE_METHOD, f"--workdir={tmp_path}/one"],
+    env=env,
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert one.returncode == 0, one.stderr[-2000:]
+  two, one = udp_run_state(tmp_path / "two"), udp_run_state(tmp_path / "one")
+  for k in one[0]:
+    np.testing.assert_array_equal(two[0][k], one[0][k])
+  # Results and logged losses: the same records, the same values up to the
+  # order of the cross-process reductions (last bits of a float32 loss).
+  for got, want in zip(two[1:3], one[1:3], strict=True):
+    got, want = _numbers(got), _numbers(want)
+    assert got.keys() == want.keys()
+    for k, v in want.items():
+      assert got[k] == pytest.approx(v, rel=1e-6), k
+  assert two[3] == one[3]  # the report, as printed
+  assert not glob.glob(f"{tmp_path}/two/**/*.tmp*", recursive=True)
+
+
+def _numbers(tree, prefix=""):
+  """{path: value} of every number in nested dicts and lists."""
+  if isinstance(tree, dict):
+    items = tree.items()
+  elif isinstance(tree, list):
+    items = enumerate(tree)
+  else:
+    return {prefix: tree}
+  out = {}
+  for k, v in items:
+    out.update(_numbers(v, f"{prefix}/{k}"))
+  return out
