@@ -206,6 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       scheduler_config=SCHEDULER,
       dtype=config.export_dtype,
     )
+  parallel.sync_processes(f"saved {folder}")
   result = {
     "vae_seconds": round(vae_seconds, 1),
     "unet_seconds": round(unet_seconds, 1),

@@ -1,6 +1,10 @@
 """The embedded text-to-image model's training steps on tiny modules."""
 
 import functools
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,39 @@ def test_captions_use_the_templates():
     np.array([3]), np.random.default_rng(0), t2i.PARAPHRASE_TEMPLATES
   )
   assert held_out[0] not in {t.format("three") for t in t2i.CAPTION_TEMPLATES}
+
+
+WRITE_TOKENIZER = """
+import sys
+from aigc_jax.sd.vocabulary import write_clip_tokenizer
+from aigc_jax.train import text_to_image as t2i
+corpus = [
+  t.format(w)
+  for t in t2i.CAPTION_TEMPLATES + t2i.PARAPHRASE_TEMPLATES
+  for w in t2i.DIGIT_WORDS
+]
+write_clip_tokenizer(corpus, sys.argv[1])
+"""
+
+
+def test_the_tokenizer_is_the_same_in_every_process_and_kept_on_resume(
+  tmp_path,
+):
+  # The BPE trainer breaks ties by a per-process hash seed: two processes
+  # (a fresh run and its resume, or two hosts of a job) must still agree.
+  vocab = []
+  for seed in ("1", "2"):
+    subprocess.run(
+      [sys.executable, "-c", WRITE_TOKENIZER, str(tmp_path / seed)],
+      check=True,
+      capture_output=True,
+      env={**os.environ, "PYTHONHASHSEED": seed},
+    )
+    vocab.append(json.loads((tmp_path / seed / "vocab.json").read_text()))
+  assert vocab[0] == vocab[1]
+  # A folder written before is read back as it is, whatever the corpus.
+  again = write_clip_tokenizer(["another corpus"], str(tmp_path / "1"))
+  assert again.get_vocab() == vocab[0]
 
 
 @pytest.mark.long

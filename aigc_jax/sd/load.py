@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from aigc_jax import checkpoint
+from aigc_jax import checkpoint, record
 from aigc_jax.diffusion.schedules import NoiseSchedule, make_schedule
 from aigc_jax.sd.torchvision_fallback import import_torchvision
 
@@ -393,8 +393,10 @@ def _write_cache(cache_dir: str, path: str, params: dict) -> None:
   ckpt = checkpoint.Checkpointer(os.path.join(cache_dir, "params"))
   ckpt.save(0, params)
   ckpt.close()
-  with open(os.path.join(cache_dir, "source.json"), "w") as f:
-    json.dump(_source_stamp(path), f, indent=1)
+  stamp = json.dumps(_source_stamp(path), indent=1)
+  record.atomic_write(
+    os.path.join(cache_dir, "source.json"), lambda f: f.write(stamp.encode())
+  )
 
 
 def _restore_cache(cache_dir: str, target: dict, sharding) -> dict:

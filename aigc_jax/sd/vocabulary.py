@@ -9,6 +9,11 @@ encoder sees whole words; any other text still tokenizes, byte by byte.
 
 import json
 import os
+import shutil
+
+import jax
+
+from aigc_jax import parallel
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -22,16 +27,25 @@ def write_clip_tokenizer(
   Args:
     corpus: captions; every word in them becomes one token.
     directory: the `tokenizer/` folder to write (vocab.json, merges.txt,
-      tokenizer_config.json, special_tokens_map.json).
+      tokenizer_config.json, special_tokens_map.json); written whole by
+      process 0 of a multi-process job, read by every process.
     model_max_length: the padded length (77 in SD).
 
   Returns:
-    The `CLIPTokenizer` read back from `directory`.
+    The `CLIPTokenizer` read back from `directory`. A folder written before
+    (a resumed run) is read as it is: the BPE trainer breaks ties between
+    equally frequent pairs differently from process to process, and a text
+    encoder trained with one vocabulary must keep it. Token ids are
+    assigned in sorted order of the tokens, so two fresh runs agree on
+    every id; the order of tied merges, which can only change how text
+    outside the corpus splits, may still differ.
   """
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers
   from transformers import CLIPTokenizer
   from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
+  if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
+    return CLIPTokenizer.from_pretrained(directory)
   alphabet = list(bytes_to_unicode().values())
   bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
   bpe.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -43,13 +57,29 @@ def write_clip_tokenizer(
     show_progress=False,
   )
   bpe.train_from_iterator([c.lower() for c in corpus], trainer)
-  os.makedirs(directory, exist_ok=True)
+  # Process 0 writes a temporary folder and moves it into place; the other
+  # processes of a job read what it wrote.
+  if jax.process_index() == 0:
+    tmp = f"{directory}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_tokenizer(bpe, alphabet, tmp, model_max_length)
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+  parallel.sync_processes(f"tokenizer {directory}")
+  return CLIPTokenizer.from_pretrained(directory)
+
+
+def _save_tokenizer(bpe, alphabet, directory, model_max_length) -> None:
+  from transformers import CLIPTokenizer
+
+  os.makedirs(directory)
   vocab_file, merges_file = bpe.model.save(directory)
   with open(vocab_file) as f:
     vocab = json.load(f)
   # Every byte, also as a word end, so that any text has a tokenization.
   for token in [*alphabet, *(a + "</w>" for a in alphabet), BOS, EOS]:
     vocab.setdefault(token, len(vocab))
+  vocab = {token: i for i, token in enumerate(sorted(vocab))}
   with open(vocab_file, "w") as f:
     json.dump(vocab, f)
   tokenizer = CLIPTokenizer(
@@ -59,4 +89,3 @@ def write_clip_tokenizer(
     model_max_length=model_max_length,
   )
   tokenizer.save_pretrained(directory)
-  return CLIPTokenizer.from_pretrained(directory)
