@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Four device threads share two cores under `pytest -n 2`; XLA:CPU's default
@@ -301,6 +303,23 @@ def loaded(tiny_sd):
   from aigc_jax import sd
 
   return sd.load_stable_diffusion(tiny_sd)
+
+
+def run_job(args, *, devices=4, **env):
+  """`python args...` from the repository root as one process with
+  `devices` CPU devices and the extra environment `env`."""
+  return subprocess.run(
+    [sys.executable, *args],
+    env={
+      **os.environ,
+      "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+      **env,
+    },
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 # udp.py's smoke run with one surrogate-training method over two chunks, and

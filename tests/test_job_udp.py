@@ -4,16 +4,14 @@ sets), its errors and reports, and its resumes after a kill."""
 import os
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from conftest import (
-  ROOT,
   UDP_ONE_METHOD,
   le_on_upstream,
   run_experiment,
+  run_job,
   udp_run_state,
 )
 
@@ -170,18 +168,9 @@ def test_udp_report_gains_an_inception_fid_column(tmp_path):
 
 
 def _udp(workdir, *, devices=1, exit_after=None):
-  env = dict(
-    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
-  )
-  if exit_after is not None:
-    env[faults.VARIABLE] = str(exit_after)
-  return subprocess.run(
-    [sys.executable, *UDP_ONE_METHOD, f"--workdir={workdir}"],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
+  env = {} if exit_after is None else {faults.VARIABLE: str(exit_after)}
+  return run_job(
+    [*UDP_ONE_METHOD, f"--workdir={workdir}"], devices=devices, **env
   )
 
 

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, UDP_ONE_METHOD, udp_run_state
+from conftest import ROOT, UDP_ONE_METHOD, run_job, udp_run_state
 
 # Each process checks what it sees of one global array and of its own.
 GATHER = """
@@ -82,15 +82,7 @@ def test_train_ddpm_smoke_as_two_processes_equals_one(tmp_path):
   args = [script, f"--config={config}:smoke"]
   for rc, _, err in run_processes([*args, f"--workdir={tmp_path}/two"]):
     assert rc == 0, err[-2000:]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  one = subprocess.run(
-    [sys.executable, *args, f"--workdir={tmp_path}/one"],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  one = run_job([*args, f"--workdir={tmp_path}/one"])
   assert one.returncode == 0, one.stderr[-2000:]
   two, one = (
     np.load(tmp_path / name / "samples.npz")["images"]
@@ -111,15 +103,7 @@ def test_udp_as_two_processes_equals_one(tmp_path):
     [*UDP_ONE_METHOD, f"--workdir={tmp_path}/two"]
   ):
     assert rc == 0, err[-2000:]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  one = subprocess.run(
-    [sys.executable, *UDP_ONE_METHOD, f"--workdir={tmp_path}/one"],
-    env=env,
-    cwd=ROOT,
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
+  one = run_job([*UDP_ONE_METHOD, f"--workdir={tmp_path}/one"])
   assert one.returncode == 0, one.stderr[-2000:]
   two, one = udp_run_state(tmp_path / "two"), udp_run_state(tmp_path / "one")
   for k in one[0]:

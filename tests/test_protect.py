@@ -333,10 +333,12 @@ def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
   # ±8 levels wherever the image box does not clip the noise.
   inside = (images >= 8) & (images <= 247)
   assert (sizes[inside] == 8).all() and sizes.max() == 8
-  # The surrogate never changed: only the δ chunks are written, no ckpt/.
+  # The surrogate never changed: only the δ chunks (and the time) are
+  # written, no ckpt/.
   assert sorted(os.listdir(tmp_path / "random")) == [
     "chunk_0000.npz",
     "layout.json",
+    "seconds.json",
   ]
 
 
