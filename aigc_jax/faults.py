@@ -3,10 +3,12 @@
 With `AIGC_JAX_EXIT_AFTER_WRITES=k` in the environment, a process ends right
 after its k-th write of run state (every atomic file write, metrics line,
 checkpoint save and image grid) through `os._exit`: no clean-up, no flush
-of pending asynchronous saves, as a kill would leave it. A test runs a
-launcher with k = 1, 2, ... and resumes it each time, so that a kill lands
-between every pair of consecutive writes (tests/test_job_udp.py). Unset,
-it does nothing.
+of pending asynchronous saves, as a kill would leave it. A resumed run
+rewriting a file with the same contents is not counted (`record.atomic_write`
+compares them), so running a launcher with k = 1 again and again, resuming
+each time, ends each run one write further: a kill lands between every
+pair of consecutive writes (tests/test_job_udp.py). A checkpoint counts once
+its save has finished. Unset, it does nothing.
 """
 
 import os
