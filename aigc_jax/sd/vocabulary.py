@@ -40,12 +40,29 @@ def write_clip_tokenizer(
     every id; the order of tied merges, which can only change how text
     outside the corpus splits, may still differ.
   """
+  from transformers import CLIPTokenizer
+
+  held = os.path.exists(os.path.join(directory, "tokenizer_config.json"))
+  # Every process has looked before process 0 writes: all take one branch.
+  parallel.sync_processes(f"tokenizer held {directory}")
+  if not held:
+    # Process 0 learns it into a temporary folder and moves that into
+    # place; the other processes of a job read what it wrote.
+    if jax.process_index() == 0:
+      tmp = f"{directory}.tmp{os.getpid()}"
+      shutil.rmtree(tmp, ignore_errors=True)
+      _learn_tokenizer(corpus, tmp, model_max_length)
+      shutil.rmtree(directory, ignore_errors=True)
+      os.replace(tmp, directory)
+    parallel.sync_processes(f"tokenizer {directory}")
+  return CLIPTokenizer.from_pretrained(directory)
+
+
+def _learn_tokenizer(corpus, directory, model_max_length) -> None:
   from tokenizers import Tokenizer, models, pre_tokenizers, trainers
   from transformers import CLIPTokenizer
   from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
-  if os.path.exists(os.path.join(directory, "tokenizer_config.json")):
-    return CLIPTokenizer.from_pretrained(directory)
   alphabet = list(bytes_to_unicode().values())
   bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
   bpe.pre_tokenizer = pre_tokenizers.Whitespace()
@@ -57,21 +74,6 @@ def write_clip_tokenizer(
     show_progress=False,
   )
   bpe.train_from_iterator([c.lower() for c in corpus], trainer)
-  # Process 0 writes a temporary folder and moves it into place; the other
-  # processes of a job read what it wrote.
-  if jax.process_index() == 0:
-    tmp = f"{directory}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_tokenizer(bpe, alphabet, tmp, model_max_length)
-    shutil.rmtree(directory, ignore_errors=True)
-    os.replace(tmp, directory)
-  parallel.sync_processes(f"tokenizer {directory}")
-  return CLIPTokenizer.from_pretrained(directory)
-
-
-def _save_tokenizer(bpe, alphabet, directory, model_max_length) -> None:
-  from transformers import CLIPTokenizer
-
   os.makedirs(directory)
   vocab_file, merges_file = bpe.model.save(directory)
   with open(vocab_file) as f:
