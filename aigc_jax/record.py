@@ -6,6 +6,7 @@ import itertools
 import json
 import os
 import time
+import zipfile
 
 import jax
 import numpy as np
@@ -260,7 +261,7 @@ def load_arrays(path: str) -> dict:
   try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}
-  except (OSError, ValueError, EOFError) as e:
+  except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
     raise ValueError(
       f"Cannot read {path}: {e}. Delete it to compute it again."
     ) from e

@@ -339,30 +339,62 @@ UDP_ONE_METHOD = [
 ]
 
 
-def udp_run_state(workdir):
-  """What a run leaves, less its times and its own path: protected images,
-  every cell's result, every metrics record, the report."""
-  with np.load(os.path.join(workdir, "protect/eudp_early/protected.npz")) as f:
-    protected = {k: f[k] for k in f.files}
-  results = {}
-  for path in glob.glob(os.path.join(workdir, "eval", "*", "result.json")):
+def run_state(workdir):
+  """What a run leaves, less its times and its own path: (arrays, records,
+  report). Arrays: every saved `.npz` array as {"path:key": array};
+  records: every JSON file and metrics line but `invocations.json`, as
+  {path: contents}; report: `report.md` as printed. Times (keys `time` and
+  `*seconds`, "... s" in prose, "time (s)" columns and rows) and the
+  workdir's own path are left out; Orbax checkpoints are not read."""
+  workdir = str(workdir)
+  arrays, records = {}, {}
+  for path in sorted(glob.glob(f"{workdir}/**/*.npz", recursive=True)):
+    with np.load(path) as f:
+      for k in f.files:
+        if not k.endswith("seconds"):
+          arrays[f"{os.path.relpath(path, workdir)}:{k}"] = f[k]
+  for path in glob.glob(f"{workdir}/**/*.json*", recursive=True):
+    rel = os.path.relpath(path, workdir)
+    if os.path.basename(rel) == "invocations.json" or "/ckpt/" in f"/{rel}":
+      continue
     with open(path) as f:
-      results[os.path.relpath(path, workdir)] = {
-        k: v for k, v in json.load(f).items() if k != "seconds"
-      }
-  metrics = {}
-  for path in glob.glob(os.path.join(workdir, "**/metrics.jsonl"), recursive=1):
-    with open(path) as f:
-      lines = [json.loads(line) for line in f]
-    for line in lines:
-      for k in [k for k in line if k == "time" or k.endswith("seconds")]:
-        line.pop(k)
-    metrics[os.path.relpath(path, workdir)] = lines
+      if path.endswith(".jsonl"):
+        records[rel] = [_timeless(json.loads(line)) for line in f]
+      else:
+        records[rel] = _timeless(json.load(f))
   with open(os.path.join(workdir, "report.md")) as f:
-    report = f.read().replace(str(workdir), "W")
-  report = re.sub(r"Total time [\d.]+ s", "", report)
-  # The perturbation table's last column: seconds.
-  report = re.sub(
-    r"^(\| eudp:early \| [\d.]+ \|.*\|) [\d.]+ \|$", r"\1", report, flags=re.M
-  )
-  return protected, results, metrics, report
+    report = _timeless_report(f.read().replace(workdir, "W"))
+  return arrays, records, report
+
+
+def _timeless(tree):
+  if isinstance(tree, dict):
+    return {
+      k: _timeless(v)
+      for k, v in tree.items()
+      if k != "time" and not k.endswith("seconds")
+    }
+  if isinstance(tree, list):
+    return [_timeless(v) for v in tree]
+  return tree
+
+
+def _timeless_report(report):
+  report = re.sub(r"[Tt]otal time [\d.]+ s", "", report)
+  report = re.sub(r"\([\d.]+ s\)", "", report)
+  lines, time_column = [], None
+  for line in report.splitlines():
+    cells = line.split(" | ") if line.startswith("| ") else None
+    if cells is None:
+      time_column = None
+    elif time_column is None:  # a table's header
+      time_column = next(
+        (i for i, c in enumerate(cells) if "time (s)" in c), -1
+      )
+    if cells and "time (s)" in cells[0]:
+      continue  # a row of times
+    if cells and time_column >= 0:
+      cells[time_column] = ""
+      line = " | ".join(cells)
+    lines.append(line)
+  return "\n".join(lines)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import recipe_config
 
-from aigc_jax import data, diffusion, parallel, protect, train
+from aigc_jax import data, diffusion, parallel, protect, record, train
 from aigc_jax.models import DDPMUNet
 from aigc_jax.protect import udp_recipes
 
@@ -290,12 +290,11 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
     "chunk_0002.npz",
     "ckpt",
     "layout.json",
-    "seconds.json",
   ]
-  spent = protect.spent_seconds(workdir)
-  assert spent > 0
+  assert protect.spent_seconds(workdir) > 0
   # Interrupted during the last chunk: its δ and checkpoint never landed.
-  os.remove(os.path.join(workdir, "chunk_0002.npz"))
+  last = os.path.join(workdir, "chunk_0002.npz")
+  os.remove(last)
   shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
   done = os.path.getmtime(os.path.join(workdir, "chunk_0000.npz"))
   again, _ = udp_recipes.protect_dataset(
@@ -303,14 +302,23 @@ def test_protection_run_resumes_without_redoing_finished_chunks(tmp_path):
   )
   np.testing.assert_array_equal(first, again)
   assert os.path.getmtime(os.path.join(workdir, "chunk_0000.npz")) == done
-  # The time counts the recomputed chunk once more, and a run that finds
-  # every chunk done adds nothing.
-  resumed = protect.spent_seconds(workdir)
-  assert resumed > spent
+  # Killed between the last chunk and its checkpoint: the chunk is computed
+  # again and its file, δ, trace and first time, stays as it was; the time
+  # counts each chunk once.
+  saved = record.load_arrays(last)
+  shutil.rmtree(os.path.join(workdir, "ckpt", "3"))
   udp_recipes.protect_dataset(
     config, workdir, "eudp:early", images, state, mesh, steps
   )
-  assert protect.spent_seconds(workdir) == resumed
+  for k, v in record.load_arrays(last).items():
+    np.testing.assert_array_equal(v, saved[k])
+  assert protect.spent_seconds(workdir) == round(
+    sum(
+      float(record.load_arrays(f"{workdir}/chunk_000{c}.npz")["seconds"])
+      for c in range(3)
+    ),
+    1,
+  )
   assert protect.perturbation_sizes(images, again).max() <= 8
   with pytest.raises(ValueError, match="eudp:<policy>"):
     udp_recipes.protect_dataset(
@@ -333,12 +341,11 @@ def test_random_control_is_model_free_noise_at_the_budget(tmp_path):
   # ±8 levels wherever the image box does not clip the noise.
   inside = (images >= 8) & (images <= 247)
   assert (sizes[inside] == 8).all() and sizes.max() == 8
-  # The surrogate never changed: only the δ chunks (and the time) are
+  # The surrogate never changed: only the δ chunks (and their times) are
   # written, no ckpt/.
   assert sorted(os.listdir(tmp_path / "random")) == [
     "chunk_0000.npz",
     "layout.json",
-    "seconds.json",
   ]
 
 

@@ -2,6 +2,7 @@
 config-driven recipes."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -237,6 +238,39 @@ def test_random_controls_fill_the_budget_in_blocks():
   # One draw per example (2^9 patterns of 3x3 blocks: a few may repeat),
   # not one per class.
   assert len(np.unique(delta.reshape(64, -1), axis=0)) > 32
+
+
+def test_a_protection_is_generated_once_and_again_without_its_record(
+  tmp_path,
+):
+  from aigc_jax.protect import recipes
+
+  ds = data.balanced_subset(data.load_dataset("digits", "train"), 16, 0)
+  config = recipe_config("unlearnable_smoke")
+  calls = []
+
+  def generate():
+    calls.append(1)
+    return recipes.generate_random(config, ds, classwise=False)
+
+  def protected():
+    b = protect.budget(config.protect.eps)
+    return recipes.protected_set(str(tmp_path), "random", ds, b, generate)
+
+  first, info = protected()
+  again, same = protected()
+  assert len(calls) == 1 and same == info
+  np.testing.assert_array_equal(again, first)
+  # Killed between the images and their record: generated again, the same.
+  path = tmp_path / "protections" / "random.npz"
+  os.remove(str(path).replace(".npz", ".json"))
+  redone, info = protected()
+  assert len(calls) == 2 and info.keys() == same.keys()
+  np.testing.assert_array_equal(redone, first)
+  # A truncated file is named, with the fix.
+  path.write_bytes(path.read_bytes()[:100])
+  with pytest.raises(ValueError, match=r"random\.npz.*Delete it"):
+    protected()
 
 
 def test_emn_stops_at_its_accuracy_threshold():

@@ -21,14 +21,14 @@ slice). Keys derive from the chunk, round and slice (`fold_in`), minibatches
 from (seed, chunk, round, step), so a run is the same on any number of
 devices and after any interruption.
 
-Resuming (`workdir`): after chunk c its δ rows and objective trace are
-written atomically to `chunk_<c>.npz`, *then* the model's state to an Orbax
-checkpoint numbered c + 1, then the seconds the chunk took are added to
-`seconds.json` (`spent_seconds`). A training surrogate's checkpoint is the
-record of progress: a chunk file without its checkpoint (a kill between the
-two) is computed again, from the state it started with, and comes out the
-same. The time counts every chunk once, whichever invocation computed it
-(a kill just before the time is added loses that chunk's seconds).
+Resuming (`workdir`): after chunk c its δ rows, objective trace and the
+seconds it took are written atomically to `chunk_<c>.npz`, *then* the
+model's state to an Orbax checkpoint numbered c + 1. A training surrogate's
+checkpoint is the record of progress: a chunk file without its checkpoint (a
+kill between the two) is computed again, from the state it started with,
+comes out the same and is written again with the seconds of its first
+computation, so the file does not change. `spent_seconds` sums the chunk
+files' seconds: every chunk counted once, whichever invocation computed it.
 """
 
 import itertools
@@ -261,11 +261,13 @@ def alternate(
     if workdir is not None:
       # δ first, then the state it leaves: a chunk counts as done once the
       # checkpoint after it exists (see the module docstring).
-      record.save_arrays(_chunk_path(workdir, c), delta=delta, trace=trace)
+      path = _chunk_path(workdir, c)
+      seconds = round(time.time() - start, 1)
+      if os.path.exists(path):  # computed before, its checkpoint lost
+        seconds = _chunk_seconds(path)
+      record.save_arrays(path, delta=delta, trace=trace, seconds=seconds)
     if checkpointer is not None:
       checkpointer.save(c + 1, state)
-    if workdir is not None:
-      _add_seconds(workdir, time.time() - start)
   if checkpointer is not None:
     checkpointer.close()
   delta = shared if classwise else np.concatenate(deltas)
@@ -273,21 +275,18 @@ def alternate(
 
 
 def spent_seconds(workdir: str) -> float:
-  """The seconds every chunk of the protection in `workdir` took, summed
-  over the invocations that computed them (0 before the first chunk)."""
-  path = os.path.join(workdir, "seconds.json")
-  if not os.path.exists(path):
-    return 0.0
-  with open(path) as f:
-    return json.load(f)["seconds"]
+  """The seconds the protection's chunks in `workdir` took, each counted
+  once, whichever invocation computed it (0 before the first chunk)."""
+  total, c = 0.0, 0
+  while os.path.exists(_chunk_path(workdir, c)):
+    total += _chunk_seconds(_chunk_path(workdir, c))
+    c += 1
+  return round(total, 1)
 
 
-def _add_seconds(workdir: str, elapsed: float) -> None:
-  total = round(spent_seconds(workdir) + elapsed, 1)
-  record.atomic_write(
-    os.path.join(workdir, "seconds.json"),
-    lambda f: f.write(json.dumps({"seconds": total}).encode()),
-  )
+def _chunk_seconds(path: str) -> float:
+  with np.load(path) as f:  # reads this one array of the file
+    return float(f["seconds"])
 
 
 def _chunk_path(workdir: str, c: int) -> str:
