@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 WORKDIR ?= runs/demo
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup gpu-check
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,3 +26,14 @@ test: setup
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+# The paper-scale suite on an accelerator (experiments/configs/paper_scale.py):
+# stages in order of value, resumed from GPU_WORKDIR, stopped before
+# GPU_BUDGET seconds. GPU_PYTHON: a Python with the project's dependencies
+# (docs/guide/paper_scale.md sets one up on a machine without a network).
+GPU_PYTHON ?= $(BIN)/python
+GPU_WORKDIR ?= runs/paper_scale
+GPU_BUDGET ?= 780
+gpu-check:
+	$(GPU_PYTHON) experiments/paper_scale.py --workdir=$(GPU_WORKDIR) \
+	  --config.budget_seconds=$(GPU_BUDGET)

@@ -50,7 +50,8 @@ class Checkpointer:
 
   def save(self, step: int, state) -> None:
     """Saves `state` as checkpoint `step` (asynchronously)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+    with faults.not_interrupted():
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
     if faults.active():  # the kill comes after the save, not during it
       self._manager.wait_until_finished()
       faults.wrote(os.path.join(self.directory, str(step)))

@@ -33,6 +33,7 @@ if "xla_cpu_collective_call_terminate" not in os.environ["XLA_FLAGS"]:
   )
 
 import jax
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -58,8 +59,12 @@ def config_path(script: str) -> str:
   return os.path.join(folder, "configs", file)
 
 
-def main(train_and_evaluate, script: str) -> None:
-  """Parses --config and --workdir, then runs train_and_evaluate."""
+def main(train_and_evaluate, script: str, per_call: tuple[str, ...] = ()):
+  """Parses --config and --workdir, then runs train_and_evaluate.
+
+  `per_call`: top-level config keys that say what one call does (a time
+  budget), not what the run is: left out of the workdir's record, so they
+  may change between the calls that resume one run."""
   name = os.path.splitext(os.path.basename(script))[0]
   config_flags.DEFINE_config_file(
     "config",
@@ -78,16 +83,8 @@ def main(train_and_evaluate, script: str) -> None:
     check_counts(config)
     parallel.maybe_initialize_distributed(config.get("distributed", False))
     workdir = flags.FLAGS.workdir
-    fresh = not os.path.exists(os.path.join(workdir, record.CONFIG_FILE))
-    workdir = record.prepare_workdir(workdir, config.to_json())
     try:
-      train_and_evaluate(config, workdir)
-    except (ValueError, TypeError, FileNotFoundError):
-      # Refused before any work: a corrected command must not meet this
-      # config as "a different config" in the workdir.
-      if fresh:
-        record.forget_config(workdir)
-      raise
+      run_in_workdir(train_and_evaluate, config, workdir, per_call)
     except KeyboardInterrupt:
       print(
         f"Interrupted; run the same command to resume from {workdir}.",
@@ -96,6 +93,57 @@ def main(train_and_evaluate, script: str) -> None:
       sys.exit(130)
 
   app.run(run)
+
+
+def run_in_workdir(train_and_evaluate, config, workdir: str, per_call=()):
+  """`train_and_evaluate(config, workdir)` after recording the config, less
+  its `per_call` keys, in the workdir (`record.prepare_workdir`); its
+  result."""
+  fresh = not os.path.exists(os.path.join(workdir, record.CONFIG_FILE))
+  recorded = config
+  if per_call:
+    recorded = ml_collections.ConfigDict(
+      {k: v for k, v in config.to_dict().items() if k not in per_call}
+    )
+  workdir = record.prepare_workdir(workdir, recorded.to_json())
+  try:
+    return train_and_evaluate(config, workdir)
+  except (ValueError, TypeError, FileNotFoundError):
+    # Refused before any work: a corrected command must not meet this
+    # config as "a different config" in the workdir.
+    if fresh:
+      record.forget_config(workdir)
+    raise
+
+
+def run_launcher(script: str, config, workdir: str):
+  """Launcher `script` (a path) on `config` in `workdir`, in this process,
+  as its command runs it (the distributed runtime, if any, already up):
+  its `train_and_evaluate`'s result."""
+  module = _module(script, "_launcher_")
+  return run_in_workdir(module.train_and_evaluate, config, workdir)
+
+
+def load_config(script: str, variant: str):
+  """Launcher `script`'s config on `variant`, as `--config=...:variant`
+  gives it."""
+  return _module(config_path(script), "_config_").get_config(variant)
+
+
+def override(config, values: dict) -> None:
+  """Sets nested `values` ({"train": {"num_epochs": 5}}) in `config`, in
+  place; a key the config does not have is refused by name."""
+  for key, value in values.items():
+    if key not in config:
+      raise ValueError(
+        f"Override {key!r} is not a field of the config (fields: "
+        f"{sorted(config)}); fix the key."
+      )
+    if isinstance(value, dict):
+      override(config[key], value)
+    else:
+      with config.unlocked():
+        config[key] = value
 
 
 # Config fields (by their last key) that count things, and must be positive
@@ -159,12 +207,14 @@ def _shell_word(text: str) -> str:
   return f'"{text}"'
 
 
-def _config_module(path: str):
-  """The config file at `path`, imported as a module."""
-  spec = importlib.util.spec_from_file_location(
-    "_config_" + os.path.splitext(os.path.basename(path))[0], path
-  )
+def _module(path: str, prefix: str):
+  """The Python file at `path`, imported as a module (once)."""
+  name = prefix + os.path.splitext(os.path.basename(path))[0]
+  if name in sys.modules and sys.modules[name].__file__ == path:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
   spec.loader.exec_module(module)
   return module
 
@@ -180,7 +230,7 @@ def command_line(script: str, config, workdir: str) -> str:
   """
   folder, file = os.path.split(os.path.abspath(script))
   name = os.path.splitext(file)[0]
-  module = _config_module(config_path(script))
+  module = _module(config_path(script), "_config_")
   defaults = _leaves(module.get_config(config.variant).to_dict())
   overrides = [
     f"--config.{key}={_shell_word(str(value))}"

@@ -222,14 +222,15 @@ def atomic_write(path: str, write, *, counted: bool = True) -> str:
     return path
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "wb") as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  if faults.active() and _same_content(tmp, path):
-    os.remove(tmp)  # a resumed run rewriting what it wrote before
-    return path
-  os.replace(tmp, path)
+  with faults.not_interrupted():  # no half-written .tmp left behind
+    with open(tmp, "wb") as f:
+      write(f)
+      f.flush()
+      os.fsync(f.fileno())
+    if faults.active() and _same_content(tmp, path):
+      os.remove(tmp)  # a resumed run rewriting what it wrote before
+      return path
+    os.replace(tmp, path)
   if counted:
     faults.wrote(path)
   return path

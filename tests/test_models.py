@@ -142,6 +142,24 @@ def test_resnet18_size_and_batchnorm_state():
   assert "batch_stats" in shapes
 
 
+@pytest.mark.parametrize("name", ["resnet18", "small_cnn"])
+def test_bfloat16_classifiers_keep_float32_parameters_and_logits(name):
+  """Mixed precision: the same parameters, bfloat16 convolutions, float32
+  logits within bfloat16's rounding of the float32 model's."""
+  x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 3), minval=-1)
+  full = make_classifier(name, 10, width=8)
+  half = make_classifier(name, 10, width=8, dtype="bfloat16")
+  variables = full.init(jax.random.key(0), x)
+  assert jax.tree.all(
+    jax.tree.map(lambda p: p.dtype == jnp.float32, variables["params"])
+  )
+  want = full.apply(variables, x)
+  got = half.apply(variables, x)
+  assert got.dtype == jnp.float32
+  assert jnp.abs(got - want).max() < 0.05 * jnp.abs(want).max()
+  assert not jnp.array_equal(got, want)  # bfloat16 did the work
+
+
 def test_small_cnn_features_and_grad():
   model = make_classifier("small_cnn", 10, width=8)
   assert isinstance(model, SmallCNN)

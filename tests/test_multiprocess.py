@@ -87,7 +87,7 @@ JOBS = {
   "unlearnable": _smoke(
     "unlearnable",
     "--config.protections=('emn_sample', 'remn')",
-    "--config.countermeasures=('none', 'at')",
+    "--config.countermeasures=('none',)",
   ),
   "le": _smoke("le", "--config.protections=('lsp',)", "--config.ablations=()"),
 }

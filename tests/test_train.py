@@ -96,6 +96,52 @@ def test_classifier_learns(digits):
   assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
+def test_onecycle_rate_rises_linearly_then_falls_to_zero():
+  opt = train.classifier_optimizer(
+    0.4, 100, schedule="onecycle", weight_decay=0.0, momentum=0.0
+  )
+  params = {"w": jnp.zeros(())}
+  state = opt.init(params)
+  rates = []
+  for _ in range(100):
+    updates, state = opt.update({"w": jnp.ones(())}, state, params)
+    rates.append(-float(updates["w"]))  # SGD without momentum: -lr * 1
+  np.testing.assert_allclose(rates[:21:5], [0.0, 0.1, 0.2, 0.3, 0.4], atol=1e-6)
+  np.testing.assert_allclose(rates[60], 0.2, atol=1e-6)
+  assert rates[-1] < 0.01 and np.all(np.diff(rates[20:]) < 0)
+  with pytest.raises(ValueError, match="onecycle"):
+    train.classifier_optimizer(0.1, 10, schedule="step")
+
+
+def test_label_smoothing_spreads_the_target():
+  """With smoothing s the step's loss is the cross-entropy against
+  (1 - s) one-hot + s / K; at 0, the plain one."""
+  model, optimizer = SmallCNN(num_classes=4, width=4), optax.sgd(0.0)
+  x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1), minval=-1)
+  y = jnp.arange(6) % 4
+  state = train.init_classifier_state(
+    model, optimizer, jax.random.key(1), x.shape[1:]
+  )
+  logits = model.apply({"params": state.params}, x)
+  logp = jax.nn.log_softmax(logits)
+  for s in (0.0, 0.3):
+    target = (1 - s) * jax.nn.one_hot(y, 4) + s / 4
+    _, m = train.classifier_train_step(
+      state,
+      x,
+      y,
+      jax.random.key(2),
+      model=model,
+      optimizer=optimizer,
+      crop_pad=0,
+      flip=False,
+      label_smoothing=s,
+    )
+    np.testing.assert_allclose(
+      m["loss"], -(target * logp).sum(-1).mean(), rtol=1e-5
+    )
+
+
 def test_ddpm_loss_falls(digits):
   x, _ = digits
   init, step = _ddpm_pieces()

@@ -66,6 +66,7 @@ def build_classifier(config, num_classes: int, num_steps: int | None = None):
     momentum=config.train.momentum,
     weight_decay=config.train.weight_decay,
     grad_clip=config.train.grad_clip or None,
+    schedule=config.train.schedule,
   )
   return model, optimizer
 
@@ -153,6 +154,7 @@ def classifier_recipe(
       attack=attack,
       views=views,
       num_views=num_views,
+      label_smoothing=config.train.label_smoothing,
     )
 
   phases = tuple(

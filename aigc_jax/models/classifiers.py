@@ -19,16 +19,23 @@ class BasicBlock(nn.Module):
 
   channels: int
   stride: int
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, train: bool):
-    bn = partial(nn.BatchNorm, use_running_average=not train, momentum=0.9)
-    h = Conv(self.channels, (3, 3), self.stride, use_bias=False)(x)
+    bn = partial(
+      nn.BatchNorm,
+      use_running_average=not train,
+      momentum=0.9,
+      dtype=self.dtype,
+    )
+    conv = partial(Conv, use_bias=False, dtype=self.dtype)
+    h = conv(self.channels, (3, 3), self.stride)(x)
     h = nn.relu(bn()(h))
-    h = Conv(self.channels, (3, 3), use_bias=False)(h)
+    h = conv(self.channels, (3, 3))(h)
     h = bn()(h)
     if self.stride != 1 or x.shape[-1] != self.channels:
-      x = Conv(self.channels, (1, 1), self.stride, use_bias=False)(x)
+      x = conv(self.channels, (1, 1), self.stride)(x)
       x = bn()(x)
     return nn.relu(h + x)
 
@@ -44,18 +51,26 @@ class ResNet18(nn.Module):
 
   num_classes: int = 10
   width: int = 64
+  # The compute dtype ("bfloat16": mixed precision, parameters, BatchNorm
+  # statistics and logits stay float32).
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
-    h = Conv(self.width, (3, 3), use_bias=False, name="stem")(x)
-    h = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9)(h))
+    h = Conv(self.width, (3, 3), use_bias=False, dtype=self.dtype, name="stem")(
+      x
+    )
+    h = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, dtype=self.dtype
+    )(h)
+    h = nn.relu(h)
     for i, mult in enumerate((1, 2, 4, 8)):
       for j in range(2):
         stride = 2 if i > 0 and j == 0 else 1
-        h = BasicBlock(self.width * mult, stride, name=f"layer{i + 1}_{j}")(
-          h, train
-        )
-    features = h.mean(axis=(1, 2))
+        h = BasicBlock(
+          self.width * mult, stride, self.dtype, name=f"layer{i + 1}_{j}"
+        )(h, train)
+    features = h.astype(jnp.float32).mean(axis=(1, 2))
     logits = nn.Dense(self.num_classes, name="head")(features)
     return (logits, features) if return_features else logits
 
@@ -74,21 +89,27 @@ class SmallCNN(nn.Module):
   width: int = 32
   dropout: float = 0.0
   norm: bool = False
+  dtype: str = "float32"  # the convolutions' compute dtype, as ResNet18's
 
   @nn.compact
   def __call__(self, x, train: bool = False, return_features: bool = False):
     h = x
     for i, mult in enumerate((1, 2)):
       for part in "ab":
-        h = Conv(self.width * mult, (3, 3), name=f"conv{i}{part}")(h)
+        h = Conv(
+          self.width * mult, (3, 3), dtype=self.dtype, name=f"conv{i}{part}"
+        )(h)
         if self.norm:
           h = nn.BatchNorm(
-            use_running_average=not train, momentum=0.9, name=f"bn{i}{part}"
+            use_running_average=not train,
+            momentum=0.9,
+            dtype=self.dtype,
+            name=f"bn{i}{part}",
           )(h)
         h = nn.relu(h)
       if min(h.shape[1:3]) >= 2:
         h = nn.avg_pool(h, (2, 2), (2, 2))
-    h = h.reshape(h.shape[0], -1)
+    h = h.reshape(h.shape[0], -1).astype(jnp.float32)
     h = nn.Dense(4 * self.width, name="fc")(h)
     if self.norm:
       # Without it every fc unit's ReLU dies within 20 steps of UEraser's

@@ -29,6 +29,9 @@ class ClassifierState(NamedTuple):
   opt_state: Any
 
 
+SCHEDULES = ("cosine", "onecycle")
+
+
 def classifier_optimizer(
   learning_rate: float = 0.1,
   total_steps: int | None = None,
@@ -36,13 +39,29 @@ def classifier_optimizer(
   momentum: float = 0.9,
   weight_decay: float = 5e-4,
   grad_clip: float | None = None,
+  schedule: str = "cosine",
+  warmup_fraction: float = 0.2,
 ) -> optax.GradientTransformation:
-  """SGD + momentum, cosine decay to 0 over `total_steps` (a constant rate
-  when None), L2 weight decay added to the gradient before momentum (as
-  torch.optim.SGD does)."""
+  """SGD + momentum with L2 weight decay added to the gradient before
+  momentum (as torch.optim.SGD does), at a rate that follows `schedule`
+  over `total_steps` (a constant rate when None): "cosine", decay to 0;
+  "onecycle", linear from 0 up to `learning_rate` over the first
+  `warmup_fraction` of the steps and linearly back to 0 (Smith & Topin
+  2019, as the fast CIFAR-10 recipes use it: Page 2018)."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {schedule!r}; choose {SCHEDULES}.")
   lr = learning_rate
-  if total_steps is not None:
+  if total_steps is not None and schedule == "cosine":
     lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  elif total_steps is not None:
+    peak = max(int(warmup_fraction * total_steps), 1)
+    lr = optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, learning_rate, peak),
+        optax.linear_schedule(learning_rate, 0.0, max(total_steps - peak, 1)),
+      ],
+      [peak],
+    )
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum)]
   return optax.chain(*parts)
@@ -138,6 +157,7 @@ def classifier_train_step(
   attack: Attack | None = None,
   views: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
   num_views: int = 1,
+  label_smoothing: float = 0.0,
 ) -> tuple[ClassifierState, dict[str, jax.Array]]:
   """One SGD step on the cross-entropy of augmented images.
 
@@ -159,6 +179,8 @@ def classifier_train_step(
     attack: e.g. `pgd_attack(budget(8))`, applied after crop and flip.
     views: `augment(key, images) -> images`, e.g. `ueraser_augment`.
     num_views: K, the views per example when `views` is given.
+    label_smoothing: the share of each target spread evenly over the
+      classes (Szegedy et al. 2016); 0: the plain cross-entropy.
 
   Returns:
     The new state and {"loss", "accuracy"} on the (first view of the)
@@ -192,9 +214,14 @@ def classifier_train_step(
       rngs={"dropout": dropout_key},
     )
     logits = logits.reshape(k, -1, logits.shape[-1])
-    losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.broadcast_to(labels, logits.shape[:-1])
-    )
+    labels_k = jnp.broadcast_to(labels, logits.shape[:-1])
+    if label_smoothing:
+      targets = jax.nn.one_hot(labels_k, logits.shape[-1])
+      losses = optax.softmax_cross_entropy(
+        logits, optax.smooth_labels(targets, label_smoothing)
+      )
+    else:
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels_k)
     return losses.max(axis=0).mean(), (logits[0], updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(

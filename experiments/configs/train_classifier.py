@@ -25,7 +25,10 @@ from experiments.configs.base import base_config
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "digits"
   c = base_config(variant)
-  c.model = ml_collections.ConfigDict({"name": "small_cnn", "width": 32})
+  # `dtype`: the compute dtype ("bfloat16" for mixed precision).
+  c.model = ml_collections.ConfigDict(
+    {"name": "small_cnn", "width": 32, "dtype": "float32"}
+  )
   c.train = ml_collections.ConfigDict(
     {
       "batch_size": 128,
@@ -34,6 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "momentum": 0.9,
       "weight_decay": 5e-4,
       "grad_clip": 0.0,  # 0 disables clipping
+      # "cosine" decay to 0, or "onecycle": linear up for the first 20% of
+      # the steps, then linearly down to 0.
+      "schedule": "cosine",
+      "label_smoothing": 0.0,
       "crop_pad": 1,
       "flip": False,  # mirrored digits are not digits
       "checkpoint_every": 500,
@@ -50,7 +57,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.crop_pad = 2
   elif variant == "cifar10":
     c.data.train, c.data.test = "cifar10:train", "cifar10:test"
-    c.model = ml_collections.ConfigDict({"name": "resnet18"})
+    c.model = ml_collections.ConfigDict(
+      {"name": "resnet18", "dtype": "float32"}
+    )
     c.train.update(
       num_epochs=60,
       learning_rate=0.1,

@@ -1,0 +1,179 @@
+"""The paper-scale suite: the seed's CIFAR-10 tables on one accelerator.
+
+Default (`gpu`), sized for one H100/H200 and a 13-minute budget:
+
+  python experiments/paper_scale.py --workdir=runs/paper_scale
+  make gpu-check   # the same, with the budget as GPU_BUDGET=<seconds>
+
+Stages, in order of value (each one launcher, `stage.<name>`):
+- `victims`: `unlearnable.py:cifar10` on the 50,000 images of the local
+  CIFAR-10 archive: ResNet-18 victims in bfloat16 with a one-cycle schedule
+  (batch 512, 15 epochs), EMN class-wise and LSP at the seed's budgets, each
+  set vanilla and with ISS (grayscale, JPEG-10). Estimated from the bench's
+  H100 ResNet-18 step (6.5 ms at batch 128 in TF32): about 25 s a victim, 9
+  victims and EMN's rounds: 4 to 5 minutes.
+- `le`: `le.py:cifar10` on the victims stage's EMN class-wise set: LE
+  (JCDP) and AVATAR-style purification (t* = 20, one round) with Ho et
+  al.'s CIFAR-10 DDPM trained from scratch for 4,000 steps on 10,000 images
+  the protection never saw, and a victim on each purified set. Estimated
+  from the bench's H100 rows (DDPM step 25 ms, JCDP step 13.8 ms for 128
+  images): 100 s of DDPM, 110 s of LE and about 40 s of AVATAR over the
+  50,000 images, 3 victims: about 5 minutes.
+- `udp`: `udp.py:cifar10` with UDP's strongest reading (`min`) and random
+  noise of its size on 5,000 images: a 2,000-step surrogate, five
+  alternation rounds, 4,000-step DDPMs trained from scratch on each set
+  and 5,000 samples of 50 steps each, scored with the perceptual Fréchet
+  distance. Estimated: 60 s of protection, 3 x (100 s of training and
+  about 30 s of sampling): 6 to 7 minutes, so it may span two calls.
+- `bench`: `bench.py:gpu`, the JAX / PyTorch rows (about 2 minutes).
+
+No number of the `gpu` variant has been measured on an accelerator yet;
+docs/results/paper_scale.md gives the estimates and will hold the tables.
+
+`:smoke` is every stage on its launcher's `:smoke` variant, cut to seconds,
+for tests on a CPU.
+"""
+
+import ml_collections
+
+from experiments.configs.base import base_config
+
+# The local CIFAR-10 archive (../shared/data/README.md); on another machine
+# point `--config.stage.victims.overrides.data.train` etc. at a copy.
+CIFAR10 = "../shared/data/cifar10/"
+
+
+def _stage(script, variant, min_seconds, overrides=None, from_stages=None):
+  return ml_collections.ConfigDict(
+    {
+      "script": script,  # experiments/<script>
+      "variant": variant,  # of experiments/configs/<script>
+      # A stage starts only with this much of the budget left.
+      "min_seconds": min_seconds,
+      # Nested values that replace the variant's.
+      "overrides": overrides or {},
+      # Config keys set to another stage's workdir.
+      "from_stages": from_stages or {},
+    }
+  )
+
+
+# The victim recipe at paper scale: bfloat16 ResNet-18, batch 512, a
+# one-cycle schedule with label smoothing (the fast CIFAR-10 recipes reach
+# 94% in 10-20 epochs so).
+_FAST_VICTIM = {
+  "model": {"dtype": "bfloat16"},
+  "train": {
+    "batch_size": 512,
+    "num_epochs": 15,
+    "learning_rate": 0.4,
+    "schedule": "onecycle",
+    "label_smoothing": 0.1,
+    "grad_clip": 0.0,
+    "checkpoint_every": 500,
+  },
+  "eval_batch_size": 2500,
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  variant = arg or "gpu"
+  c = base_config(variant)
+  del c["data"]
+  c.budget_seconds = 780  # the suite stops before this, resumable
+  c.stages = ("victims", "le", "udp", "bench")
+  data = {"train": CIFAR10 + "train_jpeg.npz", "test": CIFAR10 + "test_dev.npz"}
+  c.stage = ml_collections.ConfigDict(
+    {
+      "victims": _stage(
+        "unlearnable.py",
+        "cifar10",
+        60,
+        {
+          "data": data,
+          "protections": ("emn_class", "lsp"),
+          "countermeasures": ("none", "iss_grayscale", "iss_jpeg"),
+          **_FAST_VICTIM,
+          "protect": {
+            "model": {"dtype": "bfloat16"},
+            "emn": {"max_rounds": 10},
+          },
+        },
+      ),
+      "le": _stage(
+        "le.py",
+        "cifar10",
+        60,
+        {
+          "data": data,
+          "manifold": {"source": CIFAR10 + "train_jpeg.npz"},
+          "protections": ("emn_class",),
+          "countermeasures": ("none",),
+          "ablations": (),
+          **_FAST_VICTIM,
+          "ddpm": {"train": {"num_steps": 4000, "checkpoint_every": 1000}},
+          "purify": {"rounds": 1},
+        },
+        {"protections_from": "victims"},
+      ),
+      "udp": _stage(
+        "udp.py",
+        "cifar10",
+        60,
+        {
+          "data": {**data, "limit": 5000},
+          "protect": {"methods": ("random", "min"), "rounds": 5},
+          "surrogate": {"train": {"num_steps": 2000}},
+          "ddpm": {
+            "train": {"num_steps": 4000, "checkpoint_every": 1000},
+            "sample": {"num_samples": 5000, "num_steps": 50},
+          },
+          "eval": {
+            "robust_method": "",
+            "classifier": {"data": data, **_FAST_VICTIM},
+          },
+        },
+      ),
+      "bench": _stage("bench.py", "gpu", 30),
+    }
+  )
+  if variant == "gpu":
+    pass
+  elif variant == "smoke":
+    c.budget_seconds = 3600
+    c.stages = ("victims", "le", "bench")
+    c.stage = ml_collections.ConfigDict(
+      {
+        "victims": _stage(
+          "unlearnable.py",
+          "smoke",
+          1,
+          {
+            "protections": ("lsp",),
+            "countermeasures": ("none", "iss_jpeg"),
+            "model": {"dtype": "bfloat16"},
+            "train": {"schedule": "onecycle", "label_smoothing": 0.1},
+          },
+        ),
+        "le": _stage(
+          "le.py",
+          "smoke",
+          1,
+          {"protections": ("lsp",), "ablations": ()},
+          {"protections_from": "victims"},
+        ),
+        "udp": _stage("udp.py", "smoke", 1, {"protect": {"methods": ("min",)}}),
+        "bench": _stage(
+          "bench.py",
+          "smoke",
+          1,
+          {
+            "only": "resnet18_step",
+            "scaling": {"batch_sizes": (), "device_counts": ()},
+          },
+        ),
+      }
+    )
+  else:
+    raise ValueError(f"Unknown variant {variant!r}; choose gpu or smoke.")
+  return c
