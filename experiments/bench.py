@@ -25,6 +25,8 @@ import jax
 import ml_collections
 
 from aigc_jax import bench, launch, parallel, record
+from aigc_jax.bench import time_to_accuracy as tta
+from aigc_jax.eval import classifiers
 
 CONFIG_FILE = launch.config_path(__file__)
 
@@ -67,6 +69,7 @@ def device_scaling(config, workdir: str) -> list[dict]:
       "--config.scaling.batch_sizes=()",
       "--config.scaling.device_counts=()",
       f"--config.only={name}",
+      "--config.time_to_accuracy.target=0.0",
     ]
     flags = [
       f
@@ -142,7 +145,58 @@ def bench_report(config, workdir: str, result: dict) -> str:
       for r in result["device_scaling"]
     ]
     text += record.markdown_table(["devices", "JAX", "items/s"], body)
+  if result["time_to_accuracy"]:
+    text += time_to_accuracy_report(config, result["time_to_accuracy"])
   return text
+
+
+def time_to_accuracy(config, mesh, device: str) -> dict:
+  """The victim recipe of `config.time_to_accuracy` to its target, in JAX
+  and in PyTorch ({} when the target is 0)."""
+  c = config.time_to_accuracy
+  if not c.target:
+    return {}
+  train_set, test_set = classifiers.load_train_test(c)
+  return {
+    "jax": tta.jax_run(c, train_set, test_set, mesh, c.target),
+    "torch": tta.torch_run(c, train_set, test_set, device, c.target),
+    "train_examples": train_set.num_examples,
+    "test_examples": test_set.num_examples,
+  }
+
+
+def time_to_accuracy_report(config, result: dict) -> str:
+  c = config.time_to_accuracy
+  rows = [
+    [
+      side,
+      "not reached" if r["seconds"] is None else f"{r['seconds']:.1f} s",
+      r["epochs"] or "–",
+      f"{100 * r['best_accuracy']:.1f}",
+      ", ".join(f"{100 * p['accuracy']:.1f}" for p in r["curve"]),
+    ]
+    for side, r in (("JAX", result["jax"]), ("PyTorch", result["torch"]))
+  ]
+  return (
+    f"\n## Time to {100 * c.target:g}% test accuracy\n\n"
+    f"{c.model.name} (width {c.model.width}, {c.model.dtype}) on "
+    f"{c.data.train} ({result['train_examples']} images), batch "
+    f"{c.train.batch_size}, {c.train.schedule} schedule for "
+    f"{c.train.num_epochs} epochs at most, tested after every epoch on "
+    f"{c.data.test} ({result['test_examples']} images); the same batches, "
+    "augmentation, loss and rates on both sides. Training time only (the "
+    "first step's compilation included), the clock stopped while testing.\n\n"
+    + record.markdown_table(
+      [
+        "side",
+        "time to target",
+        "epochs",
+        "best accuracy (%)",
+        "accuracy after each epoch (%)",
+      ],
+      rows,
+    )
+  )
 
 
 def pytorch_side(config) -> tuple[str, bool]:
@@ -202,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     "rows": rows,
     "batch_scaling": batch_scaling(config, mesh, timer),
     "device_scaling": device_scaling(config, workdir),
+    "time_to_accuracy": time_to_accuracy(config, mesh, device),
   }
   record.atomic_write(
     os.path.join(workdir, "result.json"),

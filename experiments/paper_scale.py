@@ -58,7 +58,7 @@ def run_stage(config, name: str, workdir: str, deadline: float) -> dict:
   if left < config.stage[name].min_seconds:
     return {
       "status": "skipped",
-      "why": f"{left:.0f} s of the budget left, the stage needs "
+      "why": f"{max(left, 0):.0f} s of the budget left, the stage needs "
       f"{config.stage[name].min_seconds} s to start",
     }
   start = time.time()

@@ -2,11 +2,13 @@
 and a budget that stops a stage which the next call resumes to the end an
 uninterrupted call reaches."""
 
+import time
+
 import numpy as np
 import pytest
 from conftest import run_state
 
-from aigc_jax import launch
+from aigc_jax import checkpoint, launch
 from experiments import paper_scale
 from experiments.configs import paper_scale as ps_configs
 
@@ -49,12 +51,25 @@ def test_paper_scale_smoke_runs_each_stage_and_collects_their_reports(
 
 
 @pytest.mark.optimized_xla
-def test_budget_stops_a_stage_and_the_next_call_resumes_it(tmp_path):
+def test_budget_stops_a_stage_and_the_next_call_resumes_it(
+  tmp_path, monkeypatch
+):
   one = {"stages": ("victims",)}
   assert _suite(tmp_path / "whole", **one) == {"victims": "done"}
-  # Two seconds: the stage is interrupted at its next step, the next stage
-  # is not started, and the report says so.
-  stopped = _suite(tmp_path / "cut", stages=("victims", "le"), budget_seconds=2)
+  # Two seconds, and every checkpoint save a second late (a warm smoke stage
+  # can finish in less): the stage is interrupted at its next step, the
+  # next stage is not started, and the report says so.
+  save = checkpoint.Checkpointer.save
+
+  def late_save(self, step, state):
+    time.sleep(1.0)
+    save(self, step, state)
+
+  with monkeypatch.context() as m:
+    m.setattr(checkpoint.Checkpointer, "save", late_save)
+    stopped = _suite(
+      tmp_path / "cut", stages=("victims", "le"), budget_seconds=2
+    )
   assert stopped == {"victims": "stopped", "le": "skipped"}
   report = (tmp_path / "cut" / "report.md").read_text()
   assert "stopped by the budget: run the same command to resume" in report

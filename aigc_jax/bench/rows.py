@@ -272,22 +272,11 @@ def resnet18_step_row(name: str, c, mesh, device: str) -> Row:
   )
   x_t = _nchw(images, device)
   y_t = torch.from_numpy(labels).long().to(device)
-  gen = torch.Generator(device).manual_seed(5)
-  n, side = x_t.shape[0], torch.arange(c.size, device=device)
-  batch_index = torch.arange(n, device=device)[:, None, None, None]
-  channel_index = torch.arange(3, device=device)[None, :, None, None]
+  # Random crop (pad 4) and flip per image, as the JAX step does.
+  augment = torch_twins.crop_flip(torch, 4, True, 5, device)
 
   def run_torch():
-    # Random crop (pad 4) and flip per image, as the JAX step does: one
-    # gather of each image's window, no loop over images.
-    padded = torch.nn.functional.pad(x_t, (4, 4, 4, 4))
-    offsets = torch.randint(0, 9, (n, 2), generator=gen, device=device)
-    flips = torch.rand(n, generator=gen, device=device) < 0.5
-    rows = (offsets[:, :1] + side)[:, None, :, None]
-    cols = (offsets[:, 1:] + side)[:, None, None, :]
-    crops = padded[batch_index, channel_index, rows, cols]
-    crops = torch.where(flips[:, None, None, None], crops.flip(-1), crops)
-    loss = torch.nn.functional.cross_entropy(twin(crops), y_t)
+    loss = torch.nn.functional.cross_entropy(twin(augment(x_t)), y_t)
     sgd.zero_grad(set_to_none=True)
     loss.backward()
     sgd.step()

@@ -12,6 +12,7 @@ inputs (tests/test_bench.py checks the outputs agree):
     and linear weights `aigc_jax.models.load_lpips` reads;
   * `CifarResNet18` / `resnet18_twin`: the kuangliu CIFAR ResNet-18 of
     `aigc_jax.models.ResNet18`, parameters and BatchNorm statistics copied;
+  * `crop_flip`, `nchw_images`: the victims' augmentation and input range;
   * `uce_edit_twin`: UCE's ridge solve (Gandikota et al. 2024, Eq. 7) in
     torch, for every kernel at once as `aigc_jax.unlearn.ridge_edit` does.
 
@@ -28,6 +29,45 @@ def torch_module():
   import torch
 
   return torch
+
+
+def nchw_images(images: np.ndarray, device: str):
+  """uint8 NHWC images as a float32 NCHW tensor in [-1, 1] on `device`
+  (`data.to_model_range`'s values)."""
+  torch = torch_module()
+  x = torch.from_numpy(np.ascontiguousarray(np.transpose(images, (0, 3, 1, 2))))
+  return x.to(device).float() / 127.5 - 1.0
+
+
+def crop_flip(torch, pad: int, flip: bool, seed: int, device: str):
+  """`images -> images`: per-image random crop after padding with black (-1)
+  and a random horizontal flip, as `train.random_crop_flip` draws them (its
+  own random numbers, the same distribution), as one gather of each image's
+  window on `device`."""
+  gen = torch.Generator(device).manual_seed(seed)
+
+  def apply(x):
+    n, c, h, w = x.shape
+    out = x
+    if pad:
+      padded = torch.nn.functional.pad(x, (pad, pad, pad, pad), value=-1.0)
+      offsets = torch.randint(
+        0, 2 * pad + 1, (n, 2), generator=gen, device=device
+      )
+      rows = (offsets[:, :1] + torch.arange(h, device=device))[:, None, :, None]
+      cols = (offsets[:, 1:] + torch.arange(w, device=device))[:, None, None, :]
+      out = padded[
+        torch.arange(n, device=device)[:, None, None, None],
+        torch.arange(c, device=device)[None, :, None, None],
+        rows,
+        cols,
+      ]
+    if flip:
+      flips = torch.rand(n, generator=gen, device=device) < 0.5
+      out = torch.where(flips[:, None, None, None], out.flip(-1), out)
+    return out
+
+  return apply
 
 
 def _tensor(array):

@@ -66,7 +66,9 @@ def build_classifier(config, num_classes: int, num_steps: int | None = None):
     momentum=config.train.momentum,
     weight_decay=config.train.weight_decay,
     grad_clip=config.train.grad_clip or None,
-    schedule=config.train.schedule,
+    # Configs (and finished runs' records) from before these fields train
+    # as they did then.
+    schedule=config.train.get("schedule", "cosine"),
   )
   return model, optimizer
 
@@ -154,7 +156,7 @@ def classifier_recipe(
       attack=attack,
       views=views,
       num_views=num_views,
-      label_smoothing=config.train.label_smoothing,
+      label_smoothing=config.train.get("label_smoothing", 0.0),
     )
 
   phases = tuple(

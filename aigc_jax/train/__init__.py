@@ -13,6 +13,7 @@ from aigc_jax.train.classifier import (
   classifier_optimizer,
   classifier_train_step,
   init_classifier_state,
+  learning_rate_schedule,
   pgd_attack,
 )
 from aigc_jax.train.contrastive import (
@@ -75,6 +76,7 @@ __all__ = [
   "init_gan_state",
   "init_or_restore",
   "init_vae_state",
+  "learning_rate_schedule",
   "linear_probe_accuracy",
   "pgd_attack",
   "plasma",

@@ -32,6 +32,33 @@ class ClassifierState(NamedTuple):
 SCHEDULES = ("cosine", "onecycle")
 
 
+def learning_rate_schedule(
+  learning_rate: float,
+  total_steps: int | None,
+  schedule: str = "cosine",
+  warmup_fraction: float = 0.2,
+) -> optax.ScalarOrSchedule:
+  """The rate at every step: constant when `total_steps` is None, else
+  "cosine", decay to 0 over `total_steps`; "onecycle", linear from 0 up to
+  `learning_rate` over the first `warmup_fraction` of the steps and
+  linearly back to 0 (Smith & Topin 2019, as the fast CIFAR-10 recipes use
+  it: Page 2018)."""
+  if schedule not in SCHEDULES:
+    raise ValueError(f"Unknown schedule {schedule!r}; choose {SCHEDULES}.")
+  if total_steps is None:
+    return learning_rate
+  if schedule == "cosine":
+    return optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
+  peak = max(int(warmup_fraction * total_steps), 1)
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(0.0, learning_rate, peak),
+      optax.linear_schedule(learning_rate, 0.0, max(total_steps - peak, 1)),
+    ],
+    [peak],
+  )
+
+
 def classifier_optimizer(
   learning_rate: float = 0.1,
   total_steps: int | None = None,
@@ -40,28 +67,11 @@ def classifier_optimizer(
   weight_decay: float = 5e-4,
   grad_clip: float | None = None,
   schedule: str = "cosine",
-  warmup_fraction: float = 0.2,
 ) -> optax.GradientTransformation:
   """SGD + momentum with L2 weight decay added to the gradient before
-  momentum (as torch.optim.SGD does), at a rate that follows `schedule`
-  over `total_steps` (a constant rate when None): "cosine", decay to 0;
-  "onecycle", linear from 0 up to `learning_rate` over the first
-  `warmup_fraction` of the steps and linearly back to 0 (Smith & Topin
-  2019, as the fast CIFAR-10 recipes use it: Page 2018)."""
-  if schedule not in SCHEDULES:
-    raise ValueError(f"Unknown schedule {schedule!r}; choose {SCHEDULES}.")
-  lr = learning_rate
-  if total_steps is not None and schedule == "cosine":
-    lr = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1))
-  elif total_steps is not None:
-    peak = max(int(warmup_fraction * total_steps), 1)
-    lr = optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, learning_rate, peak),
-        optax.linear_schedule(learning_rate, 0.0, max(total_steps - peak, 1)),
-      ],
-      [peak],
-    )
+  momentum (as torch.optim.SGD does), at `learning_rate_schedule`'s rate
+  over `total_steps` (a constant rate when None)."""
+  lr = learning_rate_schedule(learning_rate, total_steps, schedule)
   parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
   parts += [optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum)]
   return optax.chain(*parts)

@@ -4,14 +4,15 @@ Default (`cpu`): the sizes a 2-core CPU times in minutes:
 
   python experiments/bench.py --workdir=runs/bench
 
-`:gpu` uses the paper-scale batches for an accelerator; `:smoke` is tiny
-shapes and one repeat, for tests. Each row's shapes can be overridden,
+`:gpu` uses the paper-scale batches for an accelerator, and times the
+paper-scale ResNet-18 victim to 93% on CIFAR-10; `:smoke` is tiny shapes and
+one repeat, for tests. Each row's shapes can be overridden,
 e.g. `--config.rows.resnet18_step.batch=64`.
 """
 
 import ml_collections
 
-from experiments.configs import train_ddpm
+from experiments.configs import train_classifier, train_ddpm
 from experiments.configs.base import base_config
 
 # The DDPM UNets the protection and purification rows differentiate.
@@ -102,9 +103,41 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       "device_batch": 256,
     }
   )
+  # Time to accuracy (`aigc_jax.bench.time_to_accuracy`): the victim recipe
+  # trained to `target` clean test accuracy in JAX and in PyTorch; the
+  # default is the digits at width 16 on a CPU; 0 skips it.
+  victim = train_classifier.get_config("digits")
+  c.time_to_accuracy = ml_collections.ConfigDict(
+    {
+      "target": 0.9,
+      "seed": 0,
+      "data": victim.data,
+      "model": {"name": "resnet18", "width": 16, "dtype": "float32"},
+      "train": victim.train,
+      "eval_batch_size": 1000,
+    }
+  )
+  c.time_to_accuracy.train.update(num_epochs=10, batch_size=64, crop_pad=1)
   if variant == "cpu":
     pass
   elif variant == "gpu":
+    # The paper-scale victim (experiments/configs/paper_scale.py): all of the
+    # local CIFAR-10 archive, bfloat16, batch 512, 15 one-cycle epochs.
+    cifar10 = "../shared/data/cifar10/"
+    c.time_to_accuracy.update(target=0.93, eval_batch_size=2500)
+    c.time_to_accuracy.data.update(
+      train=cifar10 + "train_jpeg.npz", test=cifar10 + "test_dev.npz"
+    )
+    c.time_to_accuracy.model.update(width=64, dtype="bfloat16")
+    c.time_to_accuracy.train = train_classifier.get_config("cifar10").train
+    c.time_to_accuracy.train.update(
+      batch_size=512,
+      num_epochs=15,
+      learning_rate=0.4,
+      schedule="onecycle",
+      label_smoothing=0.1,
+      grad_clip=0.0,
+    )
     c.rows.udp_step_cifar10.batch = 128
     # The same step with the UNet computing in bfloat16 on both sides.
     c.rows.udp_step_cifar10_bf16 = dict(c.rows.udp_step_cifar10, bf16=True)
@@ -125,6 +158,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.rows.sd_unet_step.batch = 1
     c.scaling.update(batch_sizes=(2,), device_counts=(2,), device_batch=4)
+    c.time_to_accuracy.target = 0.2
+    c.time_to_accuracy.model.width = 4
+    c.time_to_accuracy.data.limit = 128
+    c.time_to_accuracy.train.update(num_epochs=2, batch_size=32)
   else:
     raise ValueError(f"Unknown variant {variant!r}; choose cpu, gpu or smoke.")
   return c
