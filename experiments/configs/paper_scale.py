@@ -25,7 +25,8 @@ Stages, in order of value (each one launcher, `stage.<name>`):
   and 5,000 samples of 50 steps each, scored with the perceptual Fréchet
   distance. Estimated: 60 s of protection, 3 x (100 s of training and
   about 30 s of sampling): 6 to 7 minutes, so it may span two calls.
-- `bench`: `bench.py:gpu`, the JAX / PyTorch rows (about 2 minutes).
+- `bench`: `bench.py:gpu`, the JAX / PyTorch rows and the time the victim
+  recipe takes to reach 93% on both sides (about 8 minutes).
 
 No number of the `gpu` variant has been measured on an accelerator yet;
 docs/results/paper_scale.md gives the estimates and will hold the tables.
