@@ -96,6 +96,9 @@ def test_bench_smoke_times_every_row_without_retracing(tmp_path):
   config.only += ",udp_step_digits"
   config.scaling.device_counts = ()
   config.peak_tflops.float32 = 0.5  # a CPU has no entry in PEAK_TFLOPS
+  # Time to accuracy has its own test below; the paper-scale smoke suite
+  # runs it through this launcher.
+  config.time_to_accuracy.target = 0.0
   workdir = record.prepare_workdir(str(tmp_path), config.to_json())
   result = bench.train_and_evaluate(config, workdir)
   names = config.only.split(",")
@@ -115,9 +118,7 @@ def test_bench_smoke_times_every_row_without_retracing(tmp_path):
   for name in names:
     assert f"| {name} |" in text
   assert "JAX % of peak" in text
-  assert "## Time to 20% test accuracy" in text
-  for side in ("jax", "torch"):
-    assert result["time_to_accuracy"][side]["curve"]
+  assert result["time_to_accuracy"] == {} and "## Time to" not in text
   with open(os.path.join(workdir, "result.json")) as f:
     saved = json.load(f)
   assert [r["row"] for r in saved["rows"]] == names
@@ -129,8 +130,8 @@ def test_bench_smoke_times_every_row_without_retracing(tmp_path):
 
 def test_time_to_accuracy_runs_one_recipe_on_both_sides():
   """JAX and PyTorch train the same ResNet-18 recipe on the same batches:
-  both learn the digits, both stop at the first epoch at the target, and
-  PyTorch is given optax's rate at every step."""
+  both learn the digits (about 60% after 3 epochs), both stop at the first
+  epoch at the target, and PyTorch is given optax's rate at every step."""
   from aigc_jax import parallel, train
   from aigc_jax.bench import time_to_accuracy as tta
   from aigc_jax.eval import classifiers
@@ -149,13 +150,16 @@ def test_time_to_accuracy_runs_one_recipe_on_both_sides():
     "torch": lambda t: tta.torch_run(config, train_set, test_set, "cpu", t),
   }
   for side, run in runs.items():
-    full = run(1.01)  # out of reach: every epoch runs
-    assert [p["epoch"] for p in full["curve"]] == [1, 2, 3], side
-    # Chance is 10%; both reach about 60% (62 and 64% when measured).
-    assert full["seconds"] is None and full["best_accuracy"] > 0.4, side
-    first = run(0.0)  # reached after the first epoch
-    assert first["epochs"] == 1 and len(first["curve"]) == 1, side
-    assert first["seconds"] == first["curve"][0]["seconds"] > 0, side
+    got = run(0.5)
+    accuracies = [p["accuracy"] for p in got["curve"]]
+    # Chance is 10%; both sides pass 50% in two or three epochs.
+    assert got["best_accuracy"] == max(accuracies) > 0.4, side
+    if accuracies[-1] >= 0.5:  # stopped at the first epoch at the target
+      assert max(accuracies[:-1], default=0) < 0.5, side
+      assert got["epochs"] == len(accuracies), side
+      assert got["seconds"] == got["curve"][-1]["seconds"] > 0, side
+    else:  # never reached: every epoch ran
+      assert len(accuracies) == 3 and got["seconds"] is None, side
   rates = tta._learning_rates(config, 512 // 16)
   schedule = train.learning_rate_schedule(0.05, 96, "onecycle")
   np.testing.assert_allclose(rates, [schedule(s) for s in range(96)])

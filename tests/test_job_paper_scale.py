@@ -43,6 +43,8 @@ def test_paper_scale_smoke_runs_each_stage_and_collects_their_reports(
     assert title in report.split(f"## Stage `{name}`")[1]
     # Each stage reran alone by the command in its own report.
     assert f"--workdir={tmp_path}/{name}" in report
+  # The bench stage timed the victim recipe to its target on both sides.
+  assert "## Time to 20% test accuracy" in report
   # The le stage purified the victims stage's LSP set.
   assert "--config.protections_from=" in report
   assert (tmp_path / "le" / "purified" / "le" / "lsp.npz").exists()

@@ -86,10 +86,15 @@ JOBS = {
   "udp": UDP_ONE_METHOD,
   "unlearnable": _smoke(
     "unlearnable",
-    "--config.protections=('emn_sample', 'remn')",
+    "--config.protections=('emn_sample',)",
     "--config.countermeasures=('none',)",
   ),
-  "le": _smoke("le", "--config.protections=('lsp',)", "--config.ablations=()"),
+  "le": _smoke(
+    "le",
+    "--config.protections=('lsp',)",
+    "--config.purifiers=('le',)",
+    "--config.ablations=()",
+  ),
 }
 
 
