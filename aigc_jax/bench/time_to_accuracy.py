@@ -30,10 +30,20 @@ def _check(config) -> None:
     )
 
 
-def _reached(curve: list[dict], target: float) -> dict:
-  """The run's summary: seconds and epochs to the first epoch at or above
-  `target` (None if none got there), and the whole curve."""
-  hit = next((p for p in curve if p["accuracy"] >= target), None)
+def _train_until(target: float, epochs: int, train_epoch, evaluate) -> dict:
+  """`train_epoch(epoch)` (returning once the device has finished) and
+  `evaluate() -> accuracy` epoch by epoch, the clock running only while
+  training, until the accuracy reaches `target`: the seconds and epochs to
+  the target (None if it was not reached), the best accuracy and the curve."""
+  clock, curve = 0.0, []
+  for epoch in range(epochs):
+    start = time.perf_counter()
+    train_epoch(epoch)
+    clock += time.perf_counter() - start
+    curve.append({"epoch": epoch + 1, "seconds": clock, "accuracy": evaluate()})
+    if curve[-1]["accuracy"] >= target:
+      break
+  hit = curve[-1] if curve[-1]["accuracy"] >= target else None
   return {
     "target": target,
     "seconds": None if hit is None else hit["seconds"],
@@ -57,26 +67,26 @@ def jax_run(config, train_set, test_set, mesh, target: float) -> dict:
   step = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
   x, y = data.to_model_range(train_set.images), train_set.labels
   test_x = data.to_model_range(test_set.images)
-  per_epoch, clock, curve = num_steps // config.train.num_epochs, 0.0, []
-  for epoch in range(config.train.num_epochs):
-    start = time.perf_counter()
+  per_epoch = num_steps // config.train.num_epochs
+  holder = [state]
+
+  def train_epoch(epoch):
     for s in range(epoch * per_epoch, (epoch + 1) * per_epoch):
       idx = data.batch_indices(recipe.seed, s, n, bs)
       batch = parallel.shard_batch(mesh, {"images": x[idx], "labels": y[idx]})
-      state, _ = parallel.settle(step(state, batch), mesh)
-    jax.block_until_ready(state)
-    clock += time.perf_counter() - start
+      holder[0], _ = parallel.settle(step(holder[0], batch), mesh)
+    jax.block_until_ready(holder[0])
+
+  def evaluate():
     classifier = classifiers.Classifier(
-      recipe.model, state.params, state.batch_stats
+      recipe.model, holder[0].params, holder[0].batch_stats
     )
     logits = classifiers.predict_logits(
       classifier, test_x, config.eval_batch_size, mesh
     )
-    accuracy = float(metrics.accuracy(logits, test_set.labels))
-    curve.append({"epoch": epoch + 1, "seconds": clock, "accuracy": accuracy})
-    if accuracy >= target:
-      break
-  return _reached(curve, target)
+    return float(metrics.accuracy(logits, test_set.labels))
+
+  return _train_until(target, config.train.num_epochs, train_epoch, evaluate)
 
 
 def torch_run(config, train_set, test_set, device: str, target: float) -> dict:
@@ -116,13 +126,13 @@ def torch_run(config, train_set, test_set, device: str, target: float) -> dict:
     torch, config.train.crop_pad, config.train.flip, config.seed, device
   )
   sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
-  per_epoch, clock, curve = n // bs, 0.0, []
-  seed = config.seed
-  for epoch in range(config.train.num_epochs):
+  per_epoch = n // bs
+
+  def train_epoch(epoch):
     model.train()
-    start = time.perf_counter()
     for s in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-      idx = torch.from_numpy(data.batch_indices(seed, s, n, bs)).to(device)
+      idx = data.batch_indices(config.seed, s, n, bs)
+      idx = torch.from_numpy(idx).to(device)
       for group in sgd.param_groups:
         group["lr"] = rates[s]
       with autocast:
@@ -135,20 +145,17 @@ def torch_run(config, train_set, test_set, device: str, target: float) -> dict:
         )
       sgd.step()
     sync()
-    clock += time.perf_counter() - start
+
+  def evaluate():
     model.eval()
-    correct = 0
+    correct, b = 0, config.eval_batch_size
     with torch.no_grad(), autocast:
-      for lo in range(0, len(test_x), config.eval_batch_size):
-        logits = model(test_x[lo : lo + config.eval_batch_size])
-        correct += int(
-          (logits.argmax(-1) == test_y[lo : lo + len(logits)]).sum()
-        )
-    accuracy = correct / len(test_x)
-    curve.append({"epoch": epoch + 1, "seconds": clock, "accuracy": accuracy})
-    if accuracy >= target:
-      break
-  return _reached(curve, target)
+      for lo in range(0, len(test_x), b):
+        predicted = model(test_x[lo : lo + b]).argmax(-1)
+        correct += int((predicted == test_y[lo : lo + b]).sum())
+    return correct / len(test_x)
+
+  return _train_until(target, config.train.num_epochs, train_epoch, evaluate)
 
 
 def _learning_rates(config, per_epoch: int) -> np.ndarray:
