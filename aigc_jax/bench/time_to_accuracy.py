@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from aigc_jax import data, metrics, parallel, train
+from aigc_jax import data, metrics, train
 from aigc_jax.bench import torch_twins
 from aigc_jax.eval import classifiers
 
@@ -62,19 +62,26 @@ def jax_run(config, train_set, test_set, mesh, target: float) -> dict:
     config, n, train_set.num_classes, train_set.images.shape[1:]
   )
   ((step_fn, num_steps),) = recipe.phases
-  rep = parallel.replicated(mesh)
-  state = jax.jit(recipe.init, out_shardings=rep)()
-  step = jax.jit(step_fn, out_shardings=(rep, rep), donate_argnums=0)
   x, y = data.to_model_range(train_set.images), train_set.labels
   test_x = data.to_model_range(test_set.images)
   per_epoch = num_steps // config.train.num_epochs
-  holder = [state]
+  holder = [recipe.init()]
+
+  def batch_fn(step):
+    idx = data.batch_indices(recipe.seed, step, n, bs)
+    return {"images": x[idx], "labels": y[idx]}
 
   def train_epoch(epoch):
-    for s in range(epoch * per_epoch, (epoch + 1) * per_epoch):
-      idx = data.batch_indices(recipe.seed, s, n, bs)
-      batch = parallel.shard_batch(mesh, {"images": x[idx], "labels": y[idx]})
-      holder[0], _ = parallel.settle(step(holder[0], batch), mesh)
+    # The library's training loop, as `eval.classifiers.fit` runs it.
+    holder[0] = train.train_loop(
+      holder[0],
+      step_fn,
+      batch_fn,
+      num_steps=(epoch + 1) * per_epoch,
+      mesh=mesh,
+      log_every=per_epoch,
+      desc="time to accuracy",
+    )
     jax.block_until_ready(holder[0])
 
   def evaluate():
