@@ -166,7 +166,15 @@ POSITIVE_COUNTS = frozenset(
   }
 )
 COUNTS = frozenset(
-  {"num_steps", "steps", "rounds", "inner_steps", "pgd_steps", "model_steps"}
+  {
+    "num_steps",
+    "steps",
+    "rounds",
+    "inner_steps",
+    "pgd_steps",
+    "model_steps",
+    "later_calls",
+  }
 )
 
 

@@ -100,7 +100,8 @@ def check_batch_size(batch_size: int, mesh: Mesh) -> None:
 
 
 def shard_batch(mesh: Mesh, tree):
-  """Turns a global host batch (same on every process) into sharded arrays.
+  """Turns a global host batch (same on every process) into sharded arrays;
+  arrays already split over the mesh pass as they are.
 
   Each process contributes only its own contiguous rows, so on a pod no host
   transfers data it does not own.
@@ -109,6 +110,10 @@ def shard_batch(mesh: Mesh, tree):
   count, index = jax.process_count(), jax.process_index()
 
   def put(x):
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(
+      sharding, x.ndim
+    ):
+      return x  # already split over the mesh (gathered on the devices)
     x = np.asarray(x)
     check_batch_size(x.shape[0], mesh)
     rows = x.shape[0] // count

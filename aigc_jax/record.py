@@ -273,7 +273,7 @@ def cached_arrays(path: str, compute) -> dict:
   process 0, atomically) and read back on every later call, so a re-run
   skips a finished cell and a killed one never leaves a file that reads as
   finished."""
-  if os.path.exists(path):
+  if _finished(path):
     return load_arrays(path)
   arrays = compute()
   if jax.process_index() == 0:
@@ -283,6 +283,17 @@ def cached_arrays(path: str, compute) -> dict:
   # alone, out of step with the others' collectives).
   parallel.sync_processes(f"cached_arrays {path}")
   return arrays
+
+
+def _finished(path: str) -> bool:
+  """Whether a cell's file is there, as every process sees it before
+  process 0 can write it: a process that looked after process 0 had
+  computed and written the cell would skip it, and with it the
+  synchronisation the others wait in (a cell without collectives lets
+  process 0 run ahead)."""
+  held = os.path.exists(path)
+  parallel.sync_processes(f"looked for {path}")
+  return held
 
 
 def slug(name: str) -> str:
@@ -404,7 +415,7 @@ def cached_result(workdir: str, compute, inputs: str | None = None) -> dict:
   path = os.path.join(workdir, "result.json")
   if inputs is not None:
     _check_inputs(workdir, inputs)
-  if os.path.exists(path):
+  if _finished(path):
     with open(path) as f:
       return json.load(f)
   result = compute()

@@ -240,60 +240,15 @@ def le_on_upstream(tmp_path, **upstream):
 PROMPTS = ["a handwritten digit three", "a handwritten digit eight", ""]
 
 
-def save_tiny_stable_diffusion(path: str, *, norm_num_groups: int = 32):
-  """A random SD-shaped checkpoint, saved as diffusers' PyTorch classes do."""
-  import torch
-
-  from aigc_jax.sd.torchvision_fallback import import_torchvision
-  from aigc_jax.sd.vocabulary import write_clip_tokenizer
-
-  import_torchvision()  # before diffusers' PyTorch classes
-  from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-  from transformers import CLIPTextConfig, CLIPTextModel
-
-  torch.manual_seed(0)
-  tokenizer = write_clip_tokenizer(PROMPTS[:2], os.path.join(path, "tokenizer"))
-  UNet2DConditionModel(
-    sample_size=8,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-    cross_attention_dim=32,
-    attention_head_dim=8,
-    norm_num_groups=norm_num_groups,
-  ).save_pretrained(os.path.join(path, "unet"))
-  AutoencoderKL(
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    block_out_channels=(32, 64),
-    norm_num_groups=32,
-    sample_size=16,
-  ).save_pretrained(os.path.join(path, "vae"))
-  CLIPTextModel(
-    CLIPTextConfig(
-      hidden_size=32,
-      intermediate_size=37,
-      num_attention_heads=4,
-      num_hidden_layers=2,
-      vocab_size=len(tokenizer),
-      bos_token_id=tokenizer.bos_token_id,
-      eos_token_id=tokenizer.eos_token_id,
-      pad_token_id=tokenizer.pad_token_id,
-    )
-  ).save_pretrained(os.path.join(path, "text_encoder"))
-  DDIMScheduler(
-    beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012
-  ).save_pretrained(os.path.join(path, "scheduler"))
-
-
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
   """A tiny random Stable Diffusion folder in diffusers' layout (PyTorch
   needed to write it)."""
   pytest.importorskip("torch")
+  from aigc_jax.sd import architectures, export
+
   path = str(tmp_path_factory.mktemp("sd") / "tiny")
-  save_tiny_stable_diffusion(path)
+  export.save_random_stable_diffusion(path, architectures.TINY, PROMPTS[:2])
   return path
 
 

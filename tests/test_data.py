@@ -8,7 +8,7 @@ import pytest
 from conftest import SHARED_DATA
 from PIL import Image
 
-from aigc_jax import data
+from aigc_jax import data, parallel
 
 
 @pytest.mark.parametrize(
@@ -187,6 +187,26 @@ def test_batches_are_a_function_of_the_step():
   assert not np.array_equal(a[0], data.batch_indices(1, 0, 100, 32))
   with pytest.raises(ValueError, match="exceeds"):
     data.batch_indices(0, 0, 10, 32)
+
+
+def test_batches_gathered_on_the_devices_are_the_hosts():
+  rng = np.random.default_rng(0)
+  arrays = {
+    "images": rng.normal(size=(40, 4, 4, 3)).astype(np.float32),
+    "labels": rng.integers(0, 10, size=40),
+  }
+  mesh = parallel.make_mesh()
+  on_host = data.batch_fn(arrays, 3, 8)
+  on_device = data.batch_fn(arrays, 3, 8, mesh)
+  for step in (0, 4, 5, 12):  # across epochs
+    host, held = on_host(step), on_device(step)
+    for name, x in host.items():
+      assert held[name].sharding.is_equivalent_to(
+        parallel.data_sharding(mesh), x.ndim
+      )
+      np.testing.assert_array_equal(np.asarray(held[name]), x)
+    # The training loop places them as they are.
+    assert parallel.shard_batch(mesh, held)["images"] is held["images"]
 
 
 def test_image_grid(tmp_path):

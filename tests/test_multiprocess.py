@@ -14,8 +14,9 @@ from conftest import ROOT, UDP_ONE_METHOD, run_job, run_state
 
 # Each process checks what it sees of one global array and of its own.
 GATHER = """
+import os, sys, time
 import numpy as np, jax, jax.numpy as jnp
-from aigc_jax import parallel
+from aigc_jax import data, parallel, record
 assert parallel.maybe_initialize_distributed()
 mesh = parallel.make_mesh()
 assert mesh.size == 4 and jax.process_count() == 2
@@ -30,6 +31,21 @@ out = parallel.batched_apply(
   jax.jit(lambda x: 2 * x), np.arange(10.0), batch_size=4, mesh=mesh
 )
 np.testing.assert_array_equal(out, 2 * np.arange(10.0))
+# Batches gathered on the devices are the host's.
+arrays = {"x": np.arange(24.0).reshape(12, 2)}
+held = data.batch_fn(arrays, 0, 4, mesh)(5)["x"]
+np.testing.assert_array_equal(
+  parallel.to_host(held), data.batch_fn(arrays, 0, 4)(5)["x"]
+)
+# Cells without collectives: process 0 computes and writes each at once,
+# process 1 comes late; both must still meet at every synchronisation.
+if jax.process_index() == 1:
+  time.sleep(1)
+cells = [
+  record.cached_result(os.path.join(sys.argv[1], str(i)), lambda i=i: {"i": i})
+  for i in range(3)
+]
+assert [c["i"] for c in cells] == [0, 1, 2]
 print("ok", jax.process_index())
 """
 
@@ -67,8 +83,9 @@ def run_processes(args, *, count=2, devices=2, timeout=600):
   return [(p.wait(timeout), p.stdout.read(), p.stderr.read()) for p in procs]
 
 
-def test_two_processes_gather_global_arrays_and_keep_their_own():
-  for i, (rc, out, err) in enumerate(run_processes(["-c", GATHER])):
+def test_two_processes_gather_global_arrays_and_keep_their_own(tmp_path):
+  runs = run_processes(["-c", GATHER, str(tmp_path)])
+  for i, (rc, out, err) in enumerate(runs):
     assert rc == 0, err[-2000:]
     assert f"ok {i}" in out
 

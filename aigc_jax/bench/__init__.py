@@ -11,6 +11,7 @@ from aigc_jax.bench.rows import ROWS, torch_device
 from aigc_jax.bench.timing import (
   PEAK_TFLOPS,
   Row,
+  first_and_median,
   peak_tflops,
   program_flops,
   rows_table,
@@ -23,6 +24,7 @@ __all__ = [
   "PEAK_TFLOPS",
   "ROWS",
   "Row",
+  "first_and_median",
   "peak_tflops",
   "program_flops",
   "rows_table",

@@ -57,19 +57,21 @@ def jax_run(config, train_set, test_set, mesh, target: float) -> dict:
   """`config`'s victim recipe (`eval.classifiers.classifier_recipe`) in JAX
   until the test accuracy reaches `target` or the epochs run out."""
   _check(config)
-  n, bs = train_set.num_examples, config.train.batch_size
+  images, labels = train_set.images, train_set.labels
   recipe = classifiers.classifier_recipe(
-    config, n, train_set.num_classes, train_set.images.shape[1:]
+    config, len(images), train_set.num_classes, images.shape[1:]
   )
   ((step_fn, num_steps),) = recipe.phases
-  x, y = data.to_model_range(train_set.images), train_set.labels
   test_x = data.to_model_range(test_set.images)
   per_epoch = num_steps // config.train.num_epochs
   holder = [recipe.init()]
-
-  def batch_fn(step):
-    idx = data.batch_indices(recipe.seed, step, n, bs)
-    return {"images": x[idx], "labels": y[idx]}
+  # The clock starts after this: the data on the devices, as fit holds it.
+  batch_fn = data.batch_fn(
+    {"images": data.to_model_range(images), "labels": labels},
+    recipe.seed,
+    config.train.batch_size,
+    mesh if config.train.get("data_on_device", True) else None,
+  )
 
   def train_epoch(epoch):
     # The library's training loop, as `eval.classifiers.fit` runs it.

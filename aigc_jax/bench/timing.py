@@ -1,7 +1,8 @@
 """Timing of a JAX function beside its PyTorch twin: `Row` (two
 zero-argument calls computing the same thing), `time_row` (medians of
 alternating calls after warm-up, retraces counted, XLA's FLOP count and the
-device's peak) and `rows_table` (the markdown table of timed rows).
+device's peak) and `rows_table` (the markdown table of timed rows);
+`first_and_median` times one side alone.
 """
 
 import time
@@ -168,6 +169,23 @@ def time_row(
       out["jax_peak_share"] = flops / jax_s / (peak * 1e12)
       out["torch_peak_share"] = flops / torch_s / (peak * 1e12)
   return out
+
+
+def first_and_median(fn: Callable[[], Any], repeats: int) -> dict:
+  """Seconds of `fn()`'s first call (tracing and compilation included) and
+  the median of `repeats` more ("median_s" None when 0), outputs ready."""
+
+  def seconds():
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - start
+
+  first = seconds()
+  later = [seconds() for _ in range(repeats)]
+  return {
+    "first_s": first,
+    "median_s": float(np.median(later)) if later else None,
+  }
 
 
 def seconds_text(s: float) -> str:

@@ -1,6 +1,6 @@
 """Datasets, value-range conversions, deterministic batching, image grids."""
 
-from aigc_jax.data.batching import batch_indices, steps_per_epoch
+from aigc_jax.data.batching import batch_fn, batch_indices, steps_per_epoch
 from aigc_jax.data.images import (
   center_crop,
   check_model_images,
@@ -27,6 +27,7 @@ __all__ = [
   "TFDS_NAMES",
   "Dataset",
   "balanced_subset",
+  "batch_fn",
   "batch_indices",
   "center_crop",
   "check_model_images",

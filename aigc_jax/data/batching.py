@@ -4,7 +4,10 @@ That makes a resumed run see exactly the batches the uninterrupted run would
 have seen, with no iterator state to checkpoint.
 """
 
+import jax
 import numpy as np
+
+from aigc_jax import parallel
 
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
@@ -31,3 +34,36 @@ def batch_indices(
   epoch, i = divmod(step, per_epoch)
   perm = np.random.default_rng([seed, epoch]).permutation(num_examples)
   return perm[i * batch_size : (i + 1) * batch_size]
+
+
+def batch_fn(arrays: dict, seed: int, batch_size: int, mesh=None):
+  """`step -> global batch`: the rows of each array `batch_indices` picks.
+
+  Without a mesh the rows are gathered on the host at every step (the
+  training loop then splits them over the devices). With one, the arrays
+  are placed whole on every device of `mesh` once, and each step gathers
+  its rows there, already split over the mesh: after the first step only
+  the indices leave the host, as the fast accelerator recipes keep
+  CIFAR-10 on the device (50,000 images in float32 are 614 MB). The
+  batches are the same either way.
+
+  Args:
+    arrays: {name: array} with the examples along the first axis.
+    seed, batch_size: of `batch_indices`.
+    mesh: where to hold the arrays, or None for the host.
+  """
+  n = len(next(iter(arrays.values())))
+
+  def rows(tree, idx):
+    return {k: v[idx] for k, v in tree.items()}
+
+  if mesh is None:
+    return lambda step: rows(arrays, batch_indices(seed, step, n, batch_size))
+  held = parallel.replicate(mesh, arrays)
+  gather = jax.jit(rows, out_shardings=parallel.data_sharding(mesh))
+
+  def on_device(step):
+    idx = batch_indices(seed, step, n, batch_size)
+    return gather(held, parallel.replicate(mesh, idx))
+
+  return on_device

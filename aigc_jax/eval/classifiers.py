@@ -175,13 +175,12 @@ def fit(config, workdir, recipe, images, labels, test_set, mesh, desc=None):
   {"test_accuracy", "steps", "seconds"}."""
   os.makedirs(workdir, exist_ok=True)
   start = time.time()
-  x = data.to_model_range(images)
-  n, bs = len(x), config.train.batch_size
-
-  def batch_fn(step):
-    idx = data.batch_indices(recipe.seed, step, n, bs)
-    return {"images": x[idx], "labels": labels[idx]}
-
+  batch_fn = data.batch_fn(
+    {"images": data.to_model_range(images), "labels": labels},
+    recipe.seed,
+    config.train.batch_size,
+    mesh if config.train.get("data_on_device", True) else None,
+  )
   state = train.train_stage(
     os.path.join(workdir, "ckpt"),
     recipe.init,

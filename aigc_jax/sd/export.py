@@ -6,6 +6,10 @@ the same path (`load_stable_diffusion`) and open in diffusers' PyTorch
 pipelines too. The UNet's and VAE's renaming is inverted from the forward
 rules rather than with diffusers' `load_flax_weights_in_pytorch_model`,
 whose `_1` -> `.1` rewriting also renames `time_embedding.linear_1`.
+
+`save_random_stable_diffusion` writes the same layout with random weights
+for an architecture (`architectures.SD14`): a real model's shapes when its
+weights cannot be downloaded.
 """
 
 import json
@@ -15,8 +19,10 @@ import jax
 import numpy as np
 from flax import traverse_util
 
+from aigc_jax import parallel, record
 from aigc_jax.sd.load import abstract_params, build_unet, build_vae
 from aigc_jax.sd.torchvision_fallback import import_torchvision
+from aigc_jax.sd.vocabulary import write_clip_tokenizer
 
 
 def _flax_to_torch_state_dict(pt_model, flax_params: dict, target: dict):
@@ -107,19 +113,77 @@ def save_stable_diffusion(
   DDIMScheduler.from_config(scheduler_config).save_pretrained(
     os.path.join(path, "scheduler")
   )
-  with open(os.path.join(path, "model_index.json"), "w") as f:
-    json.dump(
-      {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-      },
-      f,
-      indent=1,
+  write_model_index(path)
+
+
+def write_model_index(path: str) -> None:
+  """`model_index.json`, the file diffusers' pipelines open a folder by;
+  written last and atomically, so it marks a complete folder."""
+  index = {
+    "_class_name": "StableDiffusionPipeline",
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "safety_checker": [None, None],
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+  }
+  record.atomic_write(
+    os.path.join(path, "model_index.json"),
+    lambda f: f.write(json.dumps(index, indent=1).encode()),
+  )
+
+
+def save_random_stable_diffusion(
+  path: str, architecture: dict, corpus: list[str], *, seed: int = 0
+) -> None:
+  """A Stable Diffusion folder of random weights, as diffusers saves one.
+
+  The UNet, VAE and text encoder are diffusers' and transformers' PyTorch
+  classes at their own initialisation (seeded), saved as safetensors; the
+  tokenizer is learned on `corpus` (`vocabulary.write_clip_tokenizer`). The
+  folder loads through `load.load_stable_diffusion` as a downloaded one
+  does: what a test or a benchmark at a real model's size needs when its
+  weights cannot be downloaded. A folder with `model_index.json` (written
+  last) is complete and left as it is; process 0 writes the models.
+
+  Args:
+    path: the folder to write.
+    architecture: {"unet", "vae", "text_encoder", "scheduler"} keyword
+      arguments (`architectures.SD14`, `architectures.TINY`).
+    corpus: prompts whose words the tokenizer keeps whole.
+    seed: torch's seed for the weights.
+  """
+  if os.path.exists(os.path.join(path, "model_index.json")):
+    return
+  tokenizer = write_clip_tokenizer(corpus, os.path.join(path, "tokenizer"))
+  if jax.process_index() == 0:
+    import torch
+
+    import_torchvision()  # before diffusers' PyTorch classes
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**architecture["unet"]).save_pretrained(
+      os.path.join(path, "unet")
     )
+    AutoencoderKL(**architecture["vae"]).save_pretrained(
+      os.path.join(path, "vae")
+    )
+    text = {"vocab_size": len(tokenizer), **architecture["text_encoder"]}
+    CLIPTextModel(
+      CLIPTextConfig(
+        **text,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+      )
+    ).save_pretrained(os.path.join(path, "text_encoder"))
+    DDIMScheduler(**architecture["scheduler"]).save_pretrained(
+      os.path.join(path, "scheduler")
+    )
+    write_model_index(path)
+  parallel.sync_processes(f"random stable diffusion {path}")

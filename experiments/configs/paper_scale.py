@@ -8,10 +8,13 @@ Default (`gpu`), sized for one H100/H200 and a 13-minute budget:
 Stages, in order of value (each one launcher, `stage.<name>`):
 - `victims`: `unlearnable.py:cifar10` on the 50,000 images of the local
   CIFAR-10 archive: ResNet-18 victims in bfloat16 with a one-cycle schedule
-  (batch 512, 15 epochs), EMN class-wise and LSP at the seed's budgets, each
-  set vanilla and with ISS (grayscale, JPEG-10). Estimated from the bench's
-  H100 ResNet-18 step (6.5 ms at batch 128 in TF32): about 25 s a victim, 9
-  victims and EMN's rounds: 4 to 5 minutes.
+  (batch 512, 15 epochs), EMN class-wise, LSP and EMN sample-wise at the
+  seed's budgets, each set vanilla and with ISS (grayscale, JPEG-10).
+  Estimated from the bench's H100 ResNet-18 step (6.5 ms at batch 128 in
+  TF32): about 25 s a victim, 12 victims (5 minutes), EMN class-wise's
+  rounds (1 minute) and sample-wise's (20 descent steps over the 50,000
+  images a round, about 30 s; up to 10 rounds): 8 to 11 minutes, so it
+  spans two calls.
 - `le`: `le.py:cifar10` on the victims stage's EMN class-wise set: LE
   (JCDP) and AVATAR-style purification (t* = 20, one round) with Ho et
   al.'s CIFAR-10 DDPM trained from scratch for 4,000 steps on 10,000 images
@@ -25,6 +28,11 @@ Stages, in order of value (each one launcher, `stage.<name>`):
   and 5,000 samples of 50 steps each, scored with the perceptual Fréchet
   distance. Estimated: 60 s of protection, 3 x (100 s of training and
   about 30 s of sampling): 6 to 7 minutes, so it may span two calls.
+- `sd14`: `sd14.py:v14`, Stable Diffusion v1.4's architecture with random
+  weights written as a diffusers folder: loading, one UNet forward against
+  PyTorch's, UCE and RECE, and 8 images of 25 guided DDIM steps at 512x512
+  in float32 and bfloat16. Estimated: 1 to 2 minutes writing and reading
+  the 4 GB folder, 2 minutes compiling and sampling.
 - `bench`: `bench.py:gpu`, the JAX / PyTorch rows and the time the victim
   recipe takes to reach 93% on both sides (about 8 minutes).
 
@@ -82,7 +90,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = base_config(variant)
   del c["data"]
   c.budget_seconds = 780  # the suite stops before this, resumable
-  c.stages = ("victims", "le", "udp", "bench")
+  c.stages = ("victims", "le", "udp", "sd14", "bench")
   data = {"train": CIFAR10 + "train_jpeg.npz", "test": CIFAR10 + "test_dev.npz"}
   c.stage = ml_collections.ConfigDict(
     {
@@ -92,7 +100,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         60,
         {
           "data": data,
-          "protections": ("emn_class", "lsp"),
+          # The cheap ones first: each is kept as soon as it is made.
+          "protections": ("emn_class", "lsp", "emn_sample"),
           "countermeasures": ("none", "iss_grayscale", "iss_jpeg"),
           **_FAST_VICTIM,
           "protect": {
@@ -135,6 +144,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           },
         },
       ),
+      "sd14": _stage("sd14.py", "v14", 60),
       "bench": _stage("bench.py", "gpu", 30),
     }
   )
@@ -164,6 +174,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           {"protections_from": "victims"},
         ),
         "udp": _stage("udp.py", "smoke", 1, {"protect": {"methods": ("min",)}}),
+        "sd14": _stage("sd14.py", "smoke", 1),
         "bench": _stage(
           "bench.py",
           "smoke",
