@@ -15,13 +15,13 @@ Stages, in order of value (each one launcher, `stage.<name>`):
   rounds (1 minute) and sample-wise's (20 descent steps over the 50,000
   images a round, about 30 s; up to 10 rounds): 8 to 11 minutes, so it
   spans two calls.
-- `le`: `le.py:cifar10` on the victims stage's EMN class-wise set: LE
-  (JCDP) and AVATAR-style purification (t* = 20, one round) with Ho et
-  al.'s CIFAR-10 DDPM trained from scratch for 4,000 steps on 10,000 images
-  the protection never saw, and a victim on each purified set. Estimated
-  from the bench's H100 rows (DDPM step 25 ms, JCDP step 13.8 ms for 128
-  images): 100 s of DDPM, 110 s of LE and about 40 s of AVATAR over the
-  50,000 images, 3 victims: about 5 minutes.
+- `le`: `le.py:cifar10` on the victims stage's three sets: LE (JCDP) and
+  AVATAR-style purification (t* = 20, one round) with Ho et al.'s CIFAR-10
+  DDPM trained from scratch for 4,000 steps on 10,000 images the
+  protection never saw, and a victim on each purified set. Estimated from
+  the bench's H100 rows (DDPM step 25 ms, JCDP step 13.8 ms for 128
+  images): 100 s of DDPM, 110 s of LE and about 40 s of AVATAR per set of
+  50,000 images, 7 victims: about 12 minutes, so it spans two calls.
 - `udp`: `udp.py:cifar10` with UDP's strongest reading (`min`) and random
   noise of its size on 5,000 images: a 2,000-step surrogate, five
   alternation rounds, 4,000-step DDPMs trained from scratch on each set
@@ -117,7 +117,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         {
           "data": data,
           "manifold": {"source": CIFAR10 + "train_jpeg.npz"},
-          "protections": ("emn_class",),
+          "protections": ("emn_class", "lsp", "emn_sample"),
           "countermeasures": ("none",),
           "ablations": (),
           **_FAST_VICTIM,

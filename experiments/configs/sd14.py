@@ -17,10 +17,11 @@ Variants:
          123.1M); 8 images of 25 guided DDIM steps, float32 and bfloat16.
          On 2 CPU cores (batch 2, float32 only, one call:
          `--config.sample.batch_size=2 "--config.sample.dtypes=('float32',)"
-         --config.later_calls=0`): see docs/results/sd14.md. On one H100/H200
-         (estimated from the bench's SD-UNet rows, not yet measured): about
-         4 minutes, most of it writing and reading the 4.3 GB folder and
-         compiling.
+         --config.later_calls=0`, docs/results/sd14.md): 12.6 minutes;
+         UNet parity 3.9e-5 of the largest output, UCE 2.6 s and RECE 2.0 s
+         (compilation included), 690 s for the 2 images. On one H100/H200
+         (estimated, not yet measured): 3 to 4 minutes, most of it writing
+         and reading the 4.0 GB folder and compiling.
   smoke  the same steps on `architectures.TINY` (16x16 images), for tests.
 
 Expected: the UNet forward agrees with PyTorch's to `parity.tolerance`
