@@ -40,7 +40,7 @@ def unet_gap_to_pytorch(model, params, folder: str, *, batch: int = 1, seed=0):
   rng = np.random.default_rng(seed)
   size = unet.sample_size
   x = rng.normal(size=(batch, unet.in_channels, size, size)).astype(np.float32)
-  t = rng.integers(0, len(model.schedule.betas), size=batch)
+  t = rng.integers(0, model.schedule.num_timesteps, size=batch)
   context = rng.normal(size=(batch, 77, unet.cross_attention_dim))
   context = context.astype(np.float32)
   start = time.perf_counter()
