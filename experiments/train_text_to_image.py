@@ -22,19 +22,13 @@ import optax
 from aigc_jax import data, launch, parallel, record, sd, train
 from aigc_jax.diffusion import make_schedule
 from aigc_jax.eval import classifiers
+from aigc_jax.sd import architectures
 from aigc_jax.sd.export import save_stable_diffusion
 from aigc_jax.sd.vocabulary import write_clip_tokenizer
 from aigc_jax.train import text_to_image as t2i
 
-SCHEDULER = {
-  "beta_schedule": "scaled_linear",
-  "beta_start": 0.00085,
-  "beta_end": 0.012,
-  "num_train_timesteps": 1000,
-  "steps_offset": 1,
-  "clip_sample": False,
-  "set_alpha_to_one": False,
-}
+# Stable Diffusion v1's noise schedule and DDIM settings.
+SCHEDULER = architectures.SD14["scheduler"]
 
 
 def padded_images(config) -> tuple[np.ndarray, np.ndarray]:
