@@ -69,7 +69,20 @@ def edit_times(config, model, params) -> dict:
   }
 
 
-def sample_times(config, model, params, mesh, dtype: str, workdir: str):
+def sampling_inputs(config, model, params, mesh) -> tuple:
+  """The UNet's and VAE's parameters on every device, the batch's prompt
+  embeddings split over the mesh and the empty prompt's: placed once for
+  every dtype."""
+  prompts = [t.format(c) for c in config.concepts for t in config.templates]
+  prompts = [prompts[i % len(prompts)] for i in range(config.sample.batch_size)]
+  return (
+    parallel.replicate(mesh, {k: params[k] for k in ("unet", "vae")}),
+    parallel.shard_batch(mesh, sd.encode_prompts(model, params, prompts)),
+    parallel.replicate(mesh, sd.encode_prompts(model, params, [""])),
+  )
+
+
+def sample_times(config, model, inputs, dtype: str, workdir: str) -> dict:
   """Seconds of one guided DDIM batch in `dtype`: the first call and the
   median of `later_calls` more; a model given by path has its grid saved."""
   model = model._replace(
@@ -77,17 +90,12 @@ def sample_times(config, model, params, mesh, dtype: str, workdir: str):
   )
   s = config.sample
   sample = sd.make_sampler(model, s.num_steps, s.guidance_scale)
-  prompts = [t.format(c) for c in config.concepts for t in config.templates]
-  prompts = [prompts[i % len(prompts)] for i in range(s.batch_size)]
-  cond = parallel.shard_batch(mesh, sd.encode_prompts(model, params, prompts))
-  uncond = parallel.replicate(mesh, sd.encode_prompts(model, params, [""]))
-  params = parallel.replicate(mesh, {k: params[k] for k in ("unet", "vae")})
   key = jax.random.key(config.seed)
   times = bench.first_and_median(
-    lambda: sample(params, cond, uncond, key), config.later_calls
+    lambda: sample(*inputs, key), config.later_calls
   )
   if config.model:
-    images = parallel.to_host(sample(params, cond, uncond, key))
+    images = parallel.to_host(sample(*inputs, key))
     path = os.path.join(workdir, "samples", f"{dtype}.png")
     data.save_image_grid(path, data.to_uint8(images), ncol=s.batch_size)
   per_call = times["median_s"] or times["first_s"]
@@ -109,9 +117,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   model, params = sd.load_stable_diffusion(folder)
   load_s = time.time() - start
-  cached = lambda part, fn: record.cached_result(
-    os.path.join(workdir, part), fn
-  )
+
+  def cached(part, compute):
+    return record.cached_result(os.path.join(workdir, part), compute)
+
   gap = cached(
     "parity",
     lambda: parity.unet_gap_to_pytorch(
@@ -119,10 +128,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ),
   )
   edits = cached("edits", lambda: edit_times(config, model, params))
+  inputs = sampling_inputs(config, model, params, mesh)
   sampling = {
     dtype: cached(
       f"sample_{dtype}",
-      lambda d=dtype: sample_times(config, model, params, mesh, d, workdir),
+      lambda d=dtype: sample_times(config, model, inputs, d, workdir),
     )
     for dtype in config.sample.dtypes
   }

@@ -78,3 +78,19 @@ def test_the_sd14_architecture_has_sd14s_parameter_counts():
     shapes = sd.load.abstract_params(model)
     count = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
     assert count == expected[name], name
+
+
+def test_sd14_on_a_given_folder_saves_its_samples_and_names_bad_input(
+  tiny_sd, tmp_path
+):
+  config = sd14_configs.get_config("smoke")
+  config.update(model=tiny_sd, later_calls=0)
+  config.sample.dtypes = ("float32",)
+  result, workdir = run_experiment(sd14, config, tmp_path / "given")
+  assert result["sampling"]["float32"]["median_s"] is None
+  assert os.path.exists(os.path.join(workdir, "samples", "float32.png"))
+  assert not os.path.exists(os.path.join(workdir, "model"))
+  config = sd14_configs.get_config("smoke")
+  config.architecture = "sd15"
+  with pytest.raises(ValueError, match="Unknown architecture 'sd15'; choose"):
+    run_experiment(sd14, config, tmp_path / "bad")
