@@ -30,16 +30,20 @@ from aigc_jax.sd import architectures, export, parity
 from aigc_jax.unlearn import recipes
 
 
+def prompts(config) -> list[str]:
+  """Every concept in every template."""
+  return [t.format(c) for c in config.concepts for t in config.templates]
+
+
 def model_folder(config, workdir: str) -> str:
   """The folder to load: `config.model`, or random weights written once."""
   if config.model:
     return config.model
   folder = os.path.join(workdir, "model")
-  corpus = [t.format(c) for c in config.concepts for t in config.templates]
   export.save_random_stable_diffusion(
     folder,
     architectures.architecture(config.architecture),
-    corpus,
+    prompts(config),
     seed=config.seed,
   )
   return folder
@@ -73,11 +77,11 @@ def sampling_inputs(config, model, params, mesh) -> tuple:
   """The UNet's and VAE's parameters on every device, the batch's prompt
   embeddings split over the mesh and the empty prompt's: placed once for
   every dtype."""
-  prompts = [t.format(c) for c in config.concepts for t in config.templates]
-  prompts = [prompts[i % len(prompts)] for i in range(config.sample.batch_size)]
+  every = prompts(config)
+  batch = [every[i % len(every)] for i in range(config.sample.batch_size)]
   return (
     parallel.replicate(mesh, {k: params[k] for k in ("unet", "vae")}),
-    parallel.shard_batch(mesh, sd.encode_prompts(model, params, prompts)),
+    parallel.shard_batch(mesh, sd.encode_prompts(model, params, batch)),
     parallel.replicate(mesh, sd.encode_prompts(model, params, [""])),
   )
 

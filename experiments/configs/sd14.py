@@ -42,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.model = ""
   c.architecture = "sd14"  # aigc_jax.sd.architectures: sd14 or tiny
   c.parity = ml_collections.ConfigDict({"batch": 1, "tolerance": 1e-4})
-  # The edits, as experiments/configs/erase.py's sd14 variant runs them in
-  # UCE's object setting (only "" preserved).
+  # The edits: the prompts of experiments/configs/erase.py's sd14 variant,
+  # in UCE's object setting (only "" preserved, erase weight 1).
   c.methods = ("uce", "rece")
   c.concepts = ("cassette player", "church", "golf ball", "parachute")
   c.erase = ("cassette player",)
