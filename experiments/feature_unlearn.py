@@ -177,9 +177,7 @@ def pretrained_generator(config, x_train, workdir, mesh) -> Generator:
       optimizer=optimizer,
       latent_dim=g.latent_dim,
     )
-  batch_fn = lambda step: x_train[
-    data.batch_indices(config.seed, step, len(x_train), g.batch_size)
-  ]
+  batch_fn = data.batch_fn(x_train, config.seed, g.batch_size, mesh)
   state, seconds = _train_stage(
     init_fn, step_fn, batch_fn, g, "generator", g.kind, workdir, mesh
   )

@@ -74,11 +74,9 @@ def train_vae(config, workdir, images, mesh):
     optimizer=optimizer,
     kl_weight=config.vae_train.kl_weight,
   )
-  batch_fn = lambda step: images[
-    data.batch_indices(
-      config.seed, step, len(images), config.vae_train.batch_size
-    )
-  ]
+  batch_fn = data.batch_fn(
+    images, config.seed, config.vae_train.batch_size, mesh
+  )
   state = run_stage(
     init_fn, step_fn, batch_fn, config.vae_train, workdir, "vae", mesh
   )
@@ -156,12 +154,9 @@ def train_unet(config, workdir, latents, ids, tokenizer, mesh):
     ema_decay=config.train.ema_decay,
   )
 
-  def batch_fn(step):
-    idx = data.batch_indices(
-      config.seed, step, len(latents), config.train.batch_size
-    )
-    return latents[idx], ids[idx]
-
+  batch_fn = data.batch_fn(
+    (latents, ids), config.seed, config.train.batch_size, mesh
+  )
   state = run_stage(
     init_fn, step_fn, batch_fn, config.train, workdir, "unet", mesh
   )

@@ -207,6 +207,15 @@ def test_batches_gathered_on_the_devices_are_the_hosts():
       np.testing.assert_array_equal(np.asarray(held[name]), x)
     # The training loop places them as they are.
     assert parallel.shard_batch(mesh, held)["images"] is held["images"]
+  # Any pytree of arrays.
+  pair = (arrays["images"], arrays["labels"])
+  images, labels = data.batch_fn(pair, 3, 8, mesh)(5)
+  np.testing.assert_array_equal(np.asarray(labels), on_host(5)["labels"])
+  np.testing.assert_array_equal(np.asarray(images), on_host(5)["images"])
+  # Another trainer's data of the same shapes reuses the program.
+  compiled = data.batching._gather._cache_size()
+  data.batch_fn({k: v + 1 for k, v in arrays.items()}, 4, 8, mesh)(0)
+  assert data.batching._gather._cache_size() == compiled
 
 
 def test_image_grid(tmp_path):

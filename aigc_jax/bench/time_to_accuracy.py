@@ -70,7 +70,7 @@ def jax_run(config, train_set, test_set, mesh, target: float) -> dict:
     {"images": data.to_model_range(images), "labels": labels},
     recipe.seed,
     config.train.batch_size,
-    mesh if config.train.get("data_on_device", True) else None,
+    mesh,
   )
 
   def train_epoch(epoch):

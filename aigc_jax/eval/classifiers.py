@@ -179,7 +179,7 @@ def fit(config, workdir, recipe, images, labels, test_set, mesh, desc=None):
     {"images": data.to_model_range(images), "labels": labels},
     recipe.seed,
     config.train.batch_size,
-    mesh if config.train.get("data_on_device", True) else None,
+    mesh,
   )
   state = train.train_stage(
     os.path.join(workdir, "ckpt"),

@@ -150,7 +150,7 @@ def _train_encoder(config, workdir, images, method, train_set, test_set, mesh):
     os.path.join(workdir, "ckpt"),
     program.init(x.shape[1:]),
     ((program.step, num_steps),),
-    lambda step: x[data.batch_indices(config.seed, step, n, bs)],
+    data.batch_fn(x, config.seed, bs, mesh),
     mesh=mesh,
     checkpoint_every=config.train.checkpoint_every,
     log_every=config.train.log_every,

@@ -155,9 +155,7 @@ def train_ddpm(config, workdir: str, images: np.ndarray, mesh, desc="ddpm"):
   """Trains (or resumes) a DDPM on uint8 `images`; returns its final state."""
   x = data.to_model_range(images)
   program = ddpm_program(config)
-  batch_fn = lambda step: x[
-    data.batch_indices(config.seed, step, len(x), config.train.batch_size)
-  ]
+  batch_fn = data.batch_fn(x, config.seed, config.train.batch_size, mesh)
   init_from = config.train.get("init_from", "")
   return train.train_stage(
     os.path.join(workdir, "ckpt"),

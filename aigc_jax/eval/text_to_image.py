@@ -115,17 +115,13 @@ def fine_tuner(config, model, params, optimizer, step_fn, mesh):
     # The encoder is deterministic (posterior mean): encode every image once.
     latents = np.asarray(encode(data.to_model_range(images)))
 
-    def batch_fn(step):
-      idx = data.batch_indices(
-        config.seed + seed, step, len(latents), f.batch_size
-      )
-      return latents[idx], contexts[idx]
-
     state = train.train_stage(
       os.path.join(workdir, "ckpt"),
       unet_state(params["unet"], optimizer),
       ((step_fn, f.num_steps),),
-      batch_fn,
+      data.batch_fn(
+        (latents, contexts), config.seed + seed, f.batch_size, mesh
+      ),
       key=jax.random.fold_in(jax.random.key(config.seed + 5), seed),
       mesh=mesh,
       checkpoint_every=f.num_steps,

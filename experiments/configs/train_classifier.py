@@ -41,9 +41,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # the steps, then linearly down to 0.
       "schedule": "cosine",
       "label_smoothing": 0.0,
-      # The training images held on the devices, each step's batch
-      # gathered there (`data.batch_fn`); False gathers it on the host.
-      "data_on_device": True,
       "crop_pad": 1,
       "flip": False,  # mirrored digits are not digits
       "checkpoint_every": 500,
