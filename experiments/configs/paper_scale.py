@@ -21,7 +21,8 @@ Stages, in order of value (each one launcher, `stage.<name>`):
   protection never saw, and a victim on each purified set. Estimated from
   the bench's H100 rows (DDPM step 25 ms, JCDP step 13.8 ms for 128
   images): 100 s of DDPM, 110 s of LE and about 40 s of AVATAR per set of
-  50,000 images, 7 victims: about 12 minutes, so it spans two calls.
+  50,000 images, 10 victims (clean; each set unpurified and after each
+  purifier): about 13 minutes, so it spans two calls.
 - `udp`: `udp.py:cifar10` with UDP's strongest reading (`min`) and random
   noise of its size on 5,000 images: a 2,000-step surrogate, five
   alternation rounds, 4,000-step DDPMs trained from scratch on each set
