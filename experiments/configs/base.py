@@ -2,6 +2,11 @@
 
 import ml_collections
 
+# The local CIFAR-10 archive (../shared/data/README.md: train_jpeg.npz, the
+# 50,000 training images; test_dev.npz, 5,000 lossless test images); on
+# another machine point the configs' data paths at a copy.
+LOCAL_CIFAR10 = "../shared/data/cifar10/"
+
 
 def base_config(variant: str) -> ml_collections.ConfigDict:
   """Variant name, seed, devices, and the embedded digits as data."""

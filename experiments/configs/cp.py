@@ -15,7 +15,7 @@ reports the linear-probe accuracy on the clean test set:
 
 import ml_collections
 
-from experiments.configs.base import base_config
+from experiments.configs.base import LOCAL_CIFAR10, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -119,9 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.protect.cp_class.update(rounds=1000, model_steps=20, noise_batches=20)
     c.protect.cp_sample.update(rounds=200)
     if variant == "cifar10_small":
-      local = "../shared/data/cifar10/"
-      c.data.train = local + "train_jpeg.npz"
-      c.data.test = local + "test_dev.npz"
+      c.data.train = LOCAL_CIFAR10 + "train_jpeg.npz"
+      c.data.test = LOCAL_CIFAR10 + "test_dev.npz"
       c.data.limit = 2500
       c.model = ml_collections.ConfigDict({"name": "small_cnn", "width": 16})
       c.contrastive.update(proj_dim=64, hidden=256, queue_size=1024)

@@ -27,6 +27,7 @@ purifying DDPM instead of training it from scratch (the seed's FT ablation).
 import ml_collections
 
 from experiments.configs import train_ddpm, unlearnable
+from experiments.configs.base import LOCAL_CIFAR10
 
 
 def _ddpm(variant: str, **train) -> ml_collections.ConfigDict:
@@ -137,8 +138,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # ablations. 49 minutes with unlearnable.py's victims copied in
       # (docs/results/le.md), about two hours without (its AA victims take
       # 8-11 min).
-      local = "../shared/data/cifar10/"
-      c.manifold.update(source=local + "train_jpeg.npz", limit=5000)
+      c.manifold.update(source=LOCAL_CIFAR10 + "train_jpeg.npz", limit=5000)
       c.ddpm = _ddpm(
         "digits",
         num_steps=400,

@@ -47,11 +47,8 @@ for tests on a CPU; it runs `victims`, `le` and `bench` (`udp`'s and
 
 import ml_collections
 
-from experiments.configs.base import base_config
-
-# The local CIFAR-10 archive (../shared/data/README.md); on another machine
-# point `--config.stage.victims.overrides.data.train` etc. at a copy.
-CIFAR10 = "../shared/data/cifar10/"
+from experiments.configs.base import LOCAL_CIFAR10, base_config
+from experiments.configs.train_classifier import FAST_CIFAR10
 
 
 def _stage(script, variant, min_seconds, overrides=None, from_stages=None):
@@ -69,21 +66,11 @@ def _stage(script, variant, min_seconds, overrides=None, from_stages=None):
   )
 
 
-# The victim recipe at paper scale: bfloat16 ResNet-18, batch 512, a
-# one-cycle schedule with label smoothing (the fast CIFAR-10 recipes reach
-# 94% in 10-20 epochs so).
+# The victims: train_classifier's fast CIFAR-10 recipe, checkpointed every
+# 500 steps.
 _FAST_VICTIM = {
-  "model": {"dtype": "bfloat16"},
-  "train": {
-    "batch_size": 512,
-    "num_epochs": 15,
-    "learning_rate": 0.4,
-    "schedule": "onecycle",
-    "label_smoothing": 0.1,
-    "grad_clip": 0.0,
-    "checkpoint_every": 500,
-  },
-  "eval_batch_size": 2500,
+  **FAST_CIFAR10,
+  "train": {**FAST_CIFAR10["train"], "checkpoint_every": 500},
 }
 
 
@@ -93,7 +80,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   del c["data"]
   c.budget_seconds = 780  # the suite stops before this, resumable
   c.stages = ("victims", "le", "udp", "sd14", "bench")
-  data = {"train": CIFAR10 + "train_jpeg.npz", "test": CIFAR10 + "test_dev.npz"}
+  # On another machine point `--config.stage.victims.overrides.data.train`
+  # etc. at a copy of the local archive.
+  data = {
+    "train": LOCAL_CIFAR10 + "train_jpeg.npz",
+    "test": LOCAL_CIFAR10 + "test_dev.npz",
+  }
   c.stage = ml_collections.ConfigDict(
     {
       "victims": _stage(
@@ -118,7 +110,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         60,
         {
           "data": data,
-          "manifold": {"source": CIFAR10 + "train_jpeg.npz"},
+          "manifold": {"source": LOCAL_CIFAR10 + "train_jpeg.npz"},
           "protections": ("emn_class", "lsp", "emn_sample"),
           "countermeasures": ("none",),
           "ablations": (),

@@ -21,6 +21,23 @@ import ml_collections
 
 from experiments.configs.base import base_config
 
+# The fast CIFAR-10 victim recipe (the fast CIFAR-10 recipes reach 94% in
+# 10-20 epochs so): ResNet-18 in bfloat16, batch 512, a one-cycle schedule
+# with label smoothing; what the paper-scale suite trains its victims with
+# and the bench times to 93%, on top of the `cifar10` variant.
+FAST_CIFAR10 = {
+  "model": {"dtype": "bfloat16"},
+  "train": {
+    "batch_size": 512,
+    "num_epochs": 15,
+    "learning_rate": 0.4,
+    "schedule": "onecycle",
+    "label_smoothing": 0.1,
+    "grad_clip": 0.0,
+  },
+  "eval_batch_size": 2500,
+}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   variant = arg or "digits"

@@ -54,7 +54,7 @@ import ml_collections
 
 from aigc_jax.train.text_to_image import DIGIT_WORDS
 from experiments.configs import train_classifier, train_ddpm
-from experiments.configs.base import base_config
+from experiments.configs.base import LOCAL_CIFAR10, base_config
 
 
 def _ddpm(num_steps: int, **updates) -> ml_collections.ConfigDict:
@@ -266,9 +266,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.classifier = train_classifier.get_config("cifar10")
     c.eval.update(blur_sigma=1.0, ssim_filter=11, perceptual="alex")
     if variant == "cifar10_small":
-      local = "../shared/data/cifar10/"
-      c.data.train = local + "train_jpeg.npz"
-      c.data.test = local + "test_dev.npz"
+      c.data.train = LOCAL_CIFAR10 + "train_jpeg.npz"
+      c.data.test = LOCAL_CIFAR10 + "test_dev.npz"
       c.eval.classifier.data.train = c.data.train
       c.eval.classifier.data.test = c.data.test
       c.eval.classifier.model = ml_collections.ConfigDict(

@@ -23,7 +23,7 @@ local archive in ../shared/data, a small CNN, fewer epochs) for a CPU.
 import ml_collections
 
 from experiments.configs import train_classifier
-from experiments.configs.base import base_config
+from experiments.configs.base import LOCAL_CIFAR10, base_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -133,9 +133,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     )
     c.counter.update(aa_max_epochs=60, aa_epochs=200)
     if variant == "cifar10_small":
-      local = "../shared/data/cifar10/"
-      c.data.train = local + "train_jpeg.npz"
-      c.data.test = local + "test_dev.npz"
+      c.data.train = LOCAL_CIFAR10 + "train_jpeg.npz"
+      c.data.test = LOCAL_CIFAR10 + "test_dev.npz"
       c.data.limit = 2500
       # The victim has BatchNorm (without it adversarial training and
       # UEraser stay at chance here); the generator is the plain net.
